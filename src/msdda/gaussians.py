@@ -1,0 +1,258 @@
+"""Step Gaussians: a model output turned into its reverse step N(mean, variance).
+
+The noise tables and timesteps come from diffusers' ``DDPMScheduler`` and
+``DDIMScheduler`` (their configs and ``set_timesteps``); the maths here only
+reads them. Notation follows DDPM/DDIM: abar_t = alphas_cumprod[t], abar_prev
+the value at the previous timestep of the sampling schedule (1 past the end).
+
+Mean + sqrt(variance) * z equals the scheduler's ``step()`` with variance noise z.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PredictionType",
+    "VarianceType",
+    "StepGaussian",
+    "StepSpec",
+    "Schedule",
+    "predicted_x0_and_epsilon",
+    "ddpm_posterior_mean",
+    "ddpm_variance",
+    "ddim_variance",
+    "ddim_mean",
+    "step_gaussian",
+    "MIN_VARIANCE",
+]
+
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+VarianceType = Literal["fixed_small", "fixed_large", "learned_range", "learned_log"]
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range", "learned_log")
+LEARNED_VARIANCE_TYPES = ("learned_range", "learned_log")
+
+#: Variances are clamped here, as diffusers does before taking logs; the last step's
+#: posterior variance is 0 and fusion needs a positive one (noise is not added there).
+MIN_VARIANCE = 1e-20
+
+
+class StepGaussian(NamedTuple):
+    """One reverse step p(x_{t-1} | x_t) = N(mean, variance), with the x0 it implies."""
+
+    mean: Tensor
+    variance: Tensor
+    pred_x0: Tensor
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What an expert's Gaussian needs beyond its model output and the schedule."""
+
+    prediction_type: PredictionType = "epsilon"  # what the model outputs
+    variance_type: VarianceType = "fixed_small"  # DDPM only; learned_* read an extra channel
+    eta: float = 1.0  # DDIM only: 0 deterministic, 1 DDPM-like
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.variance_type not in VARIANCE_TYPES:
+            raise ValueError(
+                f"variance_type must be one of {VARIANCE_TYPES}, got {self.variance_type!r}"
+            )
+        if not (isinstance(self.eta, (int, float)) and 0 <= self.eta < float("inf")):
+            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance_type in LEARNED_VARIANCE_TYPES
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The noise tables and sampling timesteps of a diffusers DDPM/DDIM scheduler.
+
+    Build it with :meth:`from_scheduler`; experts fused together must share one.
+    """
+
+    sampler: Literal["ddpm", "ddim"]  # DDPMScheduler or DDIMScheduler maths
+    timesteps: tuple[int, ...]  # sampling order, from noisiest
+    prev_timesteps: tuple[int, ...]  # the timestep each step lands on (< 0: the end)
+    alphas_cumprod: Tensor  # (num_train_timesteps,) float64
+    final_alpha_cumprod: float  # abar used past the end of the chain
+    clip_sample_range: float | None  # x0 clamp, or None
+    num_train_timesteps: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_inference_steps: int | None = None) -> Schedule:
+        """Read a ``DDPMScheduler`` or ``DDIMScheduler`` (``set_timesteps`` is called if given)."""
+        from diffusers import DDIMScheduler, DDPMScheduler
+
+        if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+            raise TypeError(
+                f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}"
+            )
+        if scheduler.config.thresholding:
+            raise ValueError("scheduler.config.thresholding is not supported: its x0 map is not affine")
+        if num_inference_steps is not None:
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+            scheduler.set_timesteps(num_inference_steps)
+        if getattr(scheduler, "num_inference_steps", None) is None:
+            raise ValueError("the scheduler has no timesteps: pass num_inference_steps")
+        ts = [int(t) for t in scheduler.timesteps]
+        n_train = int(scheduler.config.num_train_timesteps)
+        if isinstance(scheduler, DDIMScheduler):
+            stride = n_train // scheduler.num_inference_steps
+            prev = [t - stride for t in ts]
+            final = float(scheduler.final_alpha_cumprod)
+        else:
+            prev = ts[1:] + [-1]
+            final = 1.0
+        clip = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
+        return cls(
+            sampler="ddim" if isinstance(scheduler, DDIMScheduler) else "ddpm",
+            timesteps=tuple(ts),
+            prev_timesteps=tuple(prev),
+            alphas_cumprod=scheduler.alphas_cumprod.detach().to(torch.float64).cpu().clone(),
+            final_alpha_cumprod=final,
+            clip_sample_range=clip,
+            num_train_timesteps=n_train,
+        )
+
+    def alpha_bars(self, t: int) -> tuple[float, float]:
+        """(abar_t, abar_prev) for timestep ``t`` of this schedule."""
+        try:
+            i = self.timesteps.index(int(t))
+        except ValueError:
+            raise ValueError(f"timestep {t} is not in this schedule") from None
+        prev = self.prev_timesteps[i]
+        abar_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
+        return float(self.alphas_cumprod[int(t)]), abar_prev
+
+    def compatible_with(self, other: Schedule) -> bool:
+        return (
+            self.sampler == other.sampler
+            and self.timesteps == other.timesteps
+            and self.prev_timesteps == other.prev_timesteps
+            and self.final_alpha_cumprod == other.final_alpha_cumprod
+            and self.alphas_cumprod.shape == other.alphas_cumprod.shape
+            and bool(torch.allclose(self.alphas_cumprod, other.alphas_cumprod, rtol=1e-6, atol=0))
+        )
+
+
+def predicted_x0_and_epsilon(
+    model_output: Tensor, x_t: Tensor, abar_t: float, prediction_type: str
+) -> tuple[Tensor, Tensor]:
+    """Tweedie's x0_hat and eps_hat from an epsilon, v or x0 prediction.
+
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
+    """
+    a, s = abar_t**0.5, (1 - abar_t) ** 0.5
+    if prediction_type == "epsilon":
+        return (x_t - s * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * x_t - s * model_output, a * model_output + s * x_t
+    if prediction_type == "sample":
+        return model_output, (x_t - a * model_output) / s
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def ddpm_posterior_mean(x0: Tensor, x_t: Tensor, abar_t: float, abar_prev: float) -> Tensor:
+    """Mean of q(x_{t-1} | x_t, x0): c0 x0 + ct x_t (DDPM eq. 7, strided)."""
+    alpha_t = abar_t / abar_prev
+    beta_t = 1 - alpha_t
+    c0 = abar_prev**0.5 * beta_t / (1 - abar_t)
+    ct = alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t)
+    return c0 * x0 + ct * x_t
+
+
+def ddpm_variance(
+    abar_t: float, abar_prev: float, variance_type: str, v: Tensor | None = None
+) -> Tensor | float:
+    """DDPM step variance: beta_tilde (fixed_small), beta (fixed_large) or learned.
+
+    ``learned_range``: exp(f log beta + (1 - f) log beta_tilde), f = (v + 1) / 2.
+    ``learned_log``: beta_tilde * exp(v), a free log-variance offset from fixed_small.
+    """
+    beta_t = 1 - abar_t / abar_prev
+    beta_tilde = max((1 - abar_prev) / (1 - abar_t) * beta_t, MIN_VARIANCE)
+    if variance_type == "fixed_small":
+        return beta_tilde
+    if variance_type == "fixed_large":
+        return beta_t
+    if v is None:
+        raise ValueError(f"variance_type={variance_type!r} needs the model's variance channel")
+    log_small = torch.log(torch.tensor(beta_tilde, dtype=torch.float64)).item()
+    if variance_type == "learned_range":
+        log_large = torch.log(torch.tensor(beta_t, dtype=torch.float64)).item()
+        f = (v + 1) / 2
+        return torch.exp(f * log_large + (1 - f) * log_small)
+    if variance_type == "learned_log":
+        return torch.exp(v + log_small)
+    raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
+
+
+def ddim_variance(abar_t: float, abar_prev: float, eta: float) -> float:
+    """DDIM sigma_t^2(eta) = eta^2 (1 - abar_prev)/(1 - abar_t) (1 - abar_t/abar_prev)."""
+    return eta**2 * (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+
+
+def ddim_mean(x0: Tensor, eps: Tensor, abar_prev: float, variance: float) -> Tensor:
+    """sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps (DDIM eq. 12)."""
+    return abar_prev**0.5 * x0 + max(1 - abar_prev - variance, 0.0) ** 0.5 * eps
+
+
+def step_gaussian(
+    model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: StepSpec
+) -> StepGaussian:
+    """The reverse step N(mean, variance) implied by one model output at timestep ``t``.
+
+    Args:
+        model_output: (B, C, ...) prediction, or (B, 2C, ...) with a variance channel
+            for a learned variance type.
+        x_t: (B, C, ...) current sample.
+
+    Half-precision inputs are upcast: the Gaussian comes back in float32.
+    The variance is floored at :data:`MIN_VARIANCE` times eta^2 where the scheduler's is
+    0 (the last step), so a stochastic step stays fusable; eta = 0 gives variance 0.
+    """
+    abar_t, abar_prev = schedule.alpha_bars(t)
+    if schedule.sampler == "ddim" and spec.learned_variance:
+        raise ValueError(
+            f"variance_type={spec.variance_type!r} needs a DDPM schedule; DDIM's variance is set by eta"
+        )
+    if model_output.dtype in (torch.float16, torch.bfloat16):  # step maths in float32
+        model_output, x_t = model_output.float(), x_t.float()
+    if spec.learned_variance:
+        if model_output.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(
+                f"variance_type={spec.variance_type!r} needs 2C = {2 * x_t.shape[1]} output "
+                f"channels, got {model_output.shape[1]}"
+            )
+        model_output, v = model_output.split(x_t.shape[1], dim=1)
+    else:
+        v = None
+        if model_output.shape != x_t.shape:
+            raise ValueError(
+                f"model_output shape {tuple(model_output.shape)} must equal x_t's {tuple(x_t.shape)}"
+            )
+    x0, eps = predicted_x0_and_epsilon(model_output, x_t, abar_t, spec.prediction_type)
+    if schedule.clip_sample_range is not None:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    if schedule.sampler == "ddpm":
+        mean = ddpm_posterior_mean(x0, x_t, abar_t, abar_prev)
+        var = ddpm_variance(abar_t, abar_prev, spec.variance_type, v)
+    else:
+        raw = ddim_variance(abar_t, abar_prev, spec.eta)
+        mean = ddim_mean(x0, eps, abar_prev, raw)
+        var = max(raw, spec.eta**2 * MIN_VARIANCE)
+    variance = var if isinstance(var, Tensor) else torch.full_like(mean, var)
+    return StepGaussian(mean, variance.to(mean.dtype), x0)
