@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .fusion import Gaussian, fusion_coefficients, fuse_with_coefficients
+from .fusion import Gaussian, fuse_with_coefficients, fusion_coefficients
 from .gaussians import Schedule, StepSpec, step_gaussian
 from .sampling import StepPolicy
 
@@ -42,7 +42,9 @@ class Expert:
         if not isinstance(self.spec, StepSpec):
             raise TypeError(f"spec of expert {self.name!r} must be a StepSpec")
         if not (isinstance(self.kl_coef, (int, float)) and 0 < self.kl_coef < float("inf")):
-            raise ValueError(f"kl_coef of expert {self.name!r} must be positive, got {self.kl_coef!r}")
+            raise ValueError(
+                f"kl_coef of expert {self.name!r} must be positive, got {self.kl_coef!r}"
+            )
 
 
 def expert_policy(expert: Expert, schedule: Schedule, cond: Any = None) -> StepPolicy:

@@ -55,14 +55,18 @@ class FusionCoefficients(NamedTuple):
 def _as_float_list(values, name: str) -> list[float]:
     if isinstance(values, Tensor):
         if values.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D sequence, got a tensor of shape {tuple(values.shape)}")
+            raise ValueError(
+                f"{name} must be a 1-D sequence, got a tensor of shape {tuple(values.shape)}"
+            )
         return [float(v) for v in values.detach().cpu().double()]
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (
-            isinstance(v, Tensor) and v.numel() == 1
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            and not (isinstance(v, Tensor) and v.numel() == 1)
         ):
             raise TypeError(f"{name} must hold numbers, got {v!r}")
         out.append(float(v))
@@ -103,7 +107,9 @@ def fusion_coefficients(
     else:
         betas = _as_float_list(kl_coefs, "kl_coefs")
         if len(betas) != k:
-            raise ValueError(f"kl_coefs has {len(betas)} entries, expected one per expert (K = {k})")
+            raise ValueError(
+                f"kl_coefs has {len(betas)} entries, expected one per expert (K = {k})"
+            )
         for i, b in enumerate(betas):
             if not math.isfinite(b) or b <= 0:
                 raise ValueError(f"kl_coefs[{i}] = {b} must be a positive finite number")

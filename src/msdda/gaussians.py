@@ -100,10 +100,14 @@ class Schedule:
                 f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}"
             )
         if scheduler.config.thresholding:
-            raise ValueError("scheduler.config.thresholding is not supported: its x0 map is not affine")
+            raise ValueError(
+                "scheduler.config.thresholding is not supported: its x0 map is not affine"
+            )
         if num_inference_steps is not None:
             if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+                raise ValueError(
+                    f"num_inference_steps must be a positive int, got {num_inference_steps!r}"
+                )
             scheduler.set_timesteps(num_inference_steps)
         if getattr(scheduler, "num_inference_steps", None) is None:
             raise ValueError("the scheduler has no timesteps: pass num_inference_steps")

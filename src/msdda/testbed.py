@@ -20,7 +20,7 @@ from torch import Tensor
 from .experts import msdda_step
 from .fusion import Gaussian, fusion_coefficients
 from .gaussians import Schedule, StepSpec, step_gaussian
-from .sampling import SeededNoise, StepPolicy, sample_chain
+from .sampling import SeededNoise, sample_chain
 
 __all__ = [
     "GaussianMixture",
@@ -104,7 +104,9 @@ class QuadraticReward:
         return -0.5 * (self.curvature * (x - self.goal) ** 2).sum(-1)
 
 
-def tilted_step(reference: Gaussian, rewards: Sequence[QuadraticReward], coefs: Sequence[float]) -> Gaussian:
+def tilted_step(
+    reference: Gaussian, rewards: Sequence[QuadraticReward], coefs: Sequence[float]
+) -> Gaussian:
     """N(mu, var) * exp(sum_i c_i r_i): precision 1/var + sum c_i a_i, mean by precision."""
     precision = 1.0 / reference.variance
     natural = reference.mean / reference.variance
@@ -115,7 +117,10 @@ def tilted_step(reference: Gaussian, rewards: Sequence[QuadraticReward], coefs: 
 
 
 def weighted_optimum_step(
-    reference: Gaussian, rewards: Sequence[QuadraticReward], weights: Sequence[float], kl_coef: float
+    reference: Gaussian,
+    rewards: Sequence[QuadraticReward],
+    weights: Sequence[float],
+    kl_coef: float,
 ) -> Gaussian:
     """The step-level optimum of sum_i w_i r_i at KL coefficient beta, computed directly."""
     return tilted_step(reference, rewards, [w / kl_coef for w in weights])
@@ -216,7 +221,9 @@ def run_check(
         def compare(x_t: Tensor, t: int, fused=fused, direct=direct, errs=errs) -> Gaussian:
             a, b = fused(x_t, t), direct(x_t, t)
             errs["mean"] = max(errs["mean"], _rel(a.mean, b.mean))
-            errs["var"] = max(errs["var"], float(((a.variance - b.variance).abs() / b.variance).max()))
+            errs["var"] = max(
+                errs["var"], float(((a.variance - b.variance).abs() / b.variance).max())
+            )
             return a
 
         x_T = SeededNoise(seed).initial((num_samples, dim)).double()

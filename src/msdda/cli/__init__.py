@@ -13,7 +13,6 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def main() -> None:
     """Exact multi-objective alignment of diffusion models at sampling time (MSDDA)."""

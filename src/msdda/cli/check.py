@@ -22,8 +22,17 @@ def check(
     """Prove the closed form on the analytic testbed: fused step vs direct optimum."""
     console = Console(width=max(Console().width, 110))
     results = run_check(num_samples=samples, num_inference_steps=steps, seed=seed)
-    table = Table(title=f"MSDDA exactness testbed (float64, {steps}-step DDPM chains, {samples} samples)")
-    for col in ("case", "lambda_0", "step mean rel err", "step var rel err", "chain max |diff|", "ok"):
+    table = Table(
+        title=f"MSDDA exactness testbed (float64, {steps}-step DDPM chains, {samples} samples)"
+    )
+    for col in (
+        "case",
+        "lambda_0",
+        "step mean rel err",
+        "step var rel err",
+        "chain max |diff|",
+        "ok",
+    ):
         table.add_column(col, justify="right" if col != "case" else "left")
     failed = False
     for r in results:
