@@ -1,0 +1,63 @@
+"""Rewards as the step-level objective sees them.
+
+A reward scores a batch of clean images: ``(images, prompts) -> (B,)`` scores.
+The step-level RL problem of DESIGN.md §1 scores an *action* x_{t-1}; msdda scores
+it by the reward of its Tweedie estimate x0_hat(x_{t-1}) under the reference model
+(x_{t-1} itself after the last step). Trainers, the ``target`` method and
+guidance all use :func:`tweedie_step_reward`, so they optimise one objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .gaussians import Schedule, predicted_x0_and_epsilon
+
+__all__ = ["Reward", "StepReward", "tweedie_x0", "tweedie_step_reward"]
+
+
+class Reward(Protocol):
+    def __call__(self, images: Tensor, prompts: Any) -> Tensor:
+        """(B, ...) clean images and their prompts -> (B,) scores."""
+
+
+#: ``(x_prev, t_prev, cond) -> (B,)``: the reward of landing at x_prev at timestep
+#: t_prev (t_prev < 0: the end of the chain, x_prev is the clean sample).
+StepReward = Callable[[Tensor, int, Any], Tensor]
+
+
+def tweedie_x0(
+    denoiser, x: Tensor, t: int, cond: Any, schedule: Schedule, prediction_type: str = "epsilon"
+) -> Tensor:
+    """x0_hat(x_t) by Tweedie's formula under ``denoiser``; ``x`` itself when t < 0."""
+    if t < 0:
+        return x
+    tb = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+    out = denoiser(x, tb, cond)
+    if out.shape[1] != x.shape[1]:  # drop a learned-variance channel
+        out = out[:, : x.shape[1]]
+    abar = float(schedule.alphas_cumprod[int(t)])
+    x0, _ = predicted_x0_and_epsilon(out, x, abar, prediction_type)
+    if schedule.clip_sample_range is not None:
+        x0 = x0.clamp(-schedule.clip_sample_range, schedule.clip_sample_range)
+    return x0
+
+
+def tweedie_step_reward(
+    reward: Reward,
+    denoiser,
+    schedule: Schedule,
+    decode: Callable[[Tensor], Tensor] = lambda x: x,
+    prediction_type: str = "epsilon",
+) -> StepReward:
+    """The step reward r(decode(x0_hat_ref(x_prev))) of an action x_prev landing at t_prev."""
+
+    def step_reward(x_prev: Tensor, t_prev: int, cond: Any) -> Tensor:
+        x0 = tweedie_x0(denoiser, x_prev, t_prev, cond, schedule, prediction_type)
+        return reward(decode(x0), cond)
+
+    return step_reward
