@@ -1,0 +1,268 @@
+"""Reference rollouts and candidate pairs, computed once and relabelled per objective.
+
+Every expert and every oracle is trained on the *same* states and actions: reference
+chains x_T -> x_0 (the core's :func:`msdda.sample_chain`), and at each training step
+pairs of actions a, b ~ p_ref(.|x_t) scored by every reward at once. An expert and an
+oracle differ only in how those rewards become labels (:meth:`PairSet.weighted_rewards`).
+
+The step reward of an action x_{t-1} is the reward of the reference model's Tweedie
+estimate x0_hat(x_{t-1}) at the landing timestep (x_{t-1} itself after the last step):
+the definition of :func:`msdda.rewards.tweedie_step_reward`, which the ``target`` method
+uses too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..experts import Expert, expert_policy
+from ..fusion import Gaussian
+from ..gaussians import Schedule
+from ..rewards import Reward, tweedie_x0
+from ..sampling import SeededNoise, sample_chain
+
+__all__ = [
+    "StepRewards",
+    "PairSet",
+    "tweedie_step_rewards",
+    "training_step_indices",
+    "collect_pairs",
+]
+
+#: ``(x_prev (B, ...), t_prev, cond) -> {name: (B,) reward}``: several step rewards of the
+#: same actions (t_prev < 0: x_prev is the clean sample).
+StepRewards = Callable[[Tensor, int, Any], Mapping[str, Tensor]]
+
+
+def tweedie_step_rewards(
+    rewards: Mapping[str, Reward],
+    denoiser,
+    schedule: Schedule,
+    decode: Callable[[Tensor], Tensor] = lambda x: x,
+    prediction_type: str = "epsilon",
+) -> StepRewards:
+    """Every reward of decode(x0_hat_ref(x_prev)), one denoiser forward for all of them.
+
+    Name by name equal to :func:`msdda.rewards.tweedie_step_reward`.
+    """
+    if not rewards:
+        raise ValueError("rewards is empty: give at least one named reward")
+
+    @torch.no_grad()
+    def step_rewards(x_prev: Tensor, t_prev: int, cond: Any) -> dict[str, Tensor]:
+        images = decode(tweedie_x0(denoiser, x_prev, t_prev, cond, schedule, prediction_type))
+        return {name: reward(images, cond).detach() for name, reward in rewards.items()}
+
+    return step_rewards
+
+
+@dataclass(frozen=True, eq=False)
+class PairSet:
+    """N candidate pairs (a, b) at reference states x_t, with every reward of each action."""
+
+    states: Tensor  # (N, C, ...) x_t of each pair
+    timesteps: Tensor  # (N,) long: timestep t of the state
+    step_indices: Tensor  # (N,) long: index of t in the schedule (0 = noisiest)
+    cond: Tensor | None  # (N, ...) condition of each pair (a prompt, a class), or None
+    action_a: Tensor  # (N, C, ...) x_{t-1} ~ p_ref(.|x_t)
+    action_b: Tensor  # (N, C, ...) another independent draw
+    reference_mean: Tensor  # (N, C, ...) mean of p_ref(.|x_t)
+    reference_variance: Tensor  # (N, C, ...) its per-element variance
+    rewards_a: Mapping[str, Tensor]  # reward name -> (N,) step reward of a
+    rewards_b: Mapping[str, Tensor]  # reward name -> (N,) step reward of b
+
+    def __post_init__(self) -> None:
+        n = self.states.shape[0]
+        for name in ("action_a", "action_b", "reference_mean", "reference_variance"):
+            if getattr(self, name).shape != self.states.shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(getattr(self, name).shape)}, expected the "
+                    f"states' {tuple(self.states.shape)}"
+                )
+        for name in ("timesteps", "step_indices"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},)")
+        if self.cond is not None and self.cond.shape[0] != n:
+            raise ValueError(f"cond has {self.cond.shape[0]} rows for {n} pairs")
+        if set(self.rewards_a) != set(self.rewards_b) or not self.rewards_a:
+            raise ValueError("rewards_a and rewards_b must name the same, non-empty rewards")
+        for side in (self.rewards_a, self.rewards_b):
+            for name, r in side.items():
+                if r.shape != (n,):
+                    raise ValueError(f"reward {name!r} must have shape ({n},)")
+
+    def __len__(self) -> int:
+        return self.states.shape[0]
+
+    @property
+    def reward_names(self) -> tuple[str, ...]:
+        return tuple(self.rewards_a)
+
+    @property
+    def reference(self) -> Gaussian:
+        return Gaussian(self.reference_mean, self.reference_variance)
+
+    def weighted_rewards(self, weights: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+        """(r(a), r(b)) for r = sum_i w_i r_i, each (N,); names must be among the rewards."""
+        if not weights:
+            raise ValueError("weights is empty: name at least one reward")
+        unknown = sorted(set(weights) - set(self.rewards_a))
+        if unknown:
+            raise ValueError(
+                f"weights name unknown reward(s) {unknown}; this pair set has {list(self.reward_names)}"
+            )
+        for name, w in weights.items():
+            if not (isinstance(w, (int, float)) and math.isfinite(w)):
+                raise ValueError(f"weights[{name!r}] must be a finite number, got {w!r}")
+        r_a = sum(float(w) * self.rewards_a[k] for k, w in weights.items())
+        r_b = sum(float(w) * self.rewards_b[k] for k, w in weights.items())
+        return r_a, r_b
+
+    def subset(self, index: Tensor) -> PairSet:
+        """The pairs at ``index`` (a long or boolean tensor over N)."""
+        return PairSet(
+            states=self.states[index],
+            timesteps=self.timesteps[index],
+            step_indices=self.step_indices[index],
+            cond=None if self.cond is None else self.cond[index],
+            action_a=self.action_a[index],
+            action_b=self.action_b[index],
+            reference_mean=self.reference_mean[index],
+            reference_variance=self.reference_variance[index],
+            rewards_a={k: v[index] for k, v in self.rewards_a.items()},
+            rewards_b={k: v[index] for k, v in self.rewards_b.items()},
+        )
+
+
+def training_step_indices(schedule: Schedule, skip_last: int) -> tuple[int, ...]:
+    """Indices of the schedule's steps to train on: all but the last ``skip_last``.
+
+    The final steps are nearly deterministic: their tiny variances make log-ratios
+    explode, and their tilt (a mean shift of about variance * grad r / beta) is negligible,
+    so the reference is already their optimum (DESIGN.md §4).
+    """
+    n = len(schedule.timesteps)
+    if not isinstance(skip_last, int) or not 0 <= skip_last < n:
+        raise ValueError(f"skip_last must be an int in [0, {n - 1}], got {skip_last!r}")
+    return tuple(range(n - skip_last))
+
+
+def _tile(cond: Any, times: int) -> Any:
+    if cond is None:
+        return None
+    if not isinstance(cond, Tensor):
+        raise TypeError(f"cond must be a tensor with a leading batch axis or None, got {type(cond).__name__}")
+    return cond.repeat(times, *([1] * (cond.ndim - 1)))
+
+
+def collect_pairs(
+    reference: Expert,
+    schedule: Schedule,
+    step_rewards: StepRewards,
+    *,
+    shape: Sequence[int],
+    num_chains: int,
+    pairs_per_state: int = 1,
+    steps: Sequence[int] | None = None,
+    cond: Tensor | None = None,
+    seed: int = 0,
+    batch_size: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> PairSet:
+    """Roll out the reference and draw scored candidate pairs at its states.
+
+    Args:
+        reference: the reference model (its denoiser and step spec).
+        schedule: the sampling schedule the experts will run on.
+        step_rewards: every reward of a batch of actions (:func:`tweedie_step_rewards`).
+        shape: (C, ...) of one sample, e.g. (1, 8, 8).
+        num_chains: reference chains to roll out.
+        pairs_per_state: independent pairs drawn at each visited state.
+        steps: schedule step indices to draw pairs at (default all but the last 5%).
+        cond: (num_chains, ...) condition of each chain, or None.
+        seed: seeds the chains' noise and the candidate draws.
+        batch_size: chains rolled out together.
+        dtype: dtype of the chains (float64 for exactness checks).
+
+    Returns:
+        A :class:`PairSet` with num_chains * len(steps) * pairs_per_state pairs, on CPU.
+    """
+    if not isinstance(reference, Expert):
+        raise TypeError(f"reference must be an msdda Expert, got {type(reference).__name__}")
+    for name, v in (
+        ("num_chains", num_chains),
+        ("pairs_per_state", pairs_per_state),
+        ("batch_size", batch_size),
+    ):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_chains):
+        raise ValueError(f"cond must be a tensor with num_chains = {num_chains} rows or None")
+    if steps is None:
+        steps = training_step_indices(schedule, max(1, len(schedule.timesteps) // 20))
+    steps = sorted(set(int(i) for i in steps))
+    if not steps or steps[0] < 0 or steps[-1] >= len(schedule.timesteps):
+        raise ValueError(f"steps must be indices in [0, {len(schedule.timesteps) - 1}], got {steps}")
+    wanted = {schedule.timesteps[i]: i for i in steps}
+    draw = torch.Generator().manual_seed(seed + 7919)
+    rows: dict[str, list] = {k: [] for k in ("x", "t", "i", "c", "a", "b", "m", "v")}
+    rewards: dict[str, list[list[Tensor]]] = {}
+
+    for start in range(0, num_chains, batch_size):
+        stop = min(start + batch_size, num_chains)
+        c = None if cond is None else cond[start:stop]
+        policy = expert_policy(reference, schedule, c)
+
+        @torch.no_grad()
+        def recording(x_t: Tensor, t: int, policy=policy, c=c) -> Gaussian:
+            g = policy(x_t, t)
+            if t in wanted:
+                i = wanted[t]
+                b = x_t.shape[0]
+                z = torch.randn((2 * pairs_per_state, *x_t.shape), generator=draw)
+                actions = g.mean + g.variance.sqrt() * z.to(g.mean)  # (2P, B, ...)
+                scores = step_rewards(
+                    actions.reshape(-1, *x_t.shape[1:]),
+                    schedule.prev_timesteps[i],
+                    _tile(c, 2 * pairs_per_state),
+                )
+                for name, s in scores.items():
+                    s = s.reshape(2, pairs_per_state * b).detach().cpu()
+                    rewards.setdefault(name, [[], []])
+                    rewards[name][0].append(s[0])
+                    rewards[name][1].append(s[1])
+                actions = actions.reshape(2, pairs_per_state * b, *x_t.shape[1:]).cpu()
+                rows["a"].append(actions[0])
+                rows["b"].append(actions[1])
+                reps = (pairs_per_state, *([1] * (x_t.ndim - 1)))
+                rows["x"].append(x_t.detach().cpu().repeat(reps))
+                rows["m"].append(g.mean.detach().cpu().repeat(reps))
+                rows["v"].append(g.variance.detach().cpu().repeat(reps))
+                rows["t"].append(torch.full((pairs_per_state * b,), t, dtype=torch.long))
+                rows["i"].append(torch.full((pairs_per_state * b,), i, dtype=torch.long))
+                if c is not None:
+                    rows["c"].append(_tile(c, pairs_per_state).cpu())
+            return g
+
+        noise = SeededNoise(seed * 1_000_003 + start)
+        x_T = noise.initial((stop - start, *shape)).to(dtype)
+        sample_chain(recording, x_T, schedule.timesteps, noise)
+
+    return PairSet(
+        states=torch.cat(rows["x"]),
+        timesteps=torch.cat(rows["t"]),
+        step_indices=torch.cat(rows["i"]),
+        cond=torch.cat(rows["c"]) if rows["c"] else None,
+        action_a=torch.cat(rows["a"]),
+        action_b=torch.cat(rows["b"]),
+        reference_mean=torch.cat(rows["m"]),
+        reference_variance=torch.cat(rows["v"]),
+        rewards_a={k: torch.cat(v[0]) for k, v in rewards.items()},
+        rewards_b={k: torch.cat(v[1]) for k, v in rewards.items()},
+    )

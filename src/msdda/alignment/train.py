@@ -1,0 +1,292 @@
+"""The step-level DPO training loop: a denoiser fitted to p_ref * exp(r / beta) per step.
+
+The policy is any ``torch.nn.Module`` denoiser ``(x_t, t (B,) long, cond) -> model output``
+(with a variance channel for a learned variance type); its step Gaussians come from the
+core's :func:`msdda.step_gaussian`, so the trained model is an :class:`msdda.Expert` as is.
+The reference enters only through the precomputed pairs (its step Gaussians at the states).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..fusion import Gaussian
+from ..gaussians import Schedule, StepSpec, step_gaussian
+from .losses import (
+    LABEL_KINDS,
+    LabelKind,
+    dpo_logits,
+    gaussian_kl,
+    gaussian_log_likelihood_difference,
+    implicit_accuracy,
+    preference_labels,
+    soft_dpo_loss,
+)
+from .pairs import PairSet
+
+__all__ = [
+    "TrainConfig",
+    "TrainRecord",
+    "TrainResult",
+    "PolicyMetrics",
+    "step_gaussians_per_sample",
+    "policy_step_gaussians",
+    "train_dpo",
+    "evaluate_policy",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one step-level DPO run."""
+
+    kl_coef: float = 1.0  # beta: the policy targets p_ref * exp(r / beta)
+    labels: LabelKind = "soft"  # how reward pairs become labels (see losses.LabelKind)
+    num_steps: int = 300  # optimiser steps
+    batch_size: int = 1024  # pairs per optimiser step
+    lr: float = 1e-3  # Adam learning rate of the mean (epsilon) parameters
+    variance_lr: float | None = None  # Adam learning rate of the variance parameters (None: lr)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    max_grad_norm: float | None = 1.0  # gradient clipping (None: off)
+    lr_decay: Literal["cosine", "constant"] = "cosine"  # learning-rate schedule over num_steps
+    seed: int = 0  # minibatch order and sampled labels
+    log_every: int = 25  # optimiser steps between history records
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.kl_coef, (int, float)) and 0 < self.kl_coef < math.inf):
+            raise ValueError(f"kl_coef must be a positive finite number, got {self.kl_coef!r}")
+        if self.labels not in LABEL_KINDS:
+            raise ValueError(f"labels must be one of {LABEL_KINDS}, got {self.labels!r}")
+        for name in ("num_steps", "batch_size", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("lr", "variance_lr"):
+            v = getattr(self, name)
+            if v is None and name == "variance_lr":
+                continue
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.lr_decay not in ("cosine", "constant"):
+            raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {self.lr_decay!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """Training state every ``log_every`` steps, averaged over the steps since the last."""
+
+    step: int  # optimiser steps done
+    loss: float  # soft DPO loss (0.693 = no preference learned)
+    accuracy: float  # implicit accuracy: sign(z) agrees with p > 1/2
+    kl: float  # mean KL(p_theta || p_ref) per step and state, nats
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    history: tuple[TrainRecord, ...]
+    seconds: float  # wall-clock training time
+
+
+@dataclass(frozen=True)
+class PolicyMetrics:
+    """A policy measured on a pair set against its labels."""
+
+    loss: float
+    accuracy: float
+    kl: float  # mean KL(p_theta || p_ref) per state, nats
+    kl_per_step: dict[int, float]  # schedule step index -> mean KL at that step
+
+
+def step_gaussians_per_sample(
+    model_output: Tensor, x_t: Tensor, timesteps: Tensor, schedule: Schedule, spec: StepSpec
+) -> Gaussian:
+    """:func:`msdda.step_gaussian` for a batch whose samples sit at different timesteps.
+
+    Shapes: model_output (B, C or 2C, ...), x_t (B, C, ...), timesteps (B,) long.
+    """
+    if timesteps.shape != (x_t.shape[0],):
+        raise ValueError(f"timesteps must have shape ({x_t.shape[0]},), got {tuple(timesteps.shape)}")
+    means, variances, order = [], [], []
+    for t in timesteps.unique().tolist():
+        idx = (timesteps == t).nonzero().squeeze(1)
+        g = step_gaussian(model_output[idx], x_t[idx], int(t), schedule, spec)
+        means.append(g.mean)
+        variances.append(g.variance)
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))
+    return Gaussian(torch.cat(means)[inverse], torch.cat(variances)[inverse])
+
+
+def policy_step_gaussians(
+    policy: Callable, pairs: PairSet, index: Tensor, schedule: Schedule, spec: StepSpec
+) -> Gaussian:
+    """The policy's step Gaussians at the states of ``pairs[index]`` (one forward)."""
+    x = pairs.states[index]
+    t = pairs.timesteps[index]
+    cond = None if pairs.cond is None else pairs.cond[index]
+    return step_gaussians_per_sample(policy(x, t, cond), x, t, schedule, spec)
+
+
+def _optimizer(
+    policy: nn.Module, config: TrainConfig, variance_parameters: Iterable[nn.Parameter]
+) -> torch.optim.Optimizer:
+    var_params = [p for p in variance_parameters if p.requires_grad]
+    var_ids = {id(p) for p in var_params}
+    mean_params = [p for p in policy.parameters() if p.requires_grad and id(p) not in var_ids]
+    groups = [{"params": mean_params, "lr": config.lr}]
+    if var_params:
+        groups.append({"params": var_params, "lr": config.variance_lr or config.lr})
+    if not mean_params and not var_params:
+        raise ValueError("policy has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _check_rewards(pairs: PairSet, rewards: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    if not (isinstance(rewards, Sequence) and len(rewards) == 2):
+        raise TypeError("rewards must be a (reward_a, reward_b) pair of (N,) tensors")
+    r_a, r_b = rewards
+    for name, r in (("reward_a", r_a), ("reward_b", r_b)):
+        if not isinstance(r, Tensor) or r.shape != (len(pairs),):
+            raise ValueError(f"{name} must be a tensor of shape ({len(pairs)},)")
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"{name} must be finite")
+    return r_a, r_b
+
+
+def train_dpo(
+    policy: nn.Module,
+    pairs: PairSet,
+    rewards: Sequence[Tensor],
+    schedule: Schedule,
+    spec: StepSpec,
+    config: TrainConfig = TrainConfig(),
+    *,
+    variance_parameters: Iterable[nn.Parameter] = (),
+    callback: Callable[[TrainRecord], None] | None = None,
+) -> TrainResult:
+    """Fit ``policy`` in place by step-level DPO on ``pairs`` labelled by ``rewards``.
+
+    Args:
+        policy: the denoiser to train, usually a copy of the reference; run in eval mode
+            (no dropout, no class dropout) and in the pairs' dtype.
+        pairs: states and candidate actions (:func:`collect_pairs`).
+        rewards: (r(a), r(b)), each (N,), e.g. ``pairs.weighted_rewards({"boldness": 1})``.
+        schedule, spec: how the policy's output becomes its step Gaussian.
+        config: beta, labels, optimiser settings.
+        variance_parameters: parameters trained at ``config.variance_lr`` (a variance head).
+        callback: called with each :class:`TrainRecord` (progress display).
+    """
+    if not isinstance(policy, nn.Module):
+        raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
+    if not isinstance(pairs, PairSet):
+        raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
+    r_a, r_b = _check_rewards(pairs, rewards)
+    gen = torch.Generator().manual_seed(config.seed)
+    labels = preference_labels(r_a, r_b, config.labels, generator=gen)
+    # The reference's half of every log-ratio difference is fixed: compute it once.
+    ref_diff = gaussian_log_likelihood_difference(
+        pairs.action_a.double(),
+        pairs.action_b.double(),
+        pairs.reference_mean.double(),
+        pairs.reference_variance.double(),
+    )
+    opt = _optimizer(policy, config, variance_parameters)
+    sched = None
+    if config.lr_decay == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.num_steps)
+    was_training = policy.training
+    policy.eval()
+    history: list[TrainRecord] = []
+    sums = torch.zeros(3, dtype=torch.float64)
+    seen = 0
+    start = time.perf_counter()
+    order = torch.randperm(len(pairs), generator=gen)
+    cursor = 0
+    for step in range(1, config.num_steps + 1):
+        if cursor + config.batch_size > len(pairs) and cursor > 0:
+            order, cursor = torch.randperm(len(pairs), generator=gen), 0
+        idx = order[cursor : cursor + config.batch_size]
+        cursor += config.batch_size
+        g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
+        a, b = pairs.action_a[idx], pairs.action_b[idx]
+        diff = gaussian_log_likelihood_difference(a, b, g.mean, g.variance)
+        logits = dpo_logits(diff - ref_diff[idx].to(diff.dtype), config.kl_coef)
+        loss = soft_dpo_loss(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(
+                [p for grp in opt.param_groups for p in grp["params"]], config.max_grad_norm
+            )
+        opt.step()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            ref = Gaussian(pairs.reference_mean[idx], pairs.reference_variance[idx])
+            kl = gaussian_kl(Gaussian(g.mean.detach(), g.variance.detach()), ref).mean()
+            acc = implicit_accuracy(logits.detach(), labels[idx])
+            sums += torch.tensor([loss.item(), float(acc), kl.item()], dtype=torch.float64)
+            seen += 1
+        if step % config.log_every == 0 or step == config.num_steps:
+            m = (sums / seen).tolist()
+            record = TrainRecord(step, m[0], m[1], m[2])
+            history.append(record)
+            if callback is not None:
+                callback(record)
+            sums.zero_()
+            seen = 0
+    policy.train(was_training)
+    return TrainResult(tuple(history), time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate_policy(
+    policy: Callable,
+    pairs: PairSet,
+    rewards: Sequence[Tensor],
+    schedule: Schedule,
+    spec: StepSpec,
+    kl_coef: float,
+    *,
+    batch_size: int = 4096,
+) -> PolicyMetrics:
+    """Soft DPO loss, implicit accuracy and per-step KL to the reference on ``pairs``."""
+    r_a, r_b = _check_rewards(pairs, rewards)
+    labels = preference_labels(r_a, r_b, "soft")
+    if isinstance(policy, nn.Module):
+        was_training = policy.training
+        policy.eval()
+    logits, kls = [], []
+    for s in range(0, len(pairs), batch_size):
+        idx = torch.arange(s, min(s + batch_size, len(pairs)))
+        g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
+        a, b = pairs.action_a[idx], pairs.action_b[idx]
+        diff = gaussian_log_likelihood_difference(a.double(), b.double(), g.mean.double(), g.variance.double())
+        ref = gaussian_log_likelihood_difference(
+            a.double(), b.double(), pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double()
+        )
+        logits.append(dpo_logits(diff - ref, kl_coef))
+        kls.append(gaussian_kl(Gaussian(g.mean.double(), g.variance.double()), Gaussian(pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double())))
+    if isinstance(policy, nn.Module):
+        policy.train(was_training)
+    z, kl = torch.cat(logits), torch.cat(kls)
+    per_step = {
+        int(i): float(kl[pairs.step_indices == i].mean()) for i in pairs.step_indices.unique().tolist()
+    }
+    return PolicyMetrics(
+        loss=float(soft_dpo_loss(z, labels.double())),
+        accuracy=float(implicit_accuracy(z, labels)),
+        kl=float(kl.mean()),
+        kl_per_step=per_step,
+    )

@@ -1,0 +1,112 @@
+"""Figures of the digits domain (matplotlib, Agg backend): sample grids and Pareto fronts.
+
+Files are written to a temporary name in the target folder and renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+__all__ = ["image_grid", "save_grid", "save_pareto_plot", "save_npy"]
+
+
+def image_grid(images: Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile (N, 1, 8, 8) images in [0, 1] into one (H, W) array, ``ncols`` per row, pad 1."""
+    arr = images.detach().cpu().float().numpy().reshape(images.shape[0], *images.shape[-2:])
+    n, h, w = arr.shape
+    ncols = ncols or int(np.ceil(np.sqrt(n)))
+    nrows = int(np.ceil(n / ncols))
+    grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad), dtype=np.float32) * 0.5
+    for i in range(n):
+        r, c = divmod(i, ncols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+    return grid
+
+
+def _atomic_savefig(fig, path: Path, **kwargs) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_grid(
+    images: Tensor, path: Path, ncols: int | None = None, title: str | None = None, scale: int = 12
+) -> None:
+    """Save (N, 1, 8, 8) images in [0, 1] as a PNG grid (white ink on black, nearest pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(images, ncols)
+    h, w = grid.shape
+    fig = plt.figure(figsize=(w * scale / 100, (h * scale + (40 if title else 0)) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, h * scale / (h * scale + (40 if title else 0))))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10, y=0.995, va="top")
+    try:
+        _atomic_savefig(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def save_pareto_plot(
+    x: Sequence[float],
+    y: Sequence[float],
+    labels: Sequence[str],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    extra: dict[str, tuple[float, float]] | None = None,
+) -> None:
+    """Save a Pareto-front plot: points (x_i, y_i) joined in order and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
+    ax.plot(x, y, "-o", color="tab:blue", label="MSDDA", markersize=5)
+    for xi, yi, lab in zip(x, y, labels, strict=True):
+        ax.annotate(lab, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for name, (xi, yi) in (extra or {}).items():
+        ax.plot([xi], [yi], "s", label=name, markersize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        _atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def save_npy(array: np.ndarray, path: Path) -> None:
+    """Save ``array`` as .npy atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,274 @@
+"""Weights on disk: safetensors files plus one ``manifest.json``, written atomically.
+
+A weights folder (the shipped one is ``msdda/digits/weights/``) holds
+
+- ``manifest.json``: format tag, versions, seeds, scheduler config, model configs,
+  held-out metrics, reward temperature and normalisation, and one entry per model
+  file (``file``, ``sha256``, ``config``, plus ``reward``/``kind``/``kl_coef`` for
+  experts and ``weights``/``kind``/``kl_coef`` for oracles);
+- ``classifier.safetensors``, ``base.safetensors``, ``expert-<reward>-<kind>.safetensors``,
+  ``oracle-<tag>-<kind>.safetensors``.
+
+Every file is written to a temporary name and renamed, so a failure leaves nothing
+half-written. Loading checks existence, the recorded sha256, the safetensors
+format, and that keys and shapes match the model: any failure is a ``ValueError``
+naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_WEIGHTS_DIR",
+    "MANIFEST_NAME",
+    "MANIFEST_FORMAT",
+    "EXPERT_KINDS",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_module",
+    "load_module_state",
+    "file_sha256",
+    "read_manifest",
+    "write_manifest",
+    "update_manifest",
+    "add_expert",
+    "add_oracle",
+    "oracle_tag",
+]
+
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "msdda-digits/1"
+#: "fixed": fixed_small variance (C_out = 1); "learned": learned_log variance head (C_out = 2).
+EXPERT_KINDS = ("fixed", "learned")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_module(path: Path, module: nn.Module, metadata: Mapping[str, str] | None = None) -> str:
+    """Save ``module``'s state dict as safetensors at ``path`` (atomically); returns its sha256."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    data = save(state, metadata=dict(metadata) if metadata else None)
+    atomic_write_bytes(Path(path), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_module_state(path: Path, module: nn.Module, sha256: str | None = None) -> nn.Module:
+    """Load safetensors ``path`` into ``module`` (in place; returned in eval mode).
+
+    Raises:
+        ValueError: naming ``path`` when it is missing, does not match ``sha256``, is not
+            a readable safetensors file, or its keys or shapes differ from the module's.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weight file {path} is missing")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"weight file {path} is corrupt: its sha256 differs from the manifest's")
+    try:
+        state = load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"weight file {path} is not a valid safetensors file: {err}") from None
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"weight file {path} does not fit the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"weight file {path} does not fit the model: {key} has shape "
+                f"{tuple(state[key].shape)}, expected {tuple(value.shape)}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(state[key]).all()):
+            raise ValueError(f"weight file {path} is corrupt: {key} holds non-finite values")
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def read_manifest(weights_dir: Path) -> dict:
+    """The manifest of a weights folder, checked for its format tag."""
+    path = Path(weights_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"no {MANIFEST_NAME} in {Path(weights_dir)}: not a digits weights folder "
+            "(create one with `msdda toy train --out FOLDER`)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"manifest {path} is not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def write_manifest(weights_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``manifest`` (atomically) as ``weights_dir/manifest.json``."""
+    text = json.dumps(manifest, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write_text(Path(weights_dir) / MANIFEST_NAME, text)
+
+
+def update_manifest(weights_dir: Path, **fields: Any) -> dict:
+    """Read the manifest, set top-level ``fields``, write it back; returns the new manifest."""
+    manifest = read_manifest(weights_dir)
+    manifest.update(fields)
+    write_manifest(weights_dir, manifest)
+    return manifest
+
+
+def _check_kind(kind: str, model: nn.Module) -> None:
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"kind must be one of {EXPERT_KINDS}, got {kind!r}")
+    head = bool(getattr(getattr(model, "config", None), "variance_head", False))
+    if head != (kind == "learned"):
+        raise ValueError(
+            f"kind={kind!r} needs a model {'with' if kind == 'learned' else 'without'} a variance head"
+        )
+
+
+def _check_kl_coef(kl_coef: float) -> float:
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
+        raise TypeError(f"kl_coef must be a number, got {type(kl_coef).__name__}")
+    if not (math.isfinite(kl_coef) and kl_coef > 0):
+        raise ValueError(f"kl_coef must be positive and finite, got {kl_coef!r}")
+    return float(kl_coef)
+
+
+def _model_entry(weights_dir: Path, file: str, model: nn.Module, **fields: Any) -> dict:
+    sha = save_module(Path(weights_dir) / file, model)
+    return {"file": file, "sha256": sha, "config": model.config.to_dict(), **fields}
+
+
+def add_expert(
+    weights_dir: Path,
+    model: nn.Module,
+    *,
+    reward: str,
+    kind: str,
+    kl_coef: float,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> dict:
+    """Save a single-objective expert (a :class:`DigitDenoiser`) and record it in the manifest.
+
+    Args:
+        reward: the reward it was aligned to (a name of :data:`~msdda.digits.rewards.REWARDS`).
+        kind: ``"fixed"`` (no variance head) or ``"learned"`` (variance head, learned_log).
+        kl_coef: the beta it was aligned with (on the standardised reward).
+        metrics, training: free-form JSON-able records (held-out numbers, settings, seeds).
+
+    Replaces an earlier expert of the same reward and kind. Returns the manifest entry.
+    """
+    from .rewards import REWARDS
+
+    if reward not in REWARDS:
+        raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
+    _check_kind(kind, model)
+    manifest = read_manifest(weights_dir)
+    entry = _model_entry(
+        weights_dir,
+        f"expert-{reward}-{kind}.safetensors",
+        model,
+        reward=reward,
+        kind=kind,
+        kl_coef=_check_kl_coef(kl_coef),
+        metrics=dict(metrics or {}),
+        training=dict(training or {}),
+    )
+    experts = [
+        e for e in manifest.get("experts", []) if (e["reward"], e["kind"]) != (reward, kind)
+    ]
+    manifest["experts"] = [*experts, entry]
+    write_manifest(weights_dir, manifest)
+    return entry
+
+
+def oracle_tag(weights: Mapping[str, float]) -> str:
+    """A file-name tag for preference weights, e.g. ``boldness0.7-legibility0.3``."""
+    return "-".join(f"{name}{float(w):g}" for name, w in sorted(weights.items()))
+
+
+def add_oracle(
+    weights_dir: Path,
+    model: nn.Module,
+    *,
+    weights: Mapping[str, float],
+    kind: str,
+    kl_coef: float,
+    metrics: Mapping[str, Any] | None = None,
+    training: Mapping[str, Any] | None = None,
+) -> dict:
+    """Save an oracle (fine-tuned on sum_i w_i r_i) and record it in the manifest.
+
+    ``weights`` maps reward names to preference weights, e.g.
+    ``{"legibility": 0.3, "boldness": 0.7}``. Replaces an earlier oracle with the same
+    weights and kind. Returns the manifest entry.
+    """
+    from .rewards import REWARDS
+
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty mapping of reward name to weight")
+    for name, w in weights.items():
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"weight of {name!r} must be a non-negative number, got {w!r}")
+    _check_kind(kind, model)
+    manifest = read_manifest(weights_dir)
+    clean = {name: float(w) for name, w in weights.items()}
+    entry = _model_entry(
+        weights_dir,
+        f"oracle-{oracle_tag(clean)}-{kind}.safetensors",
+        model,
+        weights=clean,
+        kind=kind,
+        kl_coef=_check_kl_coef(kl_coef),
+        metrics=dict(metrics or {}),
+        training=dict(training or {}),
+    )
+    oracles = [
+        e for e in manifest.get("oracles", []) if (e["weights"], e["kind"]) != (clean, kind)
+    ]
+    manifest["oracles"] = [*oracles, entry]
+    write_manifest(weights_dir, manifest)
+    return entry

@@ -1,0 +1,27 @@
+"""The Pareto harness: sweeps of every method over preference weights, and their report."""
+
+from .domains import DOMAINS, SweepDomain, digits_domain, load_domain, toy_domain
+from .results import FORMAT, Results, ResultsError, read_results, row_key
+from .sweep import SweepConfig, SweepSummary, SweepUnit, plan_units, run_sweep, simplex_grid
+from .tuning import TuningConfig, tune_settings
+
+__all__ = [
+    "DOMAINS",
+    "FORMAT",
+    "Results",
+    "ResultsError",
+    "SweepConfig",
+    "SweepDomain",
+    "SweepSummary",
+    "SweepUnit",
+    "TuningConfig",
+    "digits_domain",
+    "load_domain",
+    "plan_units",
+    "read_results",
+    "row_key",
+    "run_sweep",
+    "simplex_grid",
+    "toy_domain",
+    "tune_settings",
+]

@@ -1,0 +1,131 @@
+"""Domains a sweep can run on: the problem, the rewards it reports, its prompts.
+
+``digits`` (the default) loads the shipped digits bundle; ``toy`` is the exact 2-D
+mixture of :mod:`msdda.evaluation.toy`, seconds to sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..methods import MethodContext
+from ..rewards import Reward
+
+__all__ = ["SweepDomain", "DOMAINS", "load_domain", "digits_domain", "toy_domain"]
+
+
+@dataclass(frozen=True, eq=False)
+class SweepDomain:
+    """What a sweep needs from a domain."""
+
+    name: str
+    context: MethodContext  # the problem every method is built on
+    objectives: tuple[str, ...]  # names of context.rewards, in weight order
+    eval_rewards: Mapping[str, Reward]  # every reward reported, on decode(x0); objectives first
+    prompts: tuple[Any, ...]  # default prompts
+    condition: Callable[[Sequence[Any]], Any]  # per-sample prompts -> the denoisers' cond
+    identity: Mapping[str, Any] = field(default_factory=dict)  # what pins the models down
+    check_prompt: Callable[[Any], Any] = lambda p: p  # validate one prompt (ValueError)
+
+    def __post_init__(self) -> None:
+        if len(self.objectives) != self.context.num_objectives:
+            raise ValueError(
+                f"{len(self.objectives)} objective names for {self.context.num_objectives} experts"
+            )
+        missing = [n for n in self.objectives if n not in self.eval_rewards]
+        if missing:
+            raise ValueError(f"eval_rewards must include the objectives; missing {missing}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def digits_domain(
+    weights_dir: str | None = None,
+    objectives: Sequence[str] = ("legibility", "boldness"),
+    expert_kind: str = "fixed",
+) -> SweepDomain:
+    """The shipped digits models: base, experts for ``objectives`` of ``expert_kind``, oracles.
+
+    Rewards are the bundle's standardised rewards; prompts are the digits 0-9.
+    """
+    from ..digits.bundle import load_digits_bundle
+    from ..digits.data import IMAGE_SHAPE, check_prompts, decode
+
+    bundle = load_digits_bundle(weights_dir)
+    objectives = tuple(objectives)
+    for name in objectives:
+        if name not in bundle.rewards:
+            raise ValueError(f"unknown objective {name!r}; digits rewards: {list(bundle.rewards)}")
+    experts = tuple(bundle.expert(name, expert_kind) for name in objectives)
+    oracles = {}
+    for o in bundle.oracles:
+        nonzero = {n for n, w in o.weights.items() if w != 0.0}
+        if o.kind == expert_kind and nonzero <= set(objectives):
+            oracles[tuple(float(o.weights.get(n, 0.0)) for n in objectives)] = o.expert
+    context = MethodContext(
+        schedule=bundle.schedule,
+        reference=bundle.reference,
+        experts=experts,
+        sample_shape=IMAGE_SHAPE,
+        rewards=tuple(bundle.rewards[n] for n in objectives),
+        decode=decode,
+        oracles=oracles,
+    )
+    order = list(objectives) + [n for n in bundle.rewards if n not in objectives]
+    manifest = Path(bundle.path) / "manifest.json"
+
+    def check_prompt(p):
+        check_prompts(p, "prompt")
+        return int(p)
+
+    return SweepDomain(
+        name="digits",
+        context=context,
+        objectives=objectives,
+        eval_rewards={n: bundle.rewards[n] for n in order},
+        prompts=tuple(range(10)),
+        condition=lambda prompts: torch.tensor(list(prompts), dtype=torch.long),
+        identity={"manifest_sha256": _sha256(manifest), "expert_kind": expert_kind},
+        check_prompt=check_prompt,
+    )
+
+
+def toy_domain(seed: int = 0) -> SweepDomain:
+    """The exact 2-D toy problem (no prompts: the single prompt 0 stands for none)."""
+    from .toy import toy_context
+
+    context, rewards = toy_context(seed)
+
+    def check_prompt(p):
+        if p != 0:
+            raise ValueError(f"the toy domain has one prompt, 0; got {p!r}")
+        return 0
+
+    return SweepDomain(
+        name="toy",
+        context=context,
+        objectives=tuple(rewards),
+        eval_rewards=rewards,
+        prompts=(0,),
+        condition=lambda prompts: None,
+        identity={"seed": seed},
+        check_prompt=check_prompt,
+    )
+
+
+DOMAINS: dict[str, Callable[..., SweepDomain]] = {"digits": digits_domain, "toy": toy_domain}
+
+
+def load_domain(name: str, **options) -> SweepDomain:
+    """The domain ``name`` built with ``options`` (see :data:`DOMAINS`)."""
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+    return DOMAINS[name](**options)

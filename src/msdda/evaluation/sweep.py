@@ -1,0 +1,281 @@
+"""The Pareto sweep: methods x preference weights x prompts x seeds, resumable.
+
+Every (method, weights, seed) unit samples all prompts in one batch, from per-sample
+seeds that depend only on (seed, prompt, image index): every method sees the same
+x_T and the same step noise. Each finished unit's rows (one per prompt) are appended
+to the results file at once, durably; a sweep started again on the same file skips
+the rows already there.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..methods import METHODS, MethodSettings, check_method, derive_seed, run_method, weight_key
+from .domains import SweepDomain, load_domain
+from .results import check_same_configuration, open_results, read_results, row_key
+from .tuning import TuningConfig, tune_settings
+
+__all__ = [
+    "SweepConfig",
+    "SweepUnit",
+    "SweepSummary",
+    "simplex_grid",
+    "sample_seeds",
+    "plan_units",
+    "run_sweep",
+]
+
+
+def simplex_grid(points: int) -> tuple[tuple[float, float], ...]:
+    """``points`` evenly spaced weights (w, 1 - w) from (0, 1) to (1, 0)."""
+    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+        raise ValueError(f"a weight grid needs at least 2 points, got {points!r}")
+    return tuple((round(i / (points - 1), 12), round(1 - i / (points - 1), 12)) for i in range(points))
+
+
+def _check_grid(weights) -> tuple[tuple[float, ...], ...]:
+    grid = []
+    for n, w in enumerate(weights):
+        w = tuple(float(x) for x in w)
+        if not all(math.isfinite(x) and x >= 0 for x in w) or abs(math.fsum(w) - 1) > 1e-6:
+            raise ValueError(f"weights[{n}] = {list(w)} is outside the simplex (w >= 0, sum 1)")
+        grid.append(w)
+    if not grid:
+        raise ValueError("the weight grid is empty")
+    if len({len(w) for w in grid}) != 1:
+        raise ValueError("every weight vector of the grid must have the same length")
+    if len({weight_key(w) for w in grid}) != len(grid):
+        raise ValueError("the weight grid repeats a weight vector")
+    return tuple(grid)
+
+
+def _check_ints(values, name: str) -> tuple[int, ...]:
+    out = tuple(values)
+    if not out or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
+        raise ValueError(f"{name} must be a non-empty list of ints, got {list(out)}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} repeats a value: {list(out)}")
+    return out
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep runs; recorded in the results header and compared on resume."""
+
+    domain: str = "digits"  # see DOMAINS
+    domain_options: tuple[tuple[str, Any], ...] = ()  # keyword options of the domain
+    methods: tuple[str, ...] = tuple(METHODS)  # methods to compare
+    weights: tuple[tuple[float, ...], ...] = simplex_grid(11)  # preference weights
+    prompts: tuple[Any, ...] | None = None  # None: the domain's prompts
+    seeds: tuple[int, ...] = (0,)  # evaluation seeds
+    images_per_prompt: int = 16  # images per (prompt, seed) row
+    settings: MethodSettings = field(default_factory=MethodSettings)  # untuned defaults
+    tuning: TuningConfig | None = field(default_factory=TuningConfig)  # None: no tuning
+
+    def __post_init__(self) -> None:
+        methods = tuple(self.methods)
+        if not methods:
+            raise ValueError("methods is empty")
+        for m in methods:
+            check_method(m)
+        if len(set(methods)) != len(methods):
+            raise ValueError(f"methods repeats a method: {list(methods)}")
+        object.__setattr__(self, "methods", methods)
+        object.__setattr__(self, "weights", _check_grid(self.weights))
+        object.__setattr__(self, "seeds", _check_ints(self.seeds, "seeds"))
+        object.__setattr__(self, "domain_options", tuple(sorted(dict(self.domain_options).items())))
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", tuple(self.prompts))
+            if not self.prompts or len(set(map(repr, self.prompts))) != len(self.prompts):
+                raise ValueError("prompts must be non-empty and without repeats")
+        n = self.images_per_prompt
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"images_per_prompt must be a positive int, got {n!r}")
+        if self.tuning is not None:
+            clash = set(self.tuning.seeds) & set(self.seeds)
+            if clash:
+                raise ValueError(
+                    f"tuning seeds {sorted(clash)} are also evaluation seeds: tune on separate seeds"
+                )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["domain_options"] = dict(self.domain_options)
+        return d
+
+
+def sample_seeds(seed: int, prompt: Any, images: int) -> list[int]:
+    """Per-sample seeds of a (seed, prompt) row: a function of (seed, prompt, index) alone."""
+    return [derive_seed("sample", seed, repr(prompt), j) for j in range(images)]
+
+
+@dataclass(frozen=True)
+class SweepUnit:
+    """One batch of the sweep: a method at one weight (None: weight-free) for one seed."""
+
+    method: str
+    weights: tuple[float, ...] | None
+    seed: int
+
+
+def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
+    """Every unit of the sweep, seed by seed, then weight, then method.
+
+    ``base`` runs once per seed; ``oracle`` only at weights with a trained oracle.
+    """
+    have_oracle = {weight_key(k) for k in domain.context.oracles}
+    units = []
+    for seed in config.seeds:
+        for m in config.methods:
+            if not METHODS[m].uses_weights:
+                units.append(SweepUnit(m, None, seed))
+        for w in config.weights:
+            for m in config.methods:
+                info = METHODS[m]
+                if not info.uses_weights or (info.needs_oracle and weight_key(w) not in have_oracle):
+                    continue
+                units.append(SweepUnit(m, w, seed))
+    return units
+
+
+def unit_keys(unit: SweepUnit, prompts: Sequence[Any]) -> set[tuple]:
+    """The row keys a unit writes, one per prompt."""
+    w = None if unit.weights is None else list(unit.weights)
+    return {row_key({"method": unit.method, "weights": w, "prompt": p, "seed": unit.seed}) for p in prompts}
+
+
+@torch.no_grad()
+def evaluate_rewards(domain: SweepDomain, x0: torch.Tensor, cond: Any) -> dict[str, torch.Tensor]:
+    """Every reported reward of final samples x0 (model space): name -> (B,)."""
+    images = domain.context.decode(x0)
+    return {n: r(images, cond).detach().double() for n, r in domain.eval_rewards.items()}
+
+
+def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]:
+    rows = []
+    for p, prompt in enumerate(prompts):
+        sl = slice(p * per_prompt, (p + 1) * per_prompt)
+        rows.append(
+            {
+                "method": unit.method,
+                "weights": None if unit.weights is None else list(unit.weights),
+                "prompt": prompt,
+                "seed": unit.seed,
+                "images": per_prompt,
+                "rewards": {n: float(v[sl].mean()) for n, v in rewards.items()},
+                "rewards_std": {
+                    n: float(v[sl].std()) if per_prompt > 1 else 0.0 for n, v in rewards.items()
+                },
+                "seconds_per_image": run.seconds_per_image,
+                "nfe_per_image": run.nfe_per_image,
+                "reward_evals_per_image": run.reward_rows / run.images,
+            }
+        )
+    return rows
+
+
+def run_unit(
+    unit: SweepUnit,
+    domain: SweepDomain,
+    prompts: Sequence[Any],
+    images_per_prompt: int,
+    settings: MethodSettings,
+) -> list[dict]:
+    """Sample one unit (all prompts in one batch) and return its rows, one per prompt."""
+    per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
+    cond = domain.condition(per_sample_prompts)
+    run = run_method(unit.method, domain.context, unit.weights, cond, seeds, settings=settings)
+    rewards = evaluate_rewards(domain, run.samples, cond)
+    return _rows(unit, prompts, images_per_prompt, rewards, run)
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    path: Path
+    units: int  # units in the plan
+    units_run: int  # units sampled by this call
+    rows_written: int  # rows appended by this call
+    rows_total: int  # rows in the file now
+    seconds: float
+    settings: MethodSettings  # the hyperparameters used (tuned or given)
+
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
+    return {
+        "config": config.to_dict(),
+        "identity": {"domain": domain.name, **dict(domain.identity)},
+        "objectives": list(domain.objectives),
+        "rewards": list(domain.eval_rewards),
+        "prompts": list(prompts),
+        "oracle_weights": sorted(list(weight_key(k)) for k in domain.context.oracles),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+
+
+def run_sweep(
+    config: SweepConfig,
+    path: str | Path,
+    *,
+    domain: SweepDomain | None = None,
+    progress: Progress | None = None,
+) -> SweepSummary:
+    """Run (or resume) the sweep ``config`` into the results file ``path``.
+
+    Hyperparameters are tuned first (on the tuning seeds) for a new file, or read from
+    the header of an existing one; the file must have been written by the same config.
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    domain = domain or load_domain(config.domain, **dict(config.domain_options))
+    k = domain.context.num_objectives
+    if any(len(w) != k for w in config.weights):
+        raise ValueError(f"every weight vector needs K = {k} entries (objectives {domain.objectives})")
+    prompts = tuple(domain.check_prompt(p) for p in (config.prompts or domain.prompts))
+    header = _header(config, domain, prompts)
+    settings, record = config.settings, None
+    if path.exists() and path.stat().st_size > 0:  # resume: the header's tuned settings
+        existing = read_results(path, warn=False)
+        check_same_configuration(existing, header)
+        settings = MethodSettings(**existing.header["settings"])
+        record = existing.header.get("tuning")
+    elif config.tuning is not None:
+        settings, record = tune_settings(
+            domain, config.tuning, config.methods, prompts, config.settings, progress=progress
+        )
+    header.update(settings=settings.to_dict(), tuning=record)
+    writer, _ = open_results(path, header)
+    units = plan_units(config, domain)
+    units_run = written = 0
+    with writer:
+        for n, unit in enumerate(units):
+            if progress:
+                progress(f"{unit.method} w={_fmt(unit.weights)} seed={unit.seed}", n, len(units))
+            if unit_keys(unit, prompts) <= writer.done:
+                continue
+            rows = run_unit(unit, domain, prompts, config.images_per_prompt, settings)
+            units_run += 1
+            written += sum(writer.append(r) for r in rows)
+        total = len(writer.done)
+    if progress:
+        progress("done", len(units), len(units))
+    return SweepSummary(path, len(units), units_run, written, total, time.perf_counter() - start, settings)
+
+
+def _fmt(weights) -> str:
+    return "-" if weights is None else "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"

@@ -1,0 +1,189 @@
+"""The methods by name, their hyperparameters, and one call that samples with any of them."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sampling import StepPolicy, sample_chain
+from . import strategies as s
+from .common import EvalCounter, MethodContext, NoiseTape, SampleGenerators, check_weights
+
+__all__ = [
+    "MethodSettings",
+    "MethodInfo",
+    "METHODS",
+    "MethodRun",
+    "check_method",
+    "build_policy",
+    "run_method",
+]
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Hyperparameters of the methods that have any (tune them on separate seeds)."""
+
+    rgg_scale: float = 1.0  # guidance strength s of rgg
+    rgg_schedule: str = "constant"  # named step schedule of s (see GUIDANCE_SCHEDULES)
+    code_candidates: int = 4  # N continuations per block of code
+    code_block: int = 5  # B steps per block of code
+    target_candidates: int = 8  # M reference candidates per step of target
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.rgg_scale, (int, float)) and math.isfinite(self.rgg_scale)):
+            raise ValueError(f"rgg_scale must be a finite number, got {self.rgg_scale!r}")
+        s.guidance_schedule(self.rgg_schedule)
+        for name in ("code_candidates", "code_block", "target_candidates"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    description: str
+    uses_weights: bool = True  # False: one run serves every weight (base)
+    needs_rewards: bool = False  # reads reward values or gradients at sampling time
+    needs_oracle: bool = False  # runs only at weights with a trained oracle
+
+
+METHODS: dict[str, MethodInfo] = {
+    m.name: m
+    for m in (
+        MethodInfo("base", "the reference model alone", uses_weights=False),
+        MethodInfo("rs", "rewarded soups: parameters sum_i w_i theta_i"),
+        MethodInfo("db", "Diffusion Blend: experts' epsilons mixed, variances ignored"),
+        MethodInfo("db-ls", "Diffusion Blend, one expert drawn per step with probability w_i"),
+        MethodInfo("rgg", "reward gradient guidance on the reference", needs_rewards=True),
+        MethodInfo("code", "blockwise controlled decoding: best of N every B steps", needs_rewards=True),
+        MethodInfo("target", "exact step-level optimum by importance resampling", needs_rewards=True),
+        MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
+        MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
+    )
+}
+
+
+def check_method(method: str) -> MethodInfo:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def build_policy(
+    method: str,
+    ctx: MethodContext,
+    weights,
+    cond: Any,
+    *,
+    seeds: int | Sequence[int],
+    noise: NoiseTape,
+    settings: MethodSettings | None = None,
+) -> StepPolicy:
+    """The step policy of ``method`` for these weights and this condition.
+
+    ``weights`` may be None for a method that does not use them (``base``); ``seeds``
+    seed the method's own randomness (stream named after the method); ``noise`` must
+    be the tape the sampling loop reads.
+    """
+    info = check_method(method)
+    settings = settings or MethodSettings()
+    if info.uses_weights or weights is not None:
+        weights = check_weights(weights, ctx.num_objectives)
+    if method == "base":
+        return s.base_policy(ctx, cond)
+    if method == "rs":
+        return s.rs_policy(ctx, weights, cond)
+    if method == "db":
+        return s.db_policy(ctx, weights, cond)
+    if method == "db-ls":
+        return s.db_ls_policy(ctx, weights, cond, rng=SampleGenerators(seeds, "db-ls"))
+    if method == "rgg":
+        return s.rgg_policy(
+            ctx, weights, cond, scale=settings.rgg_scale, schedule=settings.rgg_schedule
+        )
+    if method == "code":
+        return s.code_policy(
+            ctx,
+            weights,
+            cond,
+            noise=noise,
+            rng=SampleGenerators(seeds, "code"),
+            candidates=settings.code_candidates,
+            block=settings.code_block,
+        )
+    if method == "target":
+        return s.target_policy(
+            ctx,
+            weights,
+            cond,
+            noise=noise,
+            rng=SampleGenerators(seeds, "target"),
+            candidates=settings.target_candidates,
+        )
+    if method == "msdda":
+        return s.msdda_policy(ctx, weights, cond)
+    return s.oracle_policy(ctx, weights, cond)
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """Samples of one method and what they cost."""
+
+    samples: Tensor  # (B, *sample_shape) in model space
+    seconds: float  # wall time of the chain
+    denoiser_rows: int  # rows through any denoiser (network evaluations)
+    reward_rows: int  # rows through any reward
+
+    @property
+    def images(self) -> int:
+        return int(self.samples.shape[0])
+
+    @property
+    def nfe_per_image(self) -> float:
+        return self.denoiser_rows / self.images
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.images
+
+
+def run_method(
+    method: str,
+    ctx: MethodContext,
+    weights,
+    cond: Any,
+    seeds: Sequence[int],
+    *,
+    settings: MethodSettings | None = None,
+    callback: Callable[[int, int, Tensor], None] | None = None,
+) -> MethodRun:
+    """Sample ``len(seeds)`` images with ``method``; sample b's noise comes from ``seeds[b]``.
+
+    Every method run with equal seeds starts from equal x_T and sees equal step noise
+    (``SeededNoise`` with per-sample seeds, read through one :class:`NoiseTape`).
+    """
+    if isinstance(seeds, int) or not isinstance(seeds, Sequence) or not seeds:
+        raise TypeError("seeds must be a non-empty sequence of per-sample ints")
+    counter = EvalCounter()
+    counted = ctx.counted(counter)
+    tape = NoiseTape.seeded(list(seeds))
+    x_T = tape.initial((len(seeds), *ctx.sample_shape)).to(ctx.dtype)
+    with torch.no_grad():
+        start = time.perf_counter()
+        policy = build_policy(
+            method, counted, weights, cond, seeds=list(seeds), noise=tape, settings=settings
+        )
+        x0 = sample_chain(policy, x_T, ctx.schedule.timesteps, tape, callback=callback)
+        seconds = time.perf_counter() - start
+    return MethodRun(x0, seconds, counter.denoiser_rows, counter.reward_rows)

@@ -1,0 +1,338 @@
+"""LoRA experts of one base UNet, evaluated together in one batched forward.
+
+A LoRA expert changes a layer ``y = W x + b`` into ``y = W x + b + s * B (A x)`` with
+low-rank factors A (r, in) and B (out, r) and a scale s. K experts of one base
+differ only in their factors, so one forward of the base UNet on a batch made of K
+contiguous groups of samples can apply expert k's update to group k:
+
+    y[group k] = W x[group k] + b + s_k B_k (A_k x[group k])
+
+:class:`LoRABank` holds every expert's factors, stacked per layer as
+``A_stack (E + 1, in, r_max)`` and ``B_stack (E + 1, r_max, s B)`` (ranks zero-padded
+to r_max, which changes nothing; slot E is all zeros: "no adapter", the base). A
+forward hook on each adapted layer adds the update of every group with two grouped
+matmuls (``torch.bmm`` over the expert axis), instead of peft's Python loop over
+sub-batches with gathers, scatters, dropout and dtype casts.
+The factors are read from peft's layers once, after diffusers/peft loaded them, and
+the UNet is then restored to its plain modules: the hooks never change its state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LORA_MODES",
+    "LoRAFactors",
+    "LoRABank",
+    "extract_lora_factors",
+    "lora_delta_weight",
+]
+
+#: How LoRA experts run: ``batched`` one forward of the base UNet with every expert's
+#: group (memory: one UNet + adapters); ``sequential`` one base forward per expert;
+#: ``merged`` one full UNet per expert with its update merged into the weights
+#: (memory: K UNets); ``auto`` picks ``batched``.
+LORA_MODES = ("auto", "batched", "sequential", "merged")
+
+
+@dataclass(frozen=True, eq=False)
+class LoRAFactors:
+    """One adapter's update of one layer: delta W = scale * up @ down.
+
+    Linear layers: ``down`` (r, in), ``up`` (out, r). Conv2d layers: ``down``
+    (r, in, kh, kw) applied with ``stride``/``padding``/``dilation``, ``up`` (out, r)
+    a 1x1 convolution.
+    """
+
+    down: Tensor
+    up: Tensor
+    scale: float
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.ndim == 4
+
+
+def lora_delta_weight(f: LoRAFactors) -> Tensor:
+    """The dense update s * B A, shaped like the base weight ((out, in) or (out, in, kh, kw))."""
+    up = f.up.float()
+    down = f.down.float()
+    if f.is_conv:
+        delta = torch.einsum("or,rikl->oikl", up, down)
+    else:
+        delta = up @ down
+    return (f.scale * delta).to(f.down.dtype)
+
+
+def extract_lora_factors(module_root: nn.Module, adapter_name: str) -> dict[str, LoRAFactors]:
+    """Every layer's factors of peft adapter ``adapter_name`` in ``module_root``.
+
+    Returns ``{module path: LoRAFactors}``, the paths those of the plain (unwrapped)
+    model. Raises ValueError for what a plain low-rank update cannot express (DoRA,
+    LoRA biases, grouped convolutions, other layer types).
+    """
+    from peft.tuners.lora import layer as lora_layer
+
+    out: dict[str, LoRAFactors] = {}
+    for path, m in module_root.named_modules():
+        if not isinstance(m, lora_layer.LoraLayer) or adapter_name not in m.lora_A:
+            continue
+        if m.use_dora.get(adapter_name, False) or adapter_name in getattr(m, "lora_variant", {}):
+            raise ValueError(
+                f"adapter {adapter_name!r} at {path!r} is a LoRA variant (DoRA or similar); only "
+                "plain LoRA updates are supported"
+            )
+        if m.lora_bias.get(adapter_name, False):
+            raise ValueError(f"adapter {adapter_name!r} at {path!r} has a LoRA bias; not supported")
+        base = m.get_base_layer()
+        a = m.lora_A[adapter_name]
+        b = m.lora_B[adapter_name]
+        scale = float(m.scaling[adapter_name])
+        if isinstance(m, lora_layer.Linear) and isinstance(base, nn.Linear):
+            if getattr(m, "fan_in_fan_out", False):
+                raise ValueError(f"adapter {adapter_name!r} at {path!r}: fan_in_fan_out layers")
+            f = LoRAFactors(a.weight.detach(), b.weight.detach(), scale)
+        elif isinstance(m, lora_layer.Conv2d) and isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(f"adapter {adapter_name!r} at {path!r}: grouped convolution")
+            f = LoRAFactors(
+                a.weight.detach(),
+                b.weight.detach().flatten(1),
+                scale,
+                stride=tuple(a.stride),
+                padding=a.padding if isinstance(a.padding, str) else tuple(a.padding),
+                dilation=tuple(a.dilation),
+            )
+        else:
+            raise ValueError(
+                f"adapter {adapter_name!r} at {path!r}: LoRA on {type(base).__name__} layers is not "
+                "supported (Linear and Conv2d are)"
+            )
+        out[path] = f
+    return out
+
+
+class _Route:
+    """Which adapter each contiguous group of the batch uses (shared by every hook)."""
+
+    def __init__(self) -> None:
+        self.slots: tuple[int, ...] | None = None  # None: no adapter anywhere (plain base)
+        self.version = 0
+
+
+class _LinearHook:
+    """Adds s_k B_k A_k x to group k of a Linear layer's output, as two grouped matmuls."""
+
+    def __init__(self, route: _Route, down_t: Tensor, up_t: Tensor) -> None:
+        self.route = route
+        self.down_t = down_t  # (E + 1, in, r_max), scale folded into up_t
+        self.up_t = up_t  # (E + 1, r_max, out)
+        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+
+    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        c = self._cache
+        if c is not None and c[0] == self.route.version and c[1] == like.device:
+            return c[2], c[3]
+        if self.down_t.device != like.device:
+            self.down_t = self.down_t.to(like.device)
+            self.up_t = self.up_t.to(like.device)
+        idx = torch.tensor(self.route.slots, device=like.device)
+        down, up = self.down_t.index_select(0, idx), self.up_t.index_select(0, idx)
+        self._cache = (self.route.version, like.device, down, up)
+        return down, up
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if self.route.slots is None:
+            return None
+        x = args[0]
+        k = len(self.route.slots)
+        down, up = self._factors(x)
+        if x.dtype != down.dtype:
+            down, up = down.to(x.dtype), up.to(x.dtype)
+        h = torch.bmm(x.reshape(k, -1, x.shape[-1]), down)  # (K, M, r)
+        return torch.baddbmm(output.reshape(k, -1, output.shape[-1]), h, up).view_as(output)
+
+
+class _ConvHook:
+    """Adds the 1x1-conv(up) . conv(down) update of each group to a Conv2d layer's output."""
+
+    def __init__(self, route: _Route, factors: Sequence[LoRAFactors | None]) -> None:
+        self.route = route
+        self.factors = list(factors)  # per expert slot; None: not adapted by that expert
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        slots = self.route.slots
+        if slots is None:
+            return None
+        x = args[0]
+        k = len(slots)
+        g = x.shape[0] // k
+        parts = []
+        for j, slot in enumerate(slots):
+            out_j = output[j * g : (j + 1) * g]
+            f = self.factors[slot] if slot < len(self.factors) else None
+            if f is None:
+                parts.append(out_j)
+                continue
+            down = f.down.to(device=x.device, dtype=x.dtype)
+            up = (f.scale * f.up).to(device=x.device, dtype=x.dtype)
+            h = F.conv2d(x[j * g : (j + 1) * g], down, None, f.stride, f.padding, f.dilation)
+            parts.append(out_j + torch.einsum("or,brhw->bohw", up, h))
+        return torch.cat(parts)
+
+
+class LoRABank:
+    """K LoRA experts of one base model, applied per batch group through forward hooks.
+
+    Args:
+        names: the experts' names, in slot order 0..K-1.
+        factors: per expert, ``{module path: LoRAFactors}`` (paths of ``model``).
+        model: the base model (a UNet) the factors belong to.
+
+    Use :meth:`route` around a forward whose batch is K' contiguous equal groups::
+
+        with bank.route([0, None, 1]):   # expert 0, base, expert 1
+            out = unet(x, ...)           # x.shape[0] divisible by 3
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        factors: Sequence[Mapping[str, LoRAFactors]],
+        model: nn.Module,
+    ) -> None:
+        if len(names) != len(factors):
+            raise ValueError(f"{len(names)} names for {len(factors)} factor sets")
+        if len(set(names)) != len(names):
+            raise ValueError(f"expert names must be unique, got {list(names)}")
+        self.names = list(names)
+        self._route = _Route()
+        self._handles: list = []
+        self._hooks: list[_LinearHook | _ConvHook] = []
+        self.num_layers = 0
+        modules = dict(model.named_modules())
+        paths = sorted({p for fs in factors for p in fs})
+        for path in paths:
+            layer = modules.get(path)
+            if layer is None:
+                raise ValueError(f"LoRA factors for {path!r}, which the model does not have")
+            per_slot = [fs.get(path) for fs in factors]
+            if isinstance(layer, nn.Linear):
+                hook = self._linear_hook(layer, per_slot, path)
+            elif isinstance(layer, nn.Conv2d):
+                hook = _ConvHook(self._route, per_slot)
+            else:
+                raise ValueError(f"LoRA on {type(layer).__name__} at {path!r} is not supported")
+            self._hooks.append(hook)
+            self._handles.append(layer.register_forward_hook(hook))
+        self.num_layers = len(paths)
+        self._factors = [dict(fs) for fs in factors]
+        self._nbytes = sum(
+            t.numel() * t.element_size() for fs in factors for f in fs.values() for t in (f.down, f.up)
+        )
+
+    def _linear_hook(
+        self, layer: nn.Linear, per_slot: Sequence[LoRAFactors | None], path: str
+    ) -> _LinearHook:
+        r_max = max(f.rank for f in per_slot if f is not None)
+        n = len(per_slot)
+        w = layer.weight
+        down_t = torch.zeros(n + 1, layer.in_features, r_max, dtype=w.dtype, device=w.device)
+        up_t = torch.zeros(n + 1, r_max, layer.out_features, dtype=w.dtype, device=w.device)
+        for i, f in enumerate(per_slot):
+            if f is None:
+                continue
+            if f.is_conv or f.down.shape[1] != layer.in_features or f.up.shape[0] != layer.out_features:
+                raise ValueError(
+                    f"LoRA factors of {self.names[i]!r} at {path!r} have shapes "
+                    f"{tuple(f.down.shape)}/{tuple(f.up.shape)}, which do not fit a Linear "
+                    f"{layer.in_features}->{layer.out_features}"
+                )
+            down_t[i, :, : f.rank] = f.down.t().to(w.dtype)
+            up_t[i, : f.rank, :] = (f.scale * f.up.float()).t().to(w.dtype)
+        return _LinearHook(self._route, down_t, up_t)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the adapters' factors (what K experts cost beyond the base model)."""
+        return self._nbytes
+
+    def factors(self, name: str) -> dict[str, LoRAFactors]:
+        return self._factors[self.index(name)]
+
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"no LoRA expert named {name!r}; have {self.names}") from None
+
+    @contextmanager
+    def route(self, groups: Sequence[int | None]) -> Iterator[None]:
+        """Apply expert ``groups[j]`` (None: no adapter) to the j-th of len(groups) batch groups."""
+        if len(groups) == 0:
+            raise ValueError("groups is empty")
+        slots = []
+        for g in groups:
+            if g is None:
+                slots.append(self.num_experts)
+            elif isinstance(g, int) and 0 <= g < self.num_experts:
+                slots.append(g)
+            else:
+                raise ValueError(f"group adapter {g!r} is not an expert index in [0, {self.num_experts})")
+        previous = self._route.slots
+        self._route.slots = None if all(s == self.num_experts for s in slots) else tuple(slots)
+        self._route.version += 1
+        try:
+            yield
+        finally:
+            self._route.slots = previous
+            self._route.version += 1
+
+    def merged_state_dict(self, model: nn.Module, name: str) -> dict[str, Tensor]:
+        """``model``'s state dict with expert ``name``'s updates merged into its weights."""
+        fs = self.factors(name)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for path, f in fs.items():
+            key = f"{path}.weight"
+            w = state[key]
+            state[key] = (w.float() + lora_delta_weight(f).float().to(w.device)).to(w.dtype)
+        return state
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoRABank:
+        """Move (and cast) the stacked factors, as ``nn.Module.to`` does for the model."""
+        for h in self._hooks:
+            if isinstance(h, _LinearHook):
+                h.down_t = h.down_t.to(device=device, dtype=dtype)
+                h.up_t = h.up_t.to(device=device, dtype=dtype)
+                h._cache = None
+        return self
+
+    def remove(self) -> None:
+        """Detach every hook: the model is the plain base again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def adapter_parameter_count(factors: Mapping[str, LoRAFactors]) -> int:
+    """Number of LoRA parameters of one expert."""
+    return sum(f.down.numel() + f.up.numel() for f in factors.values())
+
