@@ -2,6 +2,7 @@
 
 Hypothesis: no per-example deadline (the first call into torch is slow and timing
 on shared CI machines is noisy); a modest number of examples keeps the suite fast.
+``pytest --hypothesis-profile=thorough`` runs many more examples.
 """
 
 from __future__ import annotations
@@ -14,4 +15,5 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+settings.register_profile("thorough", parent=settings.get_profile("msdda"), max_examples=1000)
 settings.load_profile("msdda")

@@ -12,7 +12,8 @@ import torch
 
 from msdda.alignment.testbed import LinearReward, TestbedPolicy, validate_on_testbed
 from msdda.fusion import Gaussian
-from msdda.testbed import GaussianMixture, testbed_schedule
+from msdda.testbed import GaussianMixture
+from msdda.testbed import testbed_schedule as make_testbed_schedule
 
 TOL = 1e-3  # measured: ~1.5e-5 (mean and variance) with these settings
 
@@ -66,7 +67,7 @@ def test_the_soft_loss_barely_moves_while_the_policy_converges(soft_fixed):
 
 def test_the_testbed_policy_starts_as_the_reference():
     mixture = GaussianMixture.random(dim=3, seed=2)
-    schedule = testbed_schedule(10)
+    schedule = make_testbed_schedule(10)
     for learned in (False, True):
         policy = TestbedPolicy(mixture, schedule, learned_variance=learned)
         x = torch.randn(6, 3, dtype=torch.float64)

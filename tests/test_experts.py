@@ -52,7 +52,11 @@ def test_msdda_step_is_fuse_gaussians_of_the_experts_steps():
     gs = [e(x, 500) for e in experts]
     r = ref(x, 500)
     want = fuse_gaussians(
-        [g.mean for g in gs], [g.variance for g in gs], weights, reference=(r.mean, r.variance), **kw
+        [g.mean for g in gs],
+        [g.variance for g in gs],
+        weights,
+        reference=(r.mean, r.variance),
+        **kw,
     )
     assert torch.equal(got.mean, want.mean) and torch.equal(got.variance, want.variance)
 
@@ -73,7 +77,11 @@ def test_reference_is_called_only_when_lambda0_is_not_zero():
     on_simplex(x, 900)
     assert calls["ref"] == 0
     stronger = msdda_step(
-        _policies(calls), [0.2, 0.3, 0.5], kl_coefs=[1.0] * 3, kl_coef=0.5, reference=_reference(calls)
+        _policies(calls),
+        [0.2, 0.3, 0.5],
+        kl_coefs=[1.0] * 3,
+        kl_coef=0.5,
+        reference=_reference(calls),
     )  # lambda_0 = 1 - 1 / 0.5 = -1
     stronger(x, 900)
     stronger(x, 800)
@@ -113,7 +121,9 @@ def test_msdda_step_refuses_bad_experts():
         msdda_step([], [])
     with pytest.raises(TypeError, match=r"experts\[1\] must be a step policy"):
         msdda_step([_reference(Counter()), "not a policy"], [0.5, 0.5])
-    with pytest.raises(ValueError, match=r"weights has 3 entries, expected one per expert \(K = 2\)"):
+    with pytest.raises(
+        ValueError, match=r"weights has 3 entries, expected one per expert \(K = 2\)"
+    ):
         msdda_step(_policies(Counter(), 2), [0.2, 0.3, 0.5])
 
 
@@ -140,7 +150,7 @@ def test_expert_policy_is_step_gaussian_of_the_denoiser_output():
 
     g = expert_policy(expert, schedule, cond=0.25)(x, t)
 
-    (t_batch, cond), = seen
+    ((t_batch, cond),) = seen
     assert t_batch.dtype == torch.long and t_batch.tolist() == [t, t]  # (B,) long
     assert cond == 0.25
     want = step_gaussian(0.1 * x + t / 1000 + 0.25, x, t, schedule, spec)
@@ -152,9 +162,7 @@ def test_equal_variances_make_fusion_epsilon_mixing():
     """DDPM means are affine in epsilon: with a shared variance, fusing = mixing epsilons."""
     schedule = Schedule.from_scheduler(DDPMScheduler(clip_sample=False), 20)
     eps_a, eps_b = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
-    experts = [
-        Expert(lambda x, t, c, e=e: e.to(x.dtype)) for e in (eps_a, eps_b)
-    ]
+    experts = [Expert(lambda x, t, c, e=e: e.to(x.dtype)) for e in (eps_a, eps_b)]
     policy = msdda_step([expert_policy(e, schedule) for e in experts], [0.3, 0.7])
     x = torch.randn(SHAPE, dtype=torch.float64)
     t = schedule.timesteps[4]

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from msdda import (
@@ -77,7 +77,9 @@ class GaussianTestbed:
         g = torch.Generator().manual_seed(t)
         abar = float(self.schedule.alphas_cumprod[t])
         x0 = self.mixture.sample(n, generator=g)
-        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g, dtype=F64)
+        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(
+            x0.shape, generator=g, dtype=F64
+        )
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,9 @@ def test_whole_fused_chain_equals_the_optimal_chain_on_shared_noise(
     x_fused = sample_chain(
         _fused_policy(testbed, rewards, weights, kl_coefs, kl_coef), x_T, ts, SeededNoise(1)
     )
-    x_direct = sample_chain(_direct_policy(testbed, rewards, weights, kl_coef), x_T, ts, SeededNoise(1))
+    x_direct = sample_chain(
+        _direct_policy(testbed, rewards, weights, kl_coef), x_T, ts, SeededNoise(1)
+    )
     assert float((x_fused - x_direct).abs().max()) <= BOUND
     assert not torch.equal(x_fused, x_T)  # the chain did move
 
@@ -214,7 +218,10 @@ def fusion_problem(draw):
     stretch = draw(st.sampled_from([1.0, 1.5, 3.0]))  # lambda_0 = 1 - 1 / stretch
     kl_coef = stretch * math.fsum(w * b for w, b in zip(weights, kl_coefs, strict=True))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    ref = (torch.randn(means.shape[1:], generator=g, dtype=F64), torch.rand(means.shape[1:], generator=g, dtype=F64) + 0.1)
+    ref = (
+        torch.randn(means.shape[1:], generator=g, dtype=F64),
+        torch.rand(means.shape[1:], generator=g, dtype=F64) + 0.1,
+    )
     return means, variances, weights, kl_coefs, kl_coef, ref
 
 
@@ -222,7 +229,9 @@ def fusion_problem(draw):
 def test_permuting_experts_with_their_weights_changes_nothing(problem, data):
     means, variances, weights, kl_coefs, kl_coef, ref = problem
     perm = data.draw(st.permutations(range(len(weights))))
-    fused = fuse_gaussians(means, variances, weights, kl_coefs=kl_coefs, kl_coef=kl_coef, reference=ref)
+    fused = fuse_gaussians(
+        means, variances, weights, kl_coefs=kl_coefs, kl_coef=kl_coef, reference=ref
+    )
     permuted = fuse_gaussians(
         means[list(perm)],
         variances[list(perm)],
@@ -247,7 +256,9 @@ def test_equal_variances_give_the_lambda_weighted_mean_of_the_means(problem):
         kl_coef=kl_coef,
         reference=(ref_mean, common),
     )
-    expected = coefs.lambda0 * ref_mean + sum(lam * m for lam, m in zip(coefs.lambdas, means, strict=True))
+    expected = coefs.lambda0 * ref_mean + sum(
+        lam * m for lam, m in zip(coefs.lambdas, means, strict=True)
+    )
     torch.testing.assert_close(fused.mean, expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(fused.variance, common, rtol=1e-10, atol=0)
 
@@ -255,7 +266,9 @@ def test_equal_variances_give_the_lambda_weighted_mean_of_the_means(problem):
 @given(problem=fusion_problem(), scale=st.floats(0.01, 100.0))
 def test_scaling_every_kl_coefficient_and_the_target_changes_nothing(problem, scale):
     means, variances, weights, kl_coefs, kl_coef, ref = problem
-    fused = fuse_gaussians(means, variances, weights, kl_coefs=kl_coefs, kl_coef=kl_coef, reference=ref)
+    fused = fuse_gaussians(
+        means, variances, weights, kl_coefs=kl_coefs, kl_coef=kl_coef, reference=ref
+    )
     scaled = fuse_gaussians(
         means,
         variances,
@@ -305,7 +318,9 @@ def test_half_precision_comes_back_in_its_dtype_but_is_fused_in_float32(dtype):
         assert torch.isinf(means[0] / variances[0]).all()
 
     fused = fuse_gaussians(means, variances, [0.5, 0.5])
-    in_float32 = fuse_gaussians([m.float() for m in means], [v.float() for v in variances], [0.5, 0.5])
+    in_float32 = fuse_gaussians(
+        [m.float() for m in means], [v.float() for v in variances], [0.5, 0.5]
+    )
 
     assert fused.mean.dtype == fused.variance.dtype == dtype
     assert torch.equal(fused.mean, in_float32.mean.to(dtype))
@@ -392,7 +407,9 @@ def test_no_experts_is_refused():
 
 def test_one_weight_per_expert_is_required():
     means, variances = _experts(2)
-    with pytest.raises(ValueError, match=r"weights has 3 entries, expected one per expert \(K = 2\)"):
+    with pytest.raises(
+        ValueError, match=r"weights has 3 entries, expected one per expert \(K = 2\)"
+    ):
         fuse_gaussians(means, variances, [0.2, 0.3, 0.5])
     with pytest.raises(ValueError, match=r"variances has 1 entries, expected K = 2"):
         fuse_gaussians(means, variances[:1], [0.5, 0.5])

@@ -49,7 +49,9 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> 
 @pytest.mark.parametrize("clip_sample", [False, True])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
 @pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large", "learned_range"])
-def test_ddpm_step_matches_diffusers(variance_type, prediction_type, clip_sample, position, num_steps):
+def test_ddpm_step_matches_diffusers(
+    variance_type, prediction_type, clip_sample, position, num_steps
+):
     sched = DDPMScheduler(
         num_train_timesteps=1000,
         variance_type=variance_type,
@@ -156,6 +158,36 @@ def test_ddim_step_equals_diffusers_to_float64_round_off_at_every_timestep(
         _close(g.pred_x0, out.pred_original_sample, atol=1e-12)
 
 
+SD_LIKE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param({**SD_LIKE, "steps_offset": 1, "set_alpha_to_one": False}, id="sd-ddim"),
+        pytest.param({**SD_LIKE, "timestep_spacing": "trailing"}, id="trailing"),
+        pytest.param({"timestep_spacing": "linspace"}, id="linspace"),
+    ],
+)
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
+def test_other_scheduler_configs_match_diffusers_at_every_timestep(scheduler_cls, config):
+    if scheduler_cls is DDPMScheduler:
+        config = {k: v for k, v in config.items() if k != "set_alpha_to_one"}
+    sched = scheduler_cls(clip_sample=False, **config)
+    schedule = Schedule.from_scheduler(sched, 25)
+    sched = _in_float64(sched)
+    for t in schedule.timesteps:
+        model_output, x_t, z = (_draw(SHAPE, t + i).double() for i in range(3))
+        g = step_gaussian(model_output, x_t, t, schedule, StepSpec(eta=1.0))
+        if scheduler_cls is DDIMScheduler:
+            out = sched.step(model_output, t, x_t, eta=1.0, variance_noise=z)
+        else:
+            out = sched.step(model_output, t, x_t, generator=torch.Generator().manual_seed(t))
+            z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t), dtype=torch.float64)
+            z = z if t > 0 else torch.zeros_like(z)
+        _close(g.mean + g.variance.sqrt() * z, out.prev_sample, atol=1e-9)
+
+
 def test_ddim_eta_zero_is_deterministic_and_matches_diffusers():
     sched = DDIMScheduler(num_train_timesteps=1000, clip_sample=False)
     schedule = Schedule.from_scheduler(sched, 50)
@@ -183,7 +215,9 @@ def test_learned_log_variance_is_beta_tilde_times_exp_v_around_the_fixed_small_m
     eps, x_t = _draw(SHAPE, 1), _draw(SHAPE, 2)
     v = _draw(SHAPE, 3, scale=0.5)
 
-    g = step_gaussian(torch.cat([eps, v], 1), x_t, t, schedule, StepSpec(variance_type="learned_log"))
+    g = step_gaussian(
+        torch.cat([eps, v], 1), x_t, t, schedule, StepSpec(variance_type="learned_log")
+    )
     fixed = step_gaussian(eps, x_t, t, schedule, StepSpec(variance_type="fixed_small"))
 
     abar_t = float(sched.alphas_cumprod[t].double())
@@ -214,7 +248,11 @@ def test_half_precision_inputs_give_float32_gaussians(dtype, variance_type):
 def test_float64_inputs_stay_float64():
     schedule = Schedule.from_scheduler(DDPMScheduler(), 10)
     g = step_gaussian(
-        _draw(SHAPE, 1).double(), _draw(SHAPE, 2).double(), schedule.timesteps[3], schedule, StepSpec()
+        _draw(SHAPE, 1).double(),
+        _draw(SHAPE, 2).double(),
+        schedule.timesteps[3],
+        schedule,
+        StepSpec(),
     )
     assert g.mean.dtype == g.variance.dtype == g.pred_x0.dtype == torch.float64
 
@@ -303,7 +341,9 @@ def test_thresholding_scheduler_is_refused():
 
 
 def test_other_schedulers_are_refused():
-    with pytest.raises(TypeError, match="scheduler must be a diffusers DDPMScheduler or DDIMScheduler"):
+    with pytest.raises(
+        TypeError, match="scheduler must be a diffusers DDPMScheduler or DDIMScheduler"
+    ):
         Schedule.from_scheduler(EulerDiscreteScheduler(), 10)
     with pytest.raises(TypeError, match="scheduler must be"):
         Schedule.from_scheduler("ddpm", 10)

@@ -39,6 +39,15 @@ def quadratic(curvature: float, goal: float):
     return lambda images, cond=None: r(images)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread (many threads on a shared, busy CPU stall on them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def testbed() -> MethodContext:
     """Exact mixture denoisers in float64; experts are other mixtures (equal step variances)."""
@@ -106,7 +115,9 @@ def samples(method, ctx, weights=W, settings=None, seeds=SEEDS):
 def test_code_with_one_candidate_is_base(testbed):
     base = samples("base", testbed, None)
     for block in (1, 3, STEPS):
-        code = samples("code", testbed, settings=MethodSettings(code_candidates=1, code_block=block))
+        code = samples(
+            "code", testbed, settings=MethodSettings(code_candidates=1, code_block=block)
+        )
         assert torch.equal(code, base), block
 
 
@@ -216,7 +227,9 @@ def weighted_reward(ctx, x, weights=W):
 def test_search_methods_raise_the_weighted_reward(testbed):
     seeds = list(range(64))
     base = weighted_reward(testbed, samples("base", testbed, None, seeds=seeds)).mean()
-    code = samples("code", testbed, settings=MethodSettings(code_candidates=6, code_block=4), seeds=seeds)
+    code = samples(
+        "code", testbed, settings=MethodSettings(code_candidates=6, code_block=4), seeds=seeds
+    )
     sharp = dataclasses.replace(testbed, kl_coef=0.25)  # target: a strongly tilted optimum
     target = samples("target", sharp, settings=MethodSettings(target_candidates=6), seeds=seeds)
     rgg = samples("rgg", testbed, settings=MethodSettings(rgg_scale=1.0), seeds=seeds)

@@ -85,7 +85,7 @@ def test_before_the_end_the_tweedie_x0_is_scored(prediction_type, t_prev):
     scores = step_reward(x, t_prev, 0.5)
 
     x0 = _x0_by_hand(x, float(schedule.alphas_cumprod[t_prev]))
-    (t_batch, cond), = denoiser.calls
+    ((t_batch, cond),) = denoiser.calls
     assert t_batch == [t_prev] * SHAPE[0] and cond == 0.5
     torch.testing.assert_close(reward.seen[0][0], x0, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(scores, -((x0 - 0.5) ** 2).flatten(1).sum(1), rtol=1e-12, atol=1e-12)
@@ -108,7 +108,9 @@ def test_a_learned_variance_channel_is_dropped():
     schedule = _schedule()
     x = torch.randn(SHAPE, dtype=torch.float64)
     plain = tweedie_x0(GaussianDataDenoiser(schedule), x, 500, None, schedule)
-    with_var = tweedie_x0(GaussianDataDenoiser(schedule, extra_channels=True), x, 500, None, schedule)
+    with_var = tweedie_x0(
+        GaussianDataDenoiser(schedule, extra_channels=True), x, 500, None, schedule
+    )
     assert with_var.shape == x.shape
     torch.testing.assert_close(with_var, plain, rtol=0, atol=0)
 

@@ -125,7 +125,11 @@ def test_a_point_mass_step_moves_to_its_mean():
 def test_the_callback_sees_every_step_in_order():
     seen = []
     sample_chain(
-        shrink, torch.zeros(1, 2), TIMESTEPS, SeededNoise(0), callback=lambda i, t, x: seen.append((i, t))
+        shrink,
+        torch.zeros(1, 2),
+        TIMESTEPS,
+        SeededNoise(0),
+        callback=lambda i, t, x: seen.append((i, t)),
     )
     assert seen == list(enumerate(TIMESTEPS))
 
@@ -134,7 +138,9 @@ def test_a_mean_of_the_wrong_shape_is_refused():
     def bad(x_t, t):
         return Gaussian(x_t[:, :1], torch.ones_like(x_t[:, :1]))
 
-    with pytest.raises(ValueError, match=r"step returned a mean of shape \(2, 1\) for x_t of \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"step returned a mean of shape \(2, 1\) for x_t of \(2, 3\)"
+    ):
         sample_chain(bad, torch.zeros(2, 3), TIMESTEPS, SeededNoise(0))
 
 

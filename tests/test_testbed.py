@@ -81,8 +81,12 @@ def test_tilted_step_matches_numerical_integration_in_one_dimension():
 def test_an_aligned_expert_is_sharper_than_the_reference():
     """Tilting by r_i / beta_i adds a_i / beta_i to the precision, per element."""
     g = torch.Generator().manual_seed(0)
-    ref = Gaussian(torch.randn(5, 4, generator=g, dtype=F64), torch.rand(5, 4, generator=g, dtype=F64) + 0.1)
-    r = QuadraticReward(torch.rand(4, generator=g, dtype=F64) + 0.1, torch.randn(4, generator=g, dtype=F64))
+    ref = Gaussian(
+        torch.randn(5, 4, generator=g, dtype=F64), torch.rand(5, 4, generator=g, dtype=F64) + 0.1
+    )
+    r = QuadraticReward(
+        torch.rand(4, generator=g, dtype=F64) + 0.1, torch.randn(4, generator=g, dtype=F64)
+    )
     beta = 0.7
     expert = tilted_step(ref, [r], [1.0 / beta])
     torch.testing.assert_close(1 / expert.variance, 1 / ref.variance + r.curvature / beta)
@@ -91,9 +95,13 @@ def test_an_aligned_expert_is_sharper_than_the_reference():
 
 def test_weighted_optimum_tilts_by_the_weighted_reward_over_beta():
     g = torch.Generator().manual_seed(1)
-    ref = Gaussian(torch.randn(3, 2, generator=g, dtype=F64), torch.rand(3, 2, generator=g, dtype=F64) + 0.1)
+    ref = Gaussian(
+        torch.randn(3, 2, generator=g, dtype=F64), torch.rand(3, 2, generator=g, dtype=F64) + 0.1
+    )
     rewards = [
-        QuadraticReward(torch.rand(2, generator=g, dtype=F64) + 0.1, torch.randn(2, generator=g, dtype=F64))
+        QuadraticReward(
+            torch.rand(2, generator=g, dtype=F64) + 0.1, torch.randn(2, generator=g, dtype=F64)
+        )
         for _ in range(2)
     ]
     got = weighted_optimum_step(ref, rewards, [0.3, 0.6], kl_coef=1.5)
@@ -128,14 +136,18 @@ def test_default_cases_cover_k_2_3_5_distinct_betas_and_lambda0_below_zero():
     ks = {len(c.weights) for c in DEFAULT_CASES}
     assert {2, 3, 5} <= ks
     assert any(len(set(c.kl_coefs)) > 1 for c in DEFAULT_CASES)
-    assert any(fusion_coefficients(c.weights, c.kl_coefs, c.kl_coef).lambda0 < 0 for c in DEFAULT_CASES)
+    assert any(
+        fusion_coefficients(c.weights, c.kl_coefs, c.kl_coef).lambda0 < 0 for c in DEFAULT_CASES
+    )
 
 
 def test_run_check_meets_the_float64_bound_for_every_default_case():
     results = run_check(num_samples=32, num_inference_steps=50)
     assert [r.case for r in results] == list(DEFAULT_CASES)
     for r in results:
-        expected_lambda0 = fusion_coefficients(r.case.weights, r.case.kl_coefs, r.case.kl_coef).lambda0
+        expected_lambda0 = fusion_coefficients(
+            r.case.weights, r.case.kl_coefs, r.case.kl_coef
+        ).lambda0
         assert r.lambda0 == expected_lambda0
         assert r.step_rel_err <= 1e-9, r
         assert r.chain_max_abs_diff <= 1e-9, r

@@ -145,7 +145,7 @@ def validate_on_testbed(
     num_inference_steps: int = 20,
     skip_last: int = 2,
     num_steps: int = 300,
-    lr: float = 0.05,
+    lr: float = 0.1,
     seed: int = 0,
 ) -> TestbedValidation:
     """Train a :class:`TestbedPolicy` by step-level DPO and compare it with the exact optimum.

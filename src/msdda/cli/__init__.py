@@ -19,3 +19,5 @@ def main() -> None:
 
 
 from . import check  # noqa: E402,F401  (registers its command)
+from . import report  # noqa: E402,F401
+from . import sweep  # noqa: E402,F401

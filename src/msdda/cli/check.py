@@ -17,7 +17,7 @@ def check(
     samples: int = typer.Option(256, min=1, help="Samples per chain."),
     steps: int = typer.Option(50, min=2, help="Reverse steps per chain."),
     seed: int = typer.Option(0, help="Seed of the mixture, rewards and noise."),
-    bound: float = typer.Option(BOUND, help="Largest error allowed (float64)."),
+    bound: float = typer.Option(BOUND, min=0.0, help="Largest error allowed (float64)."),
 ) -> None:
     """Prove the closed form on the analytic testbed: fused step vs direct optimum."""
     console = Console(width=max(Console().width, 110))

@@ -42,7 +42,7 @@ NUM_PIXELS = math.prod(IMAGE_SHAPE)
 class DenoiserConfig:
     """Shape of a :class:`DigitDenoiser`."""
 
-    hidden: int = 256  # width of the residual MLP
+    hidden: int = 128  # width of the residual MLP
     num_blocks: int = 3  # residual blocks
     time_dim: int = 64  # size of the sinusoidal timestep embedding
     variance_head: bool = False  # second output channel v for learned_log variance

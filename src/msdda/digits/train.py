@@ -33,6 +33,7 @@ __all__ = [
     "classifier_accuracy",
     "train_base",
     "denoising_loss",
+    "per_class_accuracy",
 ]
 
 Progress = Callable[[int, int, float], None]
@@ -48,7 +49,6 @@ class ClassifierTraining:
     lr: float = 2e-3  # AdamW, cosine decay to 0
     weight_decay: float = 1e-4
     noise_std: float = 0.08  # Gaussian pixel noise added during training (robustness)
-    max_shift: int = 1  # random shifts by up to this many pixels during training
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -60,7 +60,7 @@ class BaseTraining:
     """How the base denoiser is trained (epsilon MSE, uniform timesteps, class dropout)."""
 
     model: DenoiserConfig = field(default_factory=DenoiserConfig)
-    steps: int = 6000  # optimiser steps
+    steps: int = 4000  # optimiser steps
     batch_size: int = 256
     lr: float = 2e-3  # AdamW, linear warm-up then cosine decay to 0
     warmup: int = 200
@@ -80,18 +80,10 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _augment(images: Tensor, cfg: ClassifierTraining, g: torch.Generator) -> Tensor:
-    if cfg.max_shift:
-        b = images.shape[0]
-        sx = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (b,), generator=g)
-        sy = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (b,), generator=g)
-        padded = F.pad(images, (cfg.max_shift,) * 4)
-        m = cfg.max_shift
-        images = torch.stack(
-            [padded[i, :, m + sy[i] : m + sy[i] + 8, m + sx[i] : m + sx[i] + 8] for i in range(b)]
-        )
-    if cfg.noise_std:
-        images = images + cfg.noise_std * torch.randn(images.shape, generator=g)
+def _augment(images: Tensor, noise_std: float, g: torch.Generator) -> Tensor:
+    """Images plus Gaussian pixel noise, clamped to [0, 1]."""
+    if noise_std:
+        images = images + noise_std * torch.randn(images.shape, generator=g)
     return images.clamp(0, 1)
 
 
@@ -116,13 +108,13 @@ def train_classifier(
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g)
-        loss = F.cross_entropy(model(_augment(x[idx], cfg, g)), y[idx])
+        loss = F.cross_entropy(model(_augment(x[idx], cfg.noise_std, g)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress is not None:
-            progress(step + 1, cfg.steps, float(loss))
+            progress(step + 1, cfg.steps, loss.item())
     model.eval()
     metrics = {
         "heldout_accuracy": classifier_accuracy(model, decode(held.images), held.labels),
@@ -184,7 +176,7 @@ def train_base(
             for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         if progress is not None:
-            progress(step + 1, cfg.steps, float(loss))
+            progress(step + 1, cfg.steps, loss.item())
     ema.eval()
     with torch.no_grad():
         g_eval = torch.Generator().manual_seed(12345)

@@ -34,7 +34,15 @@ __all__ = [
 ]
 
 FORMAT = "msdda-sweep/1"
-ROW_FIELDS = ("method", "weights", "prompt", "seed", "rewards", "seconds_per_image", "nfe_per_image")
+ROW_FIELDS = (
+    "method",
+    "weights",
+    "prompt",
+    "seed",
+    "rewards",
+    "seconds_per_image",
+    "nfe_per_image",
+)
 
 
 class ResultsError(ValueError):

@@ -39,7 +39,9 @@ def simplex_grid(points: int) -> tuple[tuple[float, float], ...]:
     """``points`` evenly spaced weights (w, 1 - w) from (0, 1) to (1, 0)."""
     if isinstance(points, bool) or not isinstance(points, int) or points < 2:
         raise ValueError(f"a weight grid needs at least 2 points, got {points!r}")
-    return tuple((round(i / (points - 1), 12), round(1 - i / (points - 1), 12)) for i in range(points))
+    return tuple(
+        (round(i / (points - 1), 12), round(1 - i / (points - 1), 12)) for i in range(points)
+    )
 
 
 def _check_grid(weights) -> tuple[tuple[float, ...], ...]:
@@ -141,7 +143,9 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
         for w in config.weights:
             for m in config.methods:
                 info = METHODS[m]
-                if not info.uses_weights or (info.needs_oracle and weight_key(w) not in have_oracle):
+                if not info.uses_weights or (
+                    info.needs_oracle and weight_key(w) not in have_oracle
+                ):
                     continue
                 units.append(SweepUnit(m, w, seed))
     return units
@@ -150,7 +154,10 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
 def unit_keys(unit: SweepUnit, prompts: Sequence[Any]) -> set[tuple]:
     """The row keys a unit writes, one per prompt."""
     w = None if unit.weights is None else list(unit.weights)
-    return {row_key({"method": unit.method, "weights": w, "prompt": p, "seed": unit.seed}) for p in prompts}
+    return {
+        row_key({"method": unit.method, "weights": w, "prompt": p, "seed": unit.seed})
+        for p in prompts
+    }
 
 
 @torch.no_grad()
@@ -175,6 +182,7 @@ def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]
                 "rewards_std": {
                     n: float(v[sl].std()) if per_prompt > 1 else 0.0 for n, v in rewards.items()
                 },
+                "per_image": {n: [round(float(x), 7) for x in v[sl]] for n, v in rewards.items()},
                 "seconds_per_image": run.seconds_per_image,
                 "nfe_per_image": run.nfe_per_image,
                 "reward_evals_per_image": run.reward_rows / run.images,
@@ -245,7 +253,9 @@ def run_sweep(
     domain = domain or load_domain(config.domain, **dict(config.domain_options))
     k = domain.context.num_objectives
     if any(len(w) != k for w in config.weights):
-        raise ValueError(f"every weight vector needs K = {k} entries (objectives {domain.objectives})")
+        raise ValueError(
+            f"every weight vector needs K = {k} entries (objectives {domain.objectives})"
+        )
     prompts = tuple(domain.check_prompt(p) for p in (config.prompts or domain.prompts))
     header = _header(config, domain, prompts)
     settings, record = config.settings, None
@@ -274,7 +284,9 @@ def run_sweep(
         total = len(writer.done)
     if progress:
         progress("done", len(units), len(units))
-    return SweepSummary(path, len(units), units_run, written, total, time.perf_counter() - start, settings)
+    return SweepSummary(
+        path, len(units), units_run, written, total, time.perf_counter() - start, settings
+    )
 
 
 def _fmt(weights) -> str:

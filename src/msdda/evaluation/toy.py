@@ -101,7 +101,9 @@ def toy_context(
     )
     oracles = {
         w: model(
-            tilt_mixture(data, sum(wi * g for wi, g in zip(w, goals, strict=True)), TOY_CURVATURE, kl_coef),
+            tilt_mixture(
+                data, sum(wi * g for wi, g in zip(w, goals, strict=True)), TOY_CURVATURE, kl_coef
+            ),
             f"oracle {w}",
         )
         for w in TOY_ORACLE_WEIGHTS

@@ -37,7 +37,9 @@ class TuningConfig:
             raise ValueError(f"tuning seeds must be a non-empty list of ints, got {list(seeds)}")
         object.__setattr__(self, "seeds", seeds)
         if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(tuple(float(x) for x in w) for w in self.weights))
+            object.__setattr__(
+                self, "weights", tuple(tuple(float(x) for x in w) for w in self.weights)
+            )
         n = self.images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"tuning images_per_prompt must be a positive int, got {n!r}")
@@ -54,7 +56,9 @@ class TuningConfig:
         return self.weights if self.weights is not None else ((1.0 / k,) * k,)
 
 
-def weighted_score(rows: Sequence[dict], objectives: Sequence[str], weights: Sequence[float]) -> float:
+def weighted_score(
+    rows: Sequence[dict], objectives: Sequence[str], weights: Sequence[float]
+) -> float:
     """Mean over rows of sum_i w_i r_i (rows of equal image counts)."""
     return sum(
         sum(w * r["rewards"][n] for w, n in zip(weights, objectives, strict=True)) for r in rows

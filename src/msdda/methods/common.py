@@ -224,6 +224,8 @@ class SampleGenerators:
     noise and a sample's draws do not depend on the rest of its batch.
     """
 
+    UNIFORM_BLOCK = 64  # uniforms drawn per generator at a time (one draw per call is slow)
+
     def __init__(self, seeds: int | Sequence[int], stream: str) -> None:
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             self._gens = [torch.Generator().manual_seed(derive_seed(seeds, stream))]
@@ -233,6 +235,8 @@ class SampleGenerators:
                 raise TypeError("seeds must be an int or a non-empty sequence of ints")
             self._gens = [torch.Generator().manual_seed(derive_seed(s, stream)) for s in seeds]
             self.per_sample = True
+        self._uniforms: Tensor | None = None  # (B, UNIFORM_BLOCK) not yet used
+        self._used = 0
 
     def _check(self, batch: int) -> None:
         if self.per_sample and batch != len(self._gens):
@@ -246,15 +250,28 @@ class SampleGenerators:
         per = [torch.randn((n, *like.shape[1:]), generator=g) for g in self._gens]
         return torch.stack(per, dim=1).to(like)
 
-    def categorical(self, probs: Tensor) -> Tensor:
-        """(B,) indices, row b drawn from the distribution ``probs[b]`` (B, M)."""
-        probs = probs.detach().to(torch.float64).cpu()
-        self._check(probs.shape[0])
+    def uniform(self, batch: int) -> Tensor:
+        """(B,) float64 uniforms on [0, 1), sample b's from its own generator."""
+        self._check(batch)
         if not self.per_sample:
-            return torch.multinomial(probs, 1, generator=self._gens[0]).flatten()
-        return torch.cat(
-            [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self._gens, strict=True)]
-        )
+            return torch.rand(batch, generator=self._gens[0], dtype=torch.float64)
+        if self._uniforms is None or self._used == self.UNIFORM_BLOCK:
+            block = self.UNIFORM_BLOCK
+            self._uniforms = torch.stack(
+                [torch.rand(block, generator=g, dtype=torch.float64) for g in self._gens]
+            )
+            self._used = 0
+        u = self._uniforms[:, self._used]
+        self._used += 1
+        return u
+
+    def categorical(self, probs: Tensor) -> Tensor:
+        """(B,) indices, row b drawn from the distribution ``probs[b]`` (B, M) (inverse CDF)."""
+        probs = probs.detach().to(torch.float64).cpu()
+        cdf = probs.cumsum(dim=1)
+        u = self.uniform(probs.shape[0]) * cdf[:, -1]
+        pick = torch.searchsorted(cdf, u[:, None], right=True).flatten()
+        return pick.clamp_max(probs.shape[1] - 1)
 
 
 def point_mass(x: Tensor) -> Gaussian:

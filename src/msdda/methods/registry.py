@@ -66,8 +66,12 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("db", "Diffusion Blend: experts' epsilons mixed, variances ignored"),
         MethodInfo("db-ls", "Diffusion Blend, one expert drawn per step with probability w_i"),
         MethodInfo("rgg", "reward gradient guidance on the reference", needs_rewards=True),
-        MethodInfo("code", "blockwise controlled decoding: best of N every B steps", needs_rewards=True),
-        MethodInfo("target", "exact step-level optimum by importance resampling", needs_rewards=True),
+        MethodInfo(
+            "code", "blockwise controlled decoding: best of N every B steps", needs_rewards=True
+        ),
+        MethodInfo(
+            "target", "exact step-level optimum by importance resampling", needs_rewards=True
+        ),
         MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
         MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
     )

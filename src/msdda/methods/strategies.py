@@ -163,7 +163,9 @@ def rs_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
 def _mixing_spec(members: Sequence[Expert]) -> StepSpec:
     kinds = {e.spec.prediction_type for e in members}
     if len(kinds) != 1:
-        raise ValueError(f"db mixes model outputs: the experts must share prediction_type, got {kinds}")
+        raise ValueError(
+            f"db mixes model outputs: the experts must share prediction_type, got {kinds}"
+        )
     spec = members[0].spec
     if spec.learned_variance:
         spec = replace(spec, variance_type="fixed_small")
@@ -316,7 +318,9 @@ def code_policy(
         for j in range(start, end):
             g = ref_many(xs, ts[j])
             if j < last:
-                xs = g.mean + g.variance.clamp_min(0).sqrt() * _candidates_noise(noise, rng, j, x_t, n)
+                xs = g.mean + g.variance.clamp_min(0).sqrt() * _candidates_noise(
+                    noise, rng, j, x_t, n
+                )
             else:
                 xs = g.mean
             path.append(xs)

@@ -26,6 +26,8 @@ import torch
 from .lora import LoRAFactors, extract_lora_factors
 
 __all__ = [
+    "diffusers_dtype",
+    "transformers_dtype",
     "ARCHITECTURE_KEYS",
     "NOISE_TABLE_KEYS",
     "ExpertSource",
@@ -71,6 +73,22 @@ NOISE_TABLE_KEYS = (
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _UNET_WEIGHTS = "diffusion_pytorch_model"
+
+
+def diffusers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for a dtype: ``dtype`` in new diffusers, else ``torch_dtype``."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
+
+
+def transformers_dtype(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The ``from_pretrained`` keyword for a dtype: ``dtype`` from transformers 4.56 on."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype" if new else "torch_dtype": dtype}
 
 
 @dataclass(frozen=True)
@@ -268,7 +286,7 @@ def load_expert_unet(
         prediction_type = sched.get("prediction_type", prediction_type)
     unet = UNet2DConditionModel.from_pretrained(
         source.path,
-        torch_dtype=base_unet.dtype,
+        **diffusers_dtype(base_unet.dtype),
         use_safetensors=True,
         local_files_only=True,
         variant=source.variant,

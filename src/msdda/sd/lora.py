@@ -131,7 +131,6 @@ class _Route:
 
     def __init__(self) -> None:
         self.slots: tuple[int, ...] | None = None  # None: no adapter anywhere (plain base)
-        self.version = 0
 
 
 class _LinearHook:
@@ -141,30 +140,41 @@ class _LinearHook:
         self.route = route
         self.down_t = down_t  # (E + 1, in, r_max), scale folded into up_t
         self.up_t = up_t  # (E + 1, r_max, out)
-        self._cache: tuple[int, torch.device, Tensor, Tensor] | None = None
+        self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
 
-    def _factors(self, like: Tensor) -> tuple[Tensor, Tensor]:
-        c = self._cache
-        if c is not None and c[0] == self.route.version and c[1] == like.device:
-            return c[2], c[3]
+    def _factors(self, slots: tuple[int, ...], like: Tensor) -> tuple[Tensor, Tensor]:
+        hit = self._cache.get(slots)
+        if hit is not None and hit[0].device == like.device and hit[0].dtype == like.dtype:
+            return hit
         if self.down_t.device != like.device:
             self.down_t = self.down_t.to(like.device)
             self.up_t = self.up_t.to(like.device)
-        idx = torch.tensor(self.route.slots, device=like.device)
-        down, up = self.down_t.index_select(0, idx), self.up_t.index_select(0, idx)
-        self._cache = (self.route.version, like.device, down, up)
+        idx = torch.tensor(slots, device=like.device)
+        down = self.down_t.index_select(0, idx).to(like.dtype)
+        up = self.up_t.index_select(0, idx).to(like.dtype)
+        if len(self._cache) >= 8:  # a handful of routes recur across steps; keep it bounded
+            self._cache.clear()
+        self._cache[slots] = (down, up)
         return down, up
 
+    def clear(self) -> None:
+        self._cache.clear()
+
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        if self.route.slots is None:
+        slots = self.route.slots
+        if slots is None:
             return None
         x = args[0]
-        k = len(self.route.slots)
-        down, up = self._factors(x)
-        if x.dtype != down.dtype:
-            down, up = down.to(x.dtype), up.to(x.dtype)
+        k = len(slots)
+        if x.shape[0] % k:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
+        down, up = self._factors(slots, x)
         h = torch.bmm(x.reshape(k, -1, x.shape[-1]), down)  # (K, M, r)
-        return torch.baddbmm(output.reshape(k, -1, output.shape[-1]), h, up).view_as(output)
+        out = output.view(k, -1, output.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.baddbmm(out, h, up).view_as(output)
+        out.baddbmm_(h, up)  # in place: no copy of the layer's output
+        return output
 
 
 class _ConvHook:
@@ -180,6 +190,8 @@ class _ConvHook:
             return None
         x = args[0]
         k = len(slots)
+        if x.shape[0] % k:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
         g = x.shape[0] // k
         parts = []
         for j, slot in enumerate(slots):
@@ -241,9 +253,6 @@ class LoRABank:
             self._handles.append(layer.register_forward_hook(hook))
         self.num_layers = len(paths)
         self._factors = [dict(fs) for fs in factors]
-        self._nbytes = sum(
-            t.numel() * t.element_size() for fs in factors for f in fs.values() for t in (f.down, f.up)
-        )
 
     def _linear_hook(
         self, layer: nn.Linear, per_slot: Sequence[LoRAFactors | None], path: str
@@ -272,8 +281,11 @@ class LoRABank:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the adapters' factors (what K experts cost beyond the base model)."""
-        return self._nbytes
+        """Bytes of the adapters: their factors plus the stacked copies the hooks use
+        (what K experts cost beyond the base model)."""
+        factors = {id(t): t for fs in self._factors for f in fs.values() for t in (f.down, f.up)}
+        stacks = [t for h in self._hooks if isinstance(h, _LinearHook) for t in (h.down_t, h.up_t)]
+        return sum(t.numel() * t.element_size() for t in [*factors.values(), *stacks])
 
     def factors(self, name: str) -> dict[str, LoRAFactors]:
         return self._factors[self.index(name)]
@@ -299,12 +311,10 @@ class LoRABank:
                 raise ValueError(f"group adapter {g!r} is not an expert index in [0, {self.num_experts})")
         previous = self._route.slots
         self._route.slots = None if all(s == self.num_experts for s in slots) else tuple(slots)
-        self._route.version += 1
         try:
             yield
         finally:
             self._route.slots = previous
-            self._route.version += 1
 
     def merged_state_dict(self, model: nn.Module, name: str) -> dict[str, Tensor]:
         """``model``'s state dict with expert ``name``'s updates merged into its weights."""
@@ -322,7 +332,7 @@ class LoRABank:
             if isinstance(h, _LinearHook):
                 h.down_t = h.down_t.to(device=device, dtype=dtype)
                 h.up_t = h.up_t.to(device=device, dtype=dtype)
-                h._cache = None
+                h.clear()
         return self
 
     def remove(self) -> None:

@@ -136,7 +136,8 @@ class ExpertRegistry:
         self._check_new_name(name)
         check_unet_architecture(name, unet.config, pipe.unet.config)
         pred = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
-        unet.to(device=pipe.unet.device, dtype=pipe.unet.dtype).eval().requires_grad_(False)
+        _move(unet, pipe.unet.device, pipe.unet.dtype)
+        unet.eval().requires_grad_(False)
         self.entries[name] = ExpertEntry(name, "unet", pred, unet=unet)
 
     def remove(self, pipe, name: str) -> None:
@@ -173,16 +174,17 @@ class ExpertRegistry:
 
             unet = UNet2DConditionModel.from_config(pipe.unet.config)
             unet.load_state_dict(self.bank.merged_state_dict(pipe.unet, name))
-            unet.to(device=pipe.unet.device, dtype=pipe.unet.dtype).eval().requires_grad_(False)
+            _move(unet, pipe.unet.device, pipe.unet.dtype)
+            unet.eval().requires_grad_(False)
             self._merged[name] = unet
         return self._merged[name]
 
     def to(self, device, dtype) -> None:
         for e in self.entries.values():
             if e.unet is not None:
-                e.unet.to(device=device, dtype=dtype)
+                _move(e.unet, device, dtype)
         for u in self._merged.values():
-            u.to(device=device, dtype=dtype)
+            _move(u, device, dtype)
         for b in [self.bank, *self.text_banks.values()]:
             if b is not None:
                 b.to(device=device, dtype=dtype)
@@ -225,6 +227,13 @@ class ExpertRegistry:
         data = json.loads(path.read_text())
         experts = {n: str(folder / rel) for n, rel in data.get("experts", {}).items()}
         return experts, data.get("lora_mode", "auto")
+
+
+def _move(model, device, dtype) -> None:
+    """``model.to(device, dtype)``, casting only when the dtype differs."""
+    model.to(device)
+    if model.dtype != dtype:
+        model.to(dtype)
 
 
 def _text_encoders(pipe) -> dict[str, Any]:

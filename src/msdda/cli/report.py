@@ -1,0 +1,78 @@
+"""``msdda report``: Pareto plot, hypervolumes and costs of a sweep's results file."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import app
+from .sweep import _floats, fail, show_warnings
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="Results file written by `msdda sweep`."),
+    out: Path = typer.Option(
+        None, help="Output folder (default: RESULTS without suffix + '-report')."
+    ),
+    reference: str = typer.Option(
+        None, help="Hypervolume reference point 'x,y' (default: below every point by 10%)."
+    ),
+) -> None:
+    """Write pareto.png and report.md for RESULTS and print the summary table."""
+    from ..evaluation.report import build_report, plot_pareto, write_markdown
+    from ..evaluation.results import ResultsError, read_results
+
+    out = out or results.with_name(results.stem + "-report")
+    ref = None
+    if reference:
+        ref = _floats(reference, "--reference")
+        if len(ref) != 2:
+            fail(f"--reference must be two numbers 'x,y', got {reference!r}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = read_results(results)
+        show_warnings(caught)
+        rep = build_report(data, ref)
+        png = plot_pareto(rep, out / "pareto.png")
+        md = write_markdown(rep, out / "report.md", plot_name=png.name)
+    except (ValueError, TypeError, ResultsError, OSError) as err:
+        fail(str(err))
+    table = Table(title=f"{results} ({', '.join(rep.objectives)})")
+    half = "(" + ", ".join(f"{w:.2f}" for w in rep.half) + ")"
+    for col in (
+        "method",
+        "hypervolume",
+        f"weighted reward {half}",
+        "MSDDA - method",
+        "time / base",
+        "NFE / base",
+    ):
+        table.add_column(col, justify="left" if col == "method" else "right")
+
+    def num(x, spec=".3f", se=None):
+        if x is None:
+            return "n/a"
+        return format(x, spec) + (f" ± {se:.3f}" if se is not None and se == se else "")
+
+    for s in rep.summaries:
+        table.add_row(
+            s.method,
+            num(s.hypervolume, ".4f"),
+            num(s.weighted_half, ".3f", s.weighted_half_se),
+            num(s.msdda_gain, "+.3f", s.msdda_gain_se),
+            num(s.time_vs_base, ".2f"),
+            num(s.nfe_vs_base, ".2f"),
+        )
+    console = Console(width=max(Console().width, 120))
+    console.print(table)
+    if rep.reference is not None:
+        console.print(
+            f"hypervolume reference point: ({rep.reference[0]:.4f}, {rep.reference[1]:.4f})"
+        )
+    console.print(f"wrote {png} and {md}", highlight=False, soft_wrap=True)

@@ -1,0 +1,439 @@
+"""Digits experts and oracles by step-level DPO on the base model (DESIGN.md §4).
+
+An *expert* is the base fine-tuned towards p_ref * exp(r / beta) at every reverse step for
+one standardised reward r (``legibility``, ``boldness``, ``symmetry``); an *oracle* is the
+same for a weighted reward sum_i w_i r_i (for instance ``{"legibility": w, "boldness":
+1 - w}``). Both come from one trainer (:func:`msdda.alignment.train_dpo`) on one set of
+reference pairs per seed (:func:`collect_digit_pairs`): they differ only in their labels.
+
+Fine-tuning is a LoRA adapter (peft) on the base's linear layers, plus, for the
+``"learned"`` kind, the base's zero-initialised variance head trained in full at its own
+learning rate (``learned_log`` variance, bounded by the model). The adapter is merged for
+sampling; its tensors (:attr:`AlignedModel.adapter`) are what is worth storing.
+
+Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.py``):
+
+- :func:`collect_digit_pairs` (bundle, config, seed) -> :class:`msdda.alignment.PairSet`
+- :func:`train_expert` (bundle, reward, kind, ...) -> :class:`AlignedModel`
+- :func:`train_oracle` (bundle, weights, kind, ...) -> :class:`AlignedModel`
+- :func:`train_experts_and_oracles` (bundle, seed, ...) -> every expert and oracle of a seed
+- :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name
+- :func:`apply_adapter` (base, adapter, lora) -> the merged :class:`DigitDenoiser`
+- :data:`ORACLE_WEIGHTS`: the oracles' (legibility, boldness) weights
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..alignment import (
+    PairSet,
+    TrainConfig,
+    collect_pairs,
+    evaluate_policy,
+    train_dpo,
+    training_step_indices,
+    tweedie_step_rewards,
+)
+from ..experts import Expert
+from .bundle import DigitsBundle, expert_spec
+from .data import IMAGE_SHAPE, NUM_CLASSES, decode
+from .models import DigitDenoiser, GuidedDenoiser
+from .rewards import REWARDS
+from .sampling import sample_expert
+from .store import EXPERT_KINDS
+
+__all__ = [
+    "ORACLE_WEIGHTS",
+    "PairsConfig",
+    "LoraSettings",
+    "AlignConfig",
+    "AlignedModel",
+    "collect_digit_pairs",
+    "train_expert",
+    "train_oracle",
+    "train_aligned",
+    "train_experts_and_oracles",
+    "evaluate_rewards",
+    "apply_adapter",
+    "variance_offsets",
+]
+
+#: Preference weights of the shipped oracles: legibility w, boldness 1 - w.
+ORACLE_WEIGHTS: tuple[dict[str, float], ...] = tuple(
+    {"legibility": w, "boldness": 1.0 - w} for w in (0.25, 0.5, 0.75)
+)
+
+#: ``progress(step, total, loss)``, as the domain's other trainers call it.
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Reference rollouts and candidate pairs shared by every expert and oracle of a seed."""
+
+    num_chains: int = 2048  # reference chains, prompts cycling through the digits 0-9
+    pairs_per_state: int = 1  # candidate pairs (a, b) per visited state
+    skip_last: int = 3  # final, nearly deterministic steps left out of training
+    batch_size: int = 1024  # chains rolled out together
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter fine-tuned on the base (peft)."""
+
+    rank: int = 8  # r
+    alpha: float = 8.0  # scale alpha / r
+    target_modules: tuple[str, ...] = (  # every linear layer of the DigitDenoiser trunk
+        "time_mlp.0", "time_mlp.2", "inp", "fc1", "emb", "fc2", "out",
+    )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """How one expert or oracle is trained (beta on standardised rewards)."""
+
+    kl_coef: float = 1.0  # beta: the model targets p_ref * exp(r / beta) per step
+    num_steps: int = 300  # optimiser steps
+    batch_size: int = 1024  # pairs per step
+    lr: float = 2e-3  # AdamW learning rate of the LoRA factors (cosine decay)
+    variance_lr: float = 1e-3  # learning rate of the variance head ("learned" kind)
+    max_grad_norm: float = 1.0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    eval_samples: int = 500  # samples (equal per digit) for the reward metrics, 0: none
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "lora": self.lora.to_dict()}
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedModel:
+    """A trained expert or oracle, ready for ``msdda.digits.add_expert`` / ``add_oracle``."""
+
+    model: DigitDenoiser  # merged network (variance head iff kind == "learned"), eval mode
+    expert: Expert  # the model as an msdda Expert (guided like the base, kl_coef = beta)
+    weights: dict[str, float]  # reward name -> weight ({reward: 1.0} for an expert)
+    kind: str  # "fixed" or "learned"
+    kl_coef: float  # beta
+    adapter: dict[str, Tensor]  # LoRA factors (+ variance head): model = apply_adapter(base, ...)
+    metrics: dict[str, Any]  # held-out numbers (JSON-able)
+    training: dict[str, Any]  # settings and seeds (JSON-able)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"kind must be one of {EXPERT_KINDS}, got {kind!r}")
+
+
+def _check_bundle(bundle: Any) -> DigitsBundle:
+    if not isinstance(bundle, DigitsBundle):
+        raise TypeError(f"bundle must be a DigitsBundle (load_digits_bundle), got {type(bundle).__name__}")
+    return bundle
+
+
+def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty mapping of reward name to weight")
+    out = {}
+    for name, w in weights.items():
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"weight of {name!r} must be a non-negative finite number, got {w!r}")
+        out[name] = float(w)
+    if not any(out.values()):
+        raise ValueError("weights are all 0: there is nothing to align to")
+    return out
+
+
+def _guided(model: nn.Module, bundle: DigitsBundle) -> nn.Module:
+    return model if bundle.guidance_scale == 1.0 else GuidedDenoiser(model, bundle.guidance_scale)
+
+
+def collect_digit_pairs(
+    bundle: DigitsBundle, config: PairsConfig = PairsConfig(), seed: int = 0
+) -> PairSet:
+    """Reference rollouts of ``bundle.reference`` and pairs scored by every standardised reward.
+
+    The step reward of an action is the standardised reward of the base's Tweedie x0 at the
+    landing timestep (:func:`msdda.alignment.tweedie_step_rewards`).
+    """
+    bundle = _check_bundle(bundle)
+    step_rewards = tweedie_step_rewards(
+        bundle.rewards, bundle.reference.denoiser, bundle.schedule, decode, "epsilon"
+    )
+    prompts = torch.arange(config.num_chains) % NUM_CLASSES
+    return collect_pairs(
+        bundle.reference,
+        bundle.schedule,
+        step_rewards,
+        shape=IMAGE_SHAPE,
+        num_chains=config.num_chains,
+        pairs_per_state=config.pairs_per_state,
+        steps=training_step_indices(bundle.schedule, config.skip_last),
+        cond=prompts,
+        seed=seed,
+        batch_size=config.batch_size,
+    )
+
+
+def _lora_model(base: DigitDenoiser, kind: str, lora: LoraSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    start = base.with_variance_head() if kind == "learned" else copy.deepcopy(base)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        target_modules=list(lora.target_modules),
+        modules_to_save=["var_out"] if kind == "learned" else None,
+    )
+    return get_peft_model(start, config)
+
+
+def _adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def apply_adapter(
+    base: DigitDenoiser, adapter: Mapping[str, Tensor], lora: LoraSettings | Mapping, kind: str
+) -> DigitDenoiser:
+    """The merged network base + adapter (as :func:`train_expert` returns it), eval mode."""
+    from peft import set_peft_model_state_dict
+
+    _check_kind(kind)
+    if isinstance(lora, Mapping):
+        lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
+    peft_model = _lora_model(base, kind, lora)
+    result = set_peft_model_state_dict(peft_model, dict(adapter))
+    if result.unexpected_keys:
+        raise ValueError(f"adapter does not fit the model: unexpected keys {result.unexpected_keys[:5]}")
+    return peft_model.merge_and_unload().eval()
+
+
+_BASE_REWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _base_rewards(bundle: DigitsBundle, num_samples: int) -> dict[str, float]:
+    cache = _BASE_REWARDS.setdefault(bundle, {})
+    if num_samples not in cache:
+        cache[num_samples] = evaluate_rewards(bundle, bundle.reference, num_samples)
+    return cache[num_samples]
+
+
+@torch.no_grad()
+def evaluate_rewards(
+    bundle: DigitsBundle, expert: Expert, num_samples: int = 500, seed: int = 10_000
+) -> dict[str, float]:
+    """Mean standardised reward (and classifier accuracy) of ``expert``'s samples.
+
+    Prompts cycle through the digits; ``seed`` seeds the chains' noise.
+    """
+    prompts = torch.arange(num_samples) % NUM_CLASSES
+    images = sample_expert(expert, prompts, bundle.schedule, seed)
+    out = {name: float(r(images, prompts).mean()) for name, r in bundle.rewards.items()}
+    out["accuracy"] = float((bundle.classifier(images).argmax(1) == prompts).float().mean())
+    return out
+
+
+@torch.no_grad()
+def variance_offsets(expert: Expert, pairs: PairSet, max_states: int = 4096) -> dict[str, float]:
+    """How far a learned variance moved from fixed_small: stats of v = log(var / beta_tilde).
+
+    Measured at (up to ``max_states``) reference states of ``pairs``.
+    """
+    n = min(max_states, len(pairs))
+    idx = torch.linspace(0, len(pairs) - 1, n).long()
+    out = expert.denoiser(pairs.states[idx], pairs.timesteps[idx], pairs.cond[idx])
+    if out.shape[1] != 2 * pairs.states.shape[1]:
+        return {"mean": 0.0, "mean_abs": 0.0, "max_abs": 0.0}
+    v = out[:, pairs.states.shape[1] :]
+    return {"mean": float(v.mean()), "mean_abs": float(v.abs().mean()), "max_abs": float(v.abs().max())}
+
+
+def train_aligned(
+    bundle: DigitsBundle,
+    weights: Mapping[str, float],
+    kind: str = "fixed",
+    *,
+    pairs: PairSet | None = None,
+    config: AlignConfig = AlignConfig(),
+    pairs_config: PairsConfig = PairsConfig(),
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AlignedModel:
+    """Fine-tune the base towards p_ref * exp(sum_i w_i r_i / beta) per step (r_i standardised).
+
+    Args:
+        bundle: the domain (base, schedule, standardised rewards); experts in it are unused.
+        weights: reward name -> weight, e.g. ``{"boldness": 1.0}``.
+        kind: ``"fixed"`` (fixed_small variance) or ``"learned"`` (learned_log head).
+        pairs: precomputed :func:`collect_digit_pairs` (computed here from ``pairs_config``
+            and ``seed`` when None); share them between the models of one seed.
+        seed: seeds the pairs (if computed here), the LoRA initialisation and the minibatches.
+        progress: ``progress(step, total, loss)``.
+    """
+    bundle = _check_bundle(bundle)
+    weights = _check_weights(weights)
+    _check_kind(kind)
+    start = time.perf_counter()
+    if pairs is None:
+        pairs = collect_digit_pairs(bundle, pairs_config, seed)
+    if not isinstance(pairs, PairSet):
+        raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
+    rewards = pairs.weighted_rewards(weights)
+    torch.manual_seed(seed)
+    peft_model = _lora_model(bundle.base, kind, config.lora)
+    policy = _guided(peft_model, bundle)
+    spec = expert_spec(kind)
+    variance_params = [p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad]
+    train_config = TrainConfig(
+        kl_coef=config.kl_coef,
+        labels="soft",
+        num_steps=config.num_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        variance_lr=config.variance_lr,
+        max_grad_norm=config.max_grad_norm,
+        seed=seed,
+        log_every=max(1, config.num_steps // 20),
+    )
+    callback = None
+    if progress is not None:
+
+        def callback(record) -> None:
+            progress(record.step, config.num_steps, record.loss)
+
+    result = train_dpo(
+        policy, pairs, rewards, bundle.schedule, spec, train_config,
+        variance_parameters=variance_params, callback=callback,
+    )
+    adapter = _adapter_state(peft_model)
+    model = peft_model.merge_and_unload().eval().requires_grad_(False)
+    name = "+".join(f"{w:g}*{n}" for n, w in weights.items())
+    expert = Expert(_guided(model, bundle), spec, float(config.kl_coef), f"{name}/{kind}")
+    fit = evaluate_policy(expert.denoiser, pairs, rewards, bundle.schedule, spec, config.kl_coef)
+    metrics: dict[str, Any] = {
+        "train_loss": fit.loss,
+        "train_implicit_accuracy": fit.accuracy,
+        "kl_per_state": fit.kl,
+        "kl_per_step": {str(k): v for k, v in fit.kl_per_step.items()},
+        "train_seconds": result.seconds,
+    }
+    if kind == "learned":
+        metrics["log_variance_offset"] = variance_offsets(expert, pairs)
+    if config.eval_samples:
+        got = evaluate_rewards(bundle, expert, config.eval_samples)
+        base = _base_rewards(bundle, config.eval_samples)
+        metrics["rewards"] = got
+        metrics["base_rewards"] = base
+        metrics["weighted_reward_gain"] = sum(w * (got[n] - base[n]) for n, w in weights.items())
+    metrics["seconds"] = time.perf_counter() - start
+    training = {
+        "method": "step-level DPO, soft Bradley-Terry labels",
+        "seed": seed,
+        "weights": weights,
+        "kind": kind,
+        "config": config.to_dict(),
+        "pairs": {"num_pairs": len(pairs), **pairs_config.to_dict()},
+        "history": [asdict(r) for r in result.history],
+    }
+    return AlignedModel(model, expert, weights, kind, float(config.kl_coef), adapter, metrics, training)
+
+
+def train_expert(
+    bundle: DigitsBundle,
+    reward: str,
+    kind: str = "fixed",
+    *,
+    pairs: PairSet | None = None,
+    config: AlignConfig = AlignConfig(),
+    pairs_config: PairsConfig = PairsConfig(),
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AlignedModel:
+    """A single-objective expert for the standardised reward ``reward`` (see :func:`train_aligned`).
+
+    Save it with ``msdda.digits.add_expert(folder, m.model, reward=reward, kind=kind,
+    kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)``.
+    """
+    if reward not in REWARDS:
+        raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
+    return train_aligned(
+        bundle, {reward: 1.0}, kind, pairs=pairs, config=config, pairs_config=pairs_config,
+        seed=seed, progress=progress,
+    )
+
+
+def train_oracle(
+    bundle: DigitsBundle,
+    weights: Mapping[str, float],
+    kind: str = "fixed",
+    *,
+    pairs: PairSet | None = None,
+    config: AlignConfig = AlignConfig(),
+    pairs_config: PairsConfig = PairsConfig(),
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> AlignedModel:
+    """An oracle for sum_i w_i r_i, e.g. ``{"legibility": 0.25, "boldness": 0.75}``.
+
+    Save it with ``msdda.digits.add_oracle(folder, m.model, weights=m.weights, kind=kind,
+    kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)``.
+    """
+    return train_aligned(
+        bundle, weights, kind, pairs=pairs, config=config, pairs_config=pairs_config,
+        seed=seed, progress=progress,
+    )
+
+
+def train_experts_and_oracles(
+    bundle: DigitsBundle,
+    *,
+    seed: int = 0,
+    rewards: tuple[str, ...] = tuple(REWARDS),
+    oracle_weights: tuple[Mapping[str, float], ...] = ORACLE_WEIGHTS,
+    kinds: tuple[str, ...] = EXPERT_KINDS,
+    config: AlignConfig = AlignConfig(),
+    pairs_config: PairsConfig = PairsConfig(),
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> list[AlignedModel]:
+    """Every expert (each reward x kind) and oracle (each weight x kind) of one seed, on one pair set.
+
+    ``progress(label, step, total, loss)`` with labels like ``"expert boldness/fixed"``.
+    Save experts with ``add_expert`` (``len(m.weights) == 1``) and oracles with ``add_oracle``.
+    """
+    pairs = collect_digit_pairs(_check_bundle(bundle), pairs_config, seed)
+    jobs = [(f"expert {r}/{k}", {r: 1.0}, k) for r in rewards for k in kinds]
+    jobs += [
+        (f"oracle {'+'.join(f'{w:g}*{n}' for n, w in ws.items())}/{k}", dict(ws), k)
+        for ws in oracle_weights
+        for k in kinds
+    ]
+    out = []
+    for label, weights, kind in jobs:
+        report = None if progress is None else (lambda s, n, l, label=label: progress(label, s, n, l))
+        out.append(
+            train_aligned(
+                bundle, weights, kind, pairs=pairs, config=config, pairs_config=pairs_config,
+                seed=seed, progress=report,
+            )
+        )
+    return out

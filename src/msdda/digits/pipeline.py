@@ -1,0 +1,294 @@
+"""``train_all``: reproduce the digits weights folder from scratch on a CPU.
+
+Stages, in order, all seeded: the classifier, the base denoiser, the reward
+normalisation (raw rewards on base samples), then, through :mod:`msdda.digits.align`,
+one set of reference pairs and the single-objective experts and oracles. Everything is
+written to a staging folder beside the target and moved in only when the run has
+finished, so a failed or interrupted run leaves the previous weights untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import NUM_CLASSES
+from .models import DigitClassifier
+from .rewards import fit_normalisation, make_rewards
+from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule
+from .store import EXPERT_KINDS, MANIFEST_FORMAT, MANIFEST_NAME, save_module, write_manifest
+from .train import BaseTraining, ClassifierTraining, per_class_accuracy, train_base, train_classifier
+
+__all__ = ["ToyTrainConfig", "StageProgress", "train_all", "base_sample_metrics"]
+
+#: ``progress(stage, step, total, loss)``: stage is "classifier", "base", "normalisation",
+#: "pairs", "expert <reward>/<kind>" or "oracle <weights>/<kind>"; loss may be NaN.
+StageProgress = Callable[[str, int, int, float], None]
+
+DEFAULT_EXPERTS: tuple[tuple[str, str], ...] = (
+    ("legibility", "fixed"),
+    ("boldness", "fixed"),
+    ("legibility", "learned"),
+    ("boldness", "learned"),
+)
+
+
+@dataclass(frozen=True)
+class ToyTrainConfig:
+    """Everything ``msdda toy train`` does, with its seeds."""
+
+    classifier: ClassifierTraining = field(default_factory=ClassifierTraining)
+    base: BaseTraining = field(default_factory=BaseTraining)
+    guidance_scale: float = 1.0  # classifier-free guidance of every denoiser (1 = none)
+    legibility_temperature: float = 8.0  # classifier logits / T: unsaturated on base samples
+    normalisation_samples_per_prompt: int = 100  # base samples per digit for reward mean/std
+    normalisation_seed: int = 1  # noise of those base samples
+    align: bool = True  # train experts and oracles (msdda.digits.align)
+    align_seed: int = 0  # seeds the reference pairs and every expert/oracle
+    experts: tuple[tuple[str, str], ...] = DEFAULT_EXPERTS  # (reward, kind)
+    oracle_kind: str = "fixed"  # oracles at msdda.digits.align.ORACLE_WEIGHTS
+
+    def __post_init__(self) -> None:
+        from .rewards import REWARDS
+
+        for reward, kind in self.experts:
+            if reward not in REWARDS:
+                raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
+            if kind not in EXPERT_KINDS:
+                raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
+        if self.oracle_kind not in EXPERT_KINDS:
+            raise ValueError(f"oracle_kind must be one of {EXPERT_KINDS}, got {self.oracle_kind!r}")
+        if not self.legibility_temperature > 0:
+            raise ValueError("legibility_temperature must be positive")
+        if self.normalisation_samples_per_prompt < 2:
+            raise ValueError("normalisation_samples_per_prompt must be at least 2")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["experts"] = [list(e) for e in self.experts]
+        return d
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import numpy
+    import safetensors
+    import sklearn
+
+    from .. import __version__
+
+    return {
+        "msdda": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+@torch.no_grad()
+def base_sample_metrics(
+    images: torch.Tensor, prompts: torch.Tensor, classifier: DigitClassifier, temperature: float
+) -> dict[str, Any]:
+    """Quality of base samples: accuracy of the prompted digit and legibility saturation."""
+    logits = classifier(images)
+    p_t = torch.softmax(logits / temperature, 1).gather(1, prompts[:, None]).squeeze(1)
+    per_class = per_class_accuracy(classifier, images, prompts)
+    return {
+        "num_samples": int(images.shape[0]),
+        "prompt_accuracy": float((logits.argmax(1) == prompts).float().mean()),
+        "prompt_accuracy_per_digit": per_class,
+        "tempered_prob_mean": float(p_t.mean()),
+        "tempered_prob_frac_above_0.99": float((p_t > 0.99).float().mean()),
+    }
+
+
+def _noop(stage: str, step: int, total: int, loss: float) -> None:
+    pass
+
+
+def _stage_progress(progress: StageProgress, stage: str):
+    return lambda step, total, loss: progress(stage, step, total, loss)
+
+
+def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict:
+    """Classifier, base and normalisation into ``stage_dir``; returns the manifest."""
+    from .sampling import sample_expert
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    classifier, clf_metrics = train_classifier(cfg.classifier, _stage_progress(progress, "classifier"))
+    clf_sha = save_module(stage_dir / "classifier.safetensors", classifier)
+    timings["classifier"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    schedule = make_schedule(NUM_INFERENCE_STEPS)
+    base, base_metrics = train_base(schedule, cfg.base, _stage_progress(progress, "base"))
+    base_sha = save_module(stage_dir / "base.safetensors", base)
+    timings["base"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from ..experts import Expert
+    from .bundle import expert_spec
+    from .models import GuidedDenoiser
+
+    n = cfg.normalisation_samples_per_prompt * NUM_CLASSES
+    prompts = torch.arange(n) % NUM_CLASSES
+    denoiser = base if cfg.guidance_scale == 1.0 else GuidedDenoiser(base, cfg.guidance_scale)
+    reference = Expert(denoiser, expert_spec("fixed"), 1.0, "base")
+    total = len(schedule.timesteps)
+    images = sample_expert(
+        reference,
+        prompts,
+        schedule,
+        cfg.normalisation_seed,
+        callback=lambda i, t, x: progress("normalisation", i + 1, total, float("nan")),
+    )
+    raw = make_rewards(classifier, cfg.legibility_temperature)
+    stats = fit_normalisation(raw, images, prompts)
+    sample_metrics = base_sample_metrics(images, prompts, classifier, cfg.legibility_temperature)
+    sample_metrics["raw_reward_means"] = {k: s.mean for k, s in stats.items()}
+    timings["normalisation"] = time.perf_counter() - t0
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "seeds": {
+            "classifier": cfg.classifier.seed,
+            "base": cfg.base.seed,
+            "normalisation": cfg.normalisation_seed,
+            "align": cfg.align_seed,
+            "data_split": 0,
+        },
+        "scheduler": dict(SCHEDULER_CONFIG),
+        "num_inference_steps": NUM_INFERENCE_STEPS,
+        "sampler": "ddpm",
+        "guidance_scale": cfg.guidance_scale,
+        "legibility_temperature": cfg.legibility_temperature,
+        "classifier": {
+            "file": "classifier.safetensors",
+            "sha256": clf_sha,
+            "config": cfg.classifier.model.to_dict(),
+            "metrics": clf_metrics,
+            "training": cfg.classifier.to_dict(),
+        },
+        "base": {
+            "file": "base.safetensors",
+            "sha256": base_sha,
+            "config": cfg.base.model.to_dict(),
+            "metrics": {**base_metrics, "samples": sample_metrics},
+            "training": cfg.base.to_dict(),
+        },
+        "reward_normalisation": {
+            k: {"mean": s.mean, "std": s.std, "num_samples": n} for k, s in stats.items()
+        },
+        "experts": [],
+        "oracles": [],
+        "timings_s": timings,
+        "toy_train_config": cfg.to_dict(),
+    }
+
+
+def _align(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict[str, float]:
+    """Experts and oracles via :mod:`msdda.digits.align`, recorded in the staged manifest."""
+    from . import align
+    from .bundle import load_digits_bundle
+    from .store import add_expert, add_oracle
+
+    timings: dict[str, float] = {}
+    bundle = load_digits_bundle(stage_dir)
+    t0 = time.perf_counter()
+    progress("pairs", 0, 1, float("nan"))
+    pairs = align.collect_digit_pairs(bundle, align.PairsConfig(), cfg.align_seed)
+    progress("pairs", 1, 1, float("nan"))
+    timings["pairs"] = time.perf_counter() - t0
+    for reward, kind in cfg.experts:
+        t0 = time.perf_counter()
+        stage = f"expert {reward}/{kind}"
+        m = align.train_expert(
+            bundle, reward, kind, pairs=pairs, seed=cfg.align_seed,
+            progress=_stage_progress(progress, stage),
+        )
+        add_expert(stage_dir, m.model, reward=reward, kind=kind, kl_coef=m.kl_coef,
+                   metrics=m.metrics, training=m.training)
+        timings[stage] = time.perf_counter() - t0
+    for weights in align.ORACLE_WEIGHTS:
+        t0 = time.perf_counter()
+        stage = "oracle " + ",".join(f"{k}={v:g}" for k, v in weights.items()) + f"/{cfg.oracle_kind}"
+        m = align.train_oracle(
+            bundle, weights, cfg.oracle_kind, pairs=pairs, seed=cfg.align_seed,
+            progress=_stage_progress(progress, stage),
+        )
+        add_oracle(stage_dir, m.model, weights=m.weights, kind=cfg.oracle_kind,
+                   kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)
+        timings[stage] = time.perf_counter() - t0
+    return timings
+
+
+_OWNED_PATTERNS = ("classifier.safetensors", "base.safetensors", "expert-*.safetensors", "oracle-*.safetensors")
+
+
+def _publish(stage_dir: Path, out_dir: Path) -> None:
+    """Move the staged files into ``out_dir`` (manifest last) and drop stale model files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((stage_dir / MANIFEST_NAME).read_text())
+    keep = {manifest["classifier"]["file"], manifest["base"]["file"]}
+    keep |= {e["file"] for e in manifest["experts"]} | {e["file"] for e in manifest["oracles"]}
+    for f in stage_dir.iterdir():
+        if f.name != MANIFEST_NAME:
+            os.replace(f, out_dir / f.name)
+    os.replace(stage_dir / MANIFEST_NAME, out_dir / MANIFEST_NAME)
+    for pattern in _OWNED_PATTERNS:
+        for f in out_dir.glob(pattern):
+            if f.name not in keep:
+                f.unlink()
+
+
+def train_all(
+    out_dir: str | Path,
+    cfg: ToyTrainConfig = ToyTrainConfig(),
+    progress: StageProgress | None = None,
+) -> dict:
+    """Train every model of the digits domain and write the weights folder ``out_dir``.
+
+    Returns the manifest written. Threads are left as the caller set them; results are
+    deterministic for a fixed machine and thread count.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} exists and is not a folder")
+    if not out_dir.parent.is_dir():
+        raise ValueError(f"the folder of out_dir {out_dir} does not exist")
+    progress = progress or _noop
+    start = time.perf_counter()
+    stage_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        manifest = _train_domain(stage_dir, cfg, progress)
+        write_manifest(stage_dir, manifest)
+        if cfg.align:
+            timings = _align(stage_dir, cfg, progress)
+            manifest = json.loads((stage_dir / MANIFEST_NAME).read_text())
+            manifest["timings_s"].update(timings)
+        manifest["timings_s"]["total"] = time.perf_counter() - start
+        manifest["torch_num_threads"] = torch.get_num_threads()
+        write_manifest(stage_dir, manifest)
+        _publish(stage_dir, out_dir)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    return manifest
+
+

@@ -1,0 +1,333 @@
+"""The report of a sweep: Pareto plot, hypervolumes, weighted reward at w = 0.5, costs.
+
+Rewards are averaged over prompts, seeds and images per (method, weights). Each
+method's front is its points over the weight grid (``base``: one point); its
+hypervolume is measured from one reference point shared by every method and stated
+in the report. Comparisons at w = 0.5 are paired: every method sampled the same
+prompts from the same noise, so MSDDA - method is averaged image by image.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..methods import METHODS, weight_key
+from .hypervolume import default_reference_point, hypervolume_2d
+from .results import Results
+
+__all__ = [
+    "MethodPoint",
+    "MethodSummary",
+    "Report",
+    "build_report",
+    "plot_pareto",
+    "write_markdown",
+]
+
+
+@dataclass(frozen=True)
+class MethodPoint:
+    """A method at one weight vector, averaged over its rows."""
+
+    method: str
+    weights: tuple[float, ...] | None
+    rewards: dict[str, float]  # mean per reward
+    per_image: dict[str, list[float]]  # per-image rewards, in (prompt, seed, index) order
+    images: int
+    seconds_per_image: float
+    nfe_per_image: float
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    points: tuple[MethodPoint, ...]  # sorted by the first weight
+    hypervolume: float | None  # None when there are not 2 objectives
+    weighted_half: float | None  # mean sum_i w_i r_i at equal weights
+    weighted_half_se: float | None  # its standard error over images
+    msdda_gain: float | None  # paired mean of (MSDDA - this method) at equal weights
+    msdda_gain_se: float | None
+    seconds_per_image: float
+    nfe_per_image: float
+    time_vs_base: float | None
+    nfe_vs_base: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    path: Path
+    header: dict
+    objectives: tuple[str, ...]
+    rewards: tuple[str, ...]
+    half: tuple[float, ...]  # the equal weights
+    reference: tuple[float, float] | None
+    summaries: tuple[MethodSummary, ...]
+    skipped_lines: int
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+def _se(xs: Sequence[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = _mean(xs)
+    return math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+def aggregate(results: Results) -> list[MethodPoint]:
+    """One point per (method, weights): rewards averaged over prompts, seeds and images."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in results.rows:
+        w = None if row["weights"] is None else weight_key(row["weights"])
+        groups[(row["method"], w)].append(row)
+    points = []
+    for (method, w), rows in groups.items():
+        rows = sorted(rows, key=lambda r: (repr(r["prompt"]), r["seed"]))
+        images = sum(int(r.get("images", 1)) for r in rows)
+        names = list(rows[0]["rewards"])
+        rewards = {
+            n: math.fsum(r["rewards"][n] * r.get("images", 1) for r in rows) / images for n in names
+        }
+        per_image = {n: [x for r in rows for x in r.get("per_image", {}).get(n, [])] for n in names}
+        points.append(
+            MethodPoint(
+                method,
+                w,
+                rewards,
+                per_image,
+                images,
+                _mean([r["seconds_per_image"] for r in rows]),
+                _mean([r["nfe_per_image"] for r in rows]),
+            )
+        )
+    return points
+
+
+def _weighted(point: MethodPoint, objectives, weights) -> list[float]:
+    cols = [point.per_image.get(n, []) for n in objectives]
+    if not cols or any(len(c) != len(cols[0]) for c in cols) or not cols[0]:
+        return []
+    return [
+        math.fsum(w * c[i] for w, c in zip(weights, cols, strict=True)) for i in range(len(cols[0]))
+    ]
+
+
+def _at(points: Sequence[MethodPoint], weights) -> MethodPoint | None:
+    key = weight_key(weights)
+    for p in points:
+        if p.weights is None or p.weights == key:
+            return p
+    return None
+
+
+def build_report(results: Results, reference: Sequence[float] | None = None) -> Report:
+    """Summaries of every method in ``results`` (see the module docstring)."""
+    if not results.rows:
+        raise ValueError(f"{results.path} has no result rows")
+    header = results.header
+    objectives = tuple(header.get("objectives") or list(results.rows[0]["rewards"])[:2])
+    rewards = tuple(header.get("rewards") or results.rows[0]["rewards"])
+    k = len(objectives)
+    half = (1.0 / k,) * k
+    points = aggregate(results)
+    by_method: dict[str, list[MethodPoint]] = defaultdict(list)
+    for p in points:
+        by_method[p.method].append(p)
+    order = [m for m in header.get("config", {}).get("methods", []) if m in by_method]
+    order += [m for m in by_method if m not in order]
+    ref_point = None
+    if k == 2:
+        xy = [(p.rewards[objectives[0]], p.rewards[objectives[1]]) for p in points]
+        ref_point = tuple(reference) if reference is not None else default_reference_point(xy)
+    base = by_method.get("base", [None])[0]
+    msdda_half = _at(by_method.get("msdda", []), half)
+    msdda_values = _weighted(msdda_half, objectives, half) if msdda_half else []
+    summaries = []
+    for m in order:
+        pts = sorted(by_method[m], key=lambda p: p.weights or (-1.0,))
+        hv = None
+        if ref_point is not None:
+            xy = [(p.rewards[objectives[0]], p.rewards[objectives[1]]) for p in pts]
+            hv = hypervolume_2d(xy, ref_point)
+        at_half = _at(pts, half)
+        values = _weighted(at_half, objectives, half) if at_half else []
+        gain = gain_se = None
+        if values and msdda_values and len(values) == len(msdda_values) and m != "msdda":
+            diffs = [a - b for a, b in zip(msdda_values, values, strict=True)]
+            gain, gain_se = _mean(diffs), _se(diffs)
+        sec = _mean([p.seconds_per_image for p in pts])
+        nfe = _mean([p.nfe_per_image for p in pts])
+        summaries.append(
+            MethodSummary(
+                method=m,
+                points=tuple(pts),
+                hypervolume=hv,
+                weighted_half=_mean(values) if values else None,
+                weighted_half_se=_se(values) if values else None,
+                msdda_gain=gain,
+                msdda_gain_se=gain_se,
+                seconds_per_image=sec,
+                nfe_per_image=nfe,
+                time_vs_base=sec / base.seconds_per_image if base else None,
+                nfe_vs_base=nfe / base.nfe_per_image if base else None,
+            )
+        )
+    return Report(
+        results.path,
+        header,
+        objectives,
+        rewards,
+        half,
+        ref_point,
+        tuple(summaries),
+        len(results.skipped),
+    )
+
+
+def _atomic_target(path: Path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def plot_pareto(report: Report, path: str | Path) -> Path:
+    """The Pareto plot (first two objectives) of every method, as a PNG written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a, b = report.objectives[0], report.objectives[-1]
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
+    markers = "o*sD^v<>Pph"
+    for i, s in enumerate(report.summaries):
+        xs = [p.rewards[a] for p in s.points]
+        ys = [p.rewards[b] for p in s.points]
+        style = {"marker": markers[i % len(markers)], "label": s.method}
+        if s.method == "base":
+            ax.scatter(xs, ys, s=160, color="black", zorder=5, **style)
+        else:
+            main = s.method == "msdda"
+            ax.plot(
+                xs,
+                ys,
+                linewidth=2.4 if main else 1.2,
+                markersize=7 if main else 5,
+                zorder=4 if main else 3,
+                **style,
+            )
+    if report.reference is not None:
+        ax.scatter(*report.reference, marker="x", color="grey", label="hypervolume reference")
+    ax.set_xlabel(f"{a} (mean)")
+    ax.set_ylabel(f"{b} (mean)")
+    cfg = report.header.get("config", {})
+    ax.set_title(
+        f"{cfg.get('domain', '?')}: Pareto fronts over {len(cfg.get('weights', []))} weights"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    tmp = _atomic_target(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _fmt(x: float | None, spec: str = ".3f", se: float | None = None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    out = format(x, spec)
+    if se is not None and not math.isnan(se):
+        out += f" ± {se:{spec.lstrip('+')}}"
+    return out
+
+
+def _weights(w) -> str:
+    return "-" if w is None else "(" + ", ".join(f"{x:.2f}" for x in w) + ")"
+
+
+def markdown(report: Report, plot_name: str | None = None) -> str:
+    """The markdown summary of ``report``."""
+    h, cfg = report.header, report.header.get("config", {})
+    lines = [f"# Sweep report: {cfg.get('domain', '?')}", ""]
+    images = sorted({p.images for s in report.summaries for p in s.points})
+    lines += [
+        f"- results: `{report.path}` ({sum(len(s.points) for s in report.summaries)} points"
+        + (f", {report.skipped_lines} line(s) skipped" if report.skipped_lines else "")
+        + ")",
+        f"- objectives: {', '.join(report.objectives)}; rewards reported: {', '.join(report.rewards)}",
+        f"- weights: {len(cfg.get('weights', []))} points; prompts: {h.get('prompts')}; "
+        f"seeds: {cfg.get('seeds')}; images per point: {images}",
+        f"- hyperparameters used: {h.get('settings')}",
+    ]
+    tuning = h.get("tuning")
+    if tuning:
+        chosen = {m: tuning[m]["chosen"] for m in ("rgg", "code") if m in tuning}
+        lines.append(
+            f"- tuned on seeds {tuning.get('seeds')} (disjoint from evaluation seeds) at weights "
+            f"{tuning.get('weights')} by mean weighted reward: {chosen}"
+        )
+    if report.reference is not None:
+        lines.append(
+            f"- hypervolume reference point ({report.objectives[0]}, {report.objectives[1]}) = "
+            f"({report.reference[0]:.4f}, {report.reference[1]:.4f})"
+        )
+    lines += [f"- threads: {h.get('threads')}, torch {h.get('torch')}", ""]
+    if plot_name:
+        lines += [f"![Pareto fronts]({plot_name})", ""]
+    w = _weights(report.half)
+    lines += [
+        f"| method | weights | hypervolume | weighted reward at w = {w} | MSDDA - method at {w} "
+        "(paired) | ms / image | time / base | NFE / image | NFE / base | reads rewards |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report.summaries:
+        info = METHODS.get(s.method)
+        reads = "?" if info is None else ("yes" if info.needs_rewards else "no")
+        lines.append(
+            f"| {s.method} | {len(s.points)} | {_fmt(s.hypervolume, '.4f')} "
+            f"| {_fmt(s.weighted_half, '.3f', s.weighted_half_se)} "
+            f"| {_fmt(s.msdda_gain, '+.3f', s.msdda_gain_se)} | {s.seconds_per_image * 1e3:.3f} "
+            f"| {_fmt(s.time_vs_base, '.2f')} | {s.nfe_per_image:.0f} | {_fmt(s.nfe_vs_base, '.2f')} "
+            f"| {reads} |"
+        )
+    lines += ["", "## Mean rewards per method and weight", ""]
+    lines += [
+        "| method | weights | " + " | ".join(report.rewards) + " | images |",
+        "|---|---|" + "---|" * len(report.rewards) + "---|",
+    ]
+    for s in report.summaries:
+        for p in s.points:
+            vals = " | ".join(_fmt(p.rewards.get(n), "+.3f") for n in report.rewards)
+            lines.append(f"| {s.method} | {_weights(p.weights)} | {vals} | {p.images} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(report: Report, path: str | Path, plot_name: str | None = None) -> Path:
+    """Write :func:`markdown` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_target(path)
+    try:
+        tmp.write_text(markdown(report, plot_name))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

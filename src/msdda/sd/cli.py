@@ -1,0 +1,152 @@
+"""What ``msdda generate --base PATH --expert NAME=PATH --weight NAME=W ...`` runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+__all__ = ["IMAGE_SUFFIXES", "generate_sd", "is_sdxl", "image_grid"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def is_sdxl(base: str, *, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether pipeline folder or cached hub id ``base`` is an SDXL pipeline (model_index.json)."""
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        from .loading import resolve_hub_id
+
+        folder = resolve_hub_id(base, cache_dir=cache_dir)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"base {base!r}: {folder} has no model_index.json (not a diffusers pipeline)")
+    return "XL" in json.loads(index.read_text()).get("_class_name", "")
+
+
+def image_grid(images: list, columns: int | None = None):
+    """Tile PIL images of one size into a near-square grid."""
+    from PIL import Image
+
+    n = len(images)
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _check_args(
+    base, experts, weights, prompt, out, num_samples, seed, steps, guidance_scale, eta, kl_coef
+) -> Path:
+    if not isinstance(base, (str, os.PathLike)) or not os.fspath(base):
+        raise ValueError(f"base must be a pipeline folder or hub id, got {base!r}")
+    if not isinstance(experts, Mapping) or not experts:
+        raise ValueError("experts must be a non-empty mapping {name: path or hub id}")
+    for name, src in experts.items():
+        if not isinstance(name, str) or not name or not isinstance(src, (str, os.PathLike)):
+            raise ValueError(f"experts must map names to paths or hub ids, got {name!r}: {src!r}")
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty mapping {expert name: weight}")
+    unknown = [k for k in weights if k not in experts]
+    if unknown:
+        raise ValueError(f"weights name unknown expert(s) {unknown}; the experts are {list(experts)}")
+    for k, v in weights.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
+            raise ValueError(f"weight of {k!r} must be a non-negative finite number, got {v!r}")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    out = Path(out)
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"out must be an image file ending in one of {IMAGE_SUFFIXES}, got {out}")
+    for what, v, lo in (("num_samples", num_samples, 1), ("steps", steps, 1), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta < math.inf):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if kl_coef is not None and (
+        isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not (0 < kl_coef < math.inf)
+    ):
+        raise ValueError(f"kl_coef must be a positive number or None, got {kl_coef!r}")
+    return out
+
+
+def generate_sd(
+    *,
+    base: str,
+    experts: dict[str, str],
+    weights: dict[str, float],
+    prompt: str,
+    out: Path,
+    num_samples: int = 1,
+    seed: int = 0,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    eta: float = 1.0,
+    kl_coef: float | None = None,
+) -> Path:
+    """Generate ``num_samples`` images of ``prompt`` with MSDDA and write them to ``out``.
+
+    Args:
+        base: the base pipeline (SD 1.x/2.x or SDXL): a local folder or a hub id in the
+            local HF cache.
+        experts: ``{name: path or hub id}``: full UNets or LoRA adapters of the base.
+        weights: ``{name: w >= 0}``; experts left out get weight 0.
+        out: an image file (.png, .jpg, .webp); several samples are tiled into a grid.
+        seed: seeds the CPU generator the initial and step noise are drawn from.
+        steps, guidance_scale, eta: DDIM steps, classifier-free guidance, DDIM eta (> 0).
+        kl_coef: target KL coefficient beta (default: the experts', i.e. lambda_i = w_i).
+
+    Runs on CUDA in float16 when available, else on CPU in float32; the fusion is in
+    float32. The file is written to a temporary name and renamed, never half-written.
+
+    Returns:
+        ``out``.
+    """
+    out = _check_args(
+        base, experts, weights, prompt, out, num_samples, seed, steps, guidance_scale, eta, kl_coef
+    )
+    from .loading import diffusers_dtype
+    from .pipeline import MSDDAStableDiffusionPipeline, MSDDAStableDiffusionXLPipeline
+
+    cuda = torch.cuda.is_available()
+    cls = MSDDAStableDiffusionXLPipeline if is_sdxl(os.fspath(base)) else MSDDAStableDiffusionPipeline
+    pipe = cls.from_pretrained(
+        os.fspath(base),
+        experts={k: os.fspath(v) for k, v in experts.items()},
+        **diffusers_dtype(torch.float16 if cuda else torch.float32),
+    )
+    if cuda:
+        pipe.to("cuda")
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images = pipe(
+        prompt,
+        dict(weights),
+        num_inference_steps=steps,
+        guidance_scale=float(guidance_scale),
+        eta=float(eta),
+        kl_coef=kl_coef,
+        num_images_per_prompt=num_samples,
+        generator=generator,
+        output_type="pil",
+    ).images
+    picture = images[0] if len(images) == 1 else image_grid(images)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    try:
+        picture.save(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

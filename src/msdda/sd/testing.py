@@ -1,0 +1,290 @@
+"""Tiny Stable Diffusion components with random weights, built from configs (no downloads).
+
+For tests and benchmarks: the same shapes as diffusers' ``hf-internal-testing/tiny-*``
+models, made locally. The tokenizer is a character-level CLIP BPE vocabulary (every
+byte and byte + ``</w>``, no merges), enough to tokenise any prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "TinySDConfig",
+    "tiny_clip_tokenizer",
+    "tiny_unet",
+    "tiny_sd_components",
+    "tiny_sdxl_components",
+    "random_lora",
+]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (256 characters)."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77):
+    """A CLIPTokenizer over single characters (514 tokens), built in memory."""
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+@dataclass(frozen=True)
+class TinySDConfig:
+    """Sizes of a small SD-like UNet (the latent is ``sample_size`` square, 4 channels)."""
+
+    block_out_channels: tuple[int, ...] = (8, 16)  # channels per resolution level
+    layers_per_block: int = 1  # resnets per down block
+    cross_attention_dim: int = 16  # text embedding width
+    attention_head_dim: int = 4  # channels per head
+    norm_num_groups: int = 4  # GroupNorm groups
+    sample_size: int = 16  # latent side (images are 2x that with the tiny VAE)
+
+
+def tiny_unet(config: TinySDConfig = TinySDConfig(), *, seed: int = 0, **overrides):
+    """A UNet2DConditionModel with random weights (SD layout: cross-attention in deeper blocks)."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(config.block_out_channels)
+    kwargs = dict(
+        block_out_channels=config.block_out_channels,
+        layers_per_block=config.layers_per_block,
+        sample_size=config.sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+def _tiny_vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+        sample_size=32,
+    ).eval()
+
+
+def _tiny_text_encoder(tokenizer, hidden: int, seed: int, *, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    cfg = CLIPTextConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_attention_heads=2,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=hidden,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _sd_scheduler(kind: str, **overrides):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kwargs = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    if kind == "ddim":
+        kwargs["set_alpha_to_one"] = False
+        kwargs.update(overrides)
+        return DDIMScheduler(**kwargs)
+    if kind == "ddpm":
+        kwargs.update(overrides)
+        return DDPMScheduler(**kwargs)
+    raise ValueError(f"scheduler kind must be 'ddim' or 'ddpm', got {kind!r}")
+
+
+def tiny_sd_components(
+    config: TinySDConfig = TinySDConfig(), *, seed: int = 0, scheduler: str = "ddim", **sched_kw
+) -> dict:
+    """Components of a tiny ``StableDiffusionPipeline`` (no safety checker)."""
+    tok = tiny_clip_tokenizer()
+    return dict(
+        unet=tiny_unet(config, seed=seed),
+        vae=_tiny_vae(seed + 1),
+        text_encoder=_tiny_text_encoder(tok, config.cross_attention_dim, seed + 2),
+        tokenizer=tok,
+        scheduler=_sd_scheduler(scheduler, **sched_kw),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_components(*, seed: int = 0, scheduler: str = "ddim", **sched_kw) -> dict:
+    """Components of a tiny ``StableDiffusionXLPipeline`` (two text encoders, text_time embeddings)."""
+    tok = tiny_clip_tokenizer()
+    te_dim = 16
+    unet = tiny_unet(
+        TinySDConfig(cross_attention_dim=2 * te_dim),
+        seed=seed,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + te_dim,
+        use_linear_projection=True,
+    )
+    return dict(
+        unet=unet,
+        vae=_tiny_vae(seed + 1),
+        text_encoder=_tiny_text_encoder(tok, te_dim, seed + 2),
+        text_encoder_2=_tiny_text_encoder(tok, te_dim, seed + 3, with_projection=True),
+        tokenizer=tok,
+        tokenizer_2=tiny_clip_tokenizer(),
+        scheduler=_sd_scheduler(scheduler, **sched_kw),
+        add_watermarker=False,
+    )
+
+
+def random_lora(
+    model,
+    *,
+    rank: int = 2,
+    alpha: float = 4.0,
+    target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+    seed: int = 0,
+    std: float = 0.1,
+    adapter_name: str = "default",
+):
+    """Inject a peft LoRA adapter with random (non-zero) A and B into ``model``; returns its LoraConfig."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules))
+    inject_adapter_in_model(cfg, model, adapter_name=adapter_name)
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and adapter_name in m.lora_A:
+            for w in (m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight):
+                with torch.no_grad():
+                    w.copy_(torch.randn(w.shape, generator=g) * std)
+    return cfg
+
+
+def save_random_lora(
+    unet,
+    path,
+    *,
+    fmt: str = "diffusers",
+    text_encoder=None,
+    **lora_kwargs,
+):
+    """Write a random LoRA for ``unet`` (and optionally ``text_encoder``) to ``path``.
+
+    ``fmt="diffusers"``: ``path`` is the ``.safetensors`` file diffusers' ``save_lora_weights``
+    writes (with its LoRA metadata); ``fmt="peft"``: ``path`` is a peft folder
+    (``adapter_config.json`` + ``adapter_model.safetensors``). The models are left untouched.
+    """
+    import copy
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model = copy.deepcopy(unet)
+    cfg = random_lora(model, **lora_kwargs)
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    if fmt == "peft":
+        path.mkdir(parents=True, exist_ok=True)
+        cfg.save_pretrained(str(path))
+        save_file({f"base_model.model.{k}": v for k, v in state.items()}, path / "adapter_model.safetensors")
+        return path
+    if fmt != "diffusers":
+        raise ValueError(f"fmt must be 'diffusers' or 'peft', got {fmt!r}")
+    te_state = te_cfg = None
+    if text_encoder is not None:
+        te = copy.deepcopy(text_encoder)
+        te_kwargs = dict(lora_kwargs, target_modules=("q_proj", "v_proj"))
+        te_kwargs["seed"] = lora_kwargs.get("seed", 0) + 1000
+        te_cfg = random_lora(te, **te_kwargs)
+        te_state = {k: v.contiguous() for k, v in get_peft_model_state_dict(te).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(path.parent),
+        unet_lora_layers=state,
+        text_encoder_lora_layers=te_state,
+        weight_name=path.name,
+        unet_lora_adapter_metadata=cfg.to_dict(),
+        text_encoder_lora_adapter_metadata=te_cfg.to_dict() if te_cfg is not None else None,
+    )
+    return path
+
+
+def save_tiny_pipeline(
+    folder,
+    *,
+    xl: bool = False,
+    seed: int = 0,
+    unet_seed: int | None = None,
+    scheduler: str = "ddim",
+    **sched_kw,
+):
+    """Save a tiny SD (or SDXL) pipeline folder; ``unet_seed`` varies only the UNet weights."""
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    comps = (tiny_sdxl_components if xl else tiny_sd_components)(
+        seed=seed, scheduler=scheduler, **sched_kw
+    )
+    if unet_seed is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(unet_seed)
+            for p in comps["unet"].parameters():
+                with torch.no_grad():
+                    p.add_(0.05 * torch.randn_like(p))
+    pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline)(**comps)
+    pipe.save_pretrained(str(folder))
+    return Path(folder)

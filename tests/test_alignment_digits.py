@@ -1,0 +1,137 @@
+"""Digits experts and oracles (msdda.digits.align) on a tiny random domain: fast, no shipped weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msdda import Expert
+from msdda.digits import (
+    ClassifierConfig,
+    DenoiserConfig,
+    DigitClassifier,
+    DigitDenoiser,
+    RewardNormalisation,
+    make_rewards,
+    make_schedule,
+    standardise,
+)
+from msdda.digits.align import (
+    ORACLE_WEIGHTS,
+    AlignConfig,
+    LoraSettings,
+    PairsConfig,
+    apply_adapter,
+    collect_digit_pairs,
+    evaluate_rewards,
+    train_experts_and_oracles,
+    train_expert,
+    train_oracle,
+)
+from msdda.digits.bundle import DigitsBundle, expert_spec
+
+PAIRS = PairsConfig(num_chains=200, skip_last=2, batch_size=200)
+FAST = AlignConfig(num_steps=40, batch_size=512, lr=1e-2, variance_lr=1e-2, eval_samples=0, lora=LoraSettings(rank=2, alpha=2.0))
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    base = DigitDenoiser(DenoiserConfig(hidden=32, num_blocks=1, time_dim=16)).eval()
+    classifier = DigitClassifier(ClassifierConfig(hidden=16)).eval()
+    raw = make_rewards(classifier, temperature=1.0)
+    # boldness differences between actions are small: a small std makes the tilt visible
+    stats = {"legibility": RewardNormalisation(0.0, 1.0), "boldness": RewardNormalisation(0.5, 0.01), "symmetry": RewardNormalisation(0.0, 0.05)}
+    return DigitsBundle(
+        path=Path("tiny"), manifest={}, schedule=make_schedule(8), guidance_scale=1.0, base=base,
+        reference=Expert(base, expert_spec("fixed"), 1.0, "base"), classifier=classifier,
+        raw_rewards=raw, rewards=standardise(raw, stats),
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs(bundle):
+    return collect_digit_pairs(bundle, PAIRS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def bold(bundle, pairs):
+    return train_expert(bundle, "boldness", "fixed", pairs=pairs, config=FAST)
+
+
+@pytest.fixture(scope="module")
+def bold_learned(bundle, pairs):
+    return train_expert(bundle, "boldness", "learned", pairs=pairs, config=FAST)
+
+
+def test_pairs_are_scored_by_every_standardised_reward_with_prompts_cycling(pairs, bundle):
+    assert set(pairs.reward_names) == set(bundle.rewards)
+    assert len(pairs) == 200 * 6  # 8 steps, the last 2 left out
+    assert torch.equal(pairs.cond[:20], torch.arange(20) % 10)
+
+
+def test_an_expert_raises_its_own_reward_over_the_base(bundle, bold):
+    got = evaluate_rewards(bundle, bold.expert, num_samples=300, seed=1)
+    base = evaluate_rewards(bundle, bundle.reference, num_samples=300, seed=1)
+    assert got["boldness"] > base["boldness"] + 0.5  # standardised units
+    assert bold.metrics["kl_per_state"] > 0
+    assert bold.metrics["train_implicit_accuracy"] > 0.6
+
+
+def test_a_fixed_expert_has_no_variance_head_and_a_learned_one_has(bold, bold_learned):
+    assert not bold.model.config.variance_head and bold.expert.spec.variance_type == "fixed_small"
+    assert bold_learned.model.config.variance_head and bold_learned.expert.spec.variance_type == "learned_log"
+    offsets = bold_learned.metrics["log_variance_offset"]
+    assert offsets["max_abs"] > 0  # the head trained
+    assert offsets["max_abs"] <= bold_learned.model.config.variance_bound
+
+
+def test_the_adapter_rebuilds_the_merged_model(bundle, bold, bold_learned):
+    x = torch.randn(6, 1, 8, 8)
+    t = torch.tensor([900, 700, 500, 300, 100, 0])
+    c = torch.arange(6)
+    for m in (bold, bold_learned):
+        rebuilt = apply_adapter(bundle.base, m.adapter, m.training["config"]["lora"], m.kind)
+        torch.testing.assert_close(rebuilt(x, t, c), m.model(x, t, c))
+        assert not torch.allclose(m.model(x, t, c)[:, :1], bundle.base(x, t, c))
+
+
+def test_the_base_is_left_untouched(bundle, bold):
+    fresh = torch.manual_seed(0) and DigitDenoiser(DenoiserConfig(hidden=32, num_blocks=1, time_dim=16))
+    for (name, p), q in zip(bundle.base.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_an_oracle_records_its_weights(bundle, pairs):
+    m = train_oracle(bundle, {"legibility": 0.5, "boldness": 0.5}, "fixed", pairs=pairs, config=FAST)
+    assert m.weights == {"legibility": 0.5, "boldness": 0.5}
+    assert m.training["weights"] == m.weights and m.kl_coef == 1.0
+
+
+def test_every_expert_and_oracle_of_a_seed(bundle):
+    seen = []
+    models = train_experts_and_oracles(
+        bundle, seed=1, rewards=("symmetry",), oracle_weights=({"symmetry": 0.3, "boldness": 0.7},),
+        kinds=("fixed",), config=AlignConfig(num_steps=4, eval_samples=0), pairs_config=PairsConfig(num_chains=20, skip_last=2),
+        progress=lambda label, s, n, loss: seen.append(label),
+    )
+    assert [m.weights for m in models] == [{"symmetry": 1.0}, {"symmetry": 0.3, "boldness": 0.7}]
+    assert {"expert symmetry/fixed", "oracle 0.3*symmetry+0.7*boldness/fixed"} == set(seen)
+    assert ORACLE_WEIGHTS[1] == {"legibility": 0.5, "boldness": 0.5}
+
+
+def test_refusals(bundle, pairs):
+    with pytest.raises(ValueError, match="unknown reward"):
+        train_expert(bundle, "beauty", pairs=pairs, config=FAST)
+    with pytest.raises(ValueError, match="kind"):
+        train_expert(bundle, "boldness", "medium", pairs=pairs, config=FAST)
+    with pytest.raises(ValueError, match="all 0"):
+        train_oracle(bundle, {"legibility": 0.0, "boldness": 0.0}, pairs=pairs, config=FAST)
+    with pytest.raises(ValueError, match="non-negative"):
+        train_oracle(bundle, {"legibility": -1.0}, pairs=pairs, config=FAST)
+    with pytest.raises(TypeError, match="DigitsBundle"):
+        train_expert("bundle", "boldness")
+    with pytest.raises(TypeError, match="PairSet"):
+        train_expert(bundle, "boldness", pairs="pairs", config=FAST)

@@ -1,0 +1,154 @@
+"""`msdda report`: hypervolume, Pareto plot and markdown summary of a results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from msdda.cli import app
+from msdda.evaluation.hypervolume import default_reference_point, hypervolume_2d, pareto_front
+from msdda.evaluation.report import build_report, markdown
+from msdda.evaluation.results import FORMAT, read_results
+
+# --- hypervolume -------------------------------------------------------------------------------
+
+
+def test_hypervolume_of_a_hand_checkable_staircase():
+    # rectangles from (0, 0): 3 x 1, then 2 x (2 - 1), then 1 x (3 - 2)
+    assert hypervolume_2d([(3, 1), (2, 2), (1, 3)], (0, 0)) == pytest.approx(6.0)
+    assert hypervolume_2d([(3, 1), (2, 2), (1, 3), (1, 1), (2, 0.5)], (0, 0)) == pytest.approx(6.0)
+    # from (1, 1) only (2, 2) adds area (1 x 1): the others lie on the reference's lines
+    assert hypervolume_2d([(3, 1), (2, 2), (1, 3)], (1, 1)) == pytest.approx(1.0)
+    assert hypervolume_2d([(-1, 5), (5, -1)], (0, 0)) == 0.0  # not better than the reference
+    assert hypervolume_2d([], (0, 0)) == 0.0
+    assert pareto_front([(3, 1), (1, 1), (2, 2), (2, 1)]) == [(3, 1), (2, 2)]
+
+
+@given(
+    st.lists(st.tuples(st.floats(-5, 5), st.floats(-5, 5)), min_size=1, max_size=12),
+    st.tuples(st.floats(-5, 5), st.floats(-5, 5)),
+)
+def test_hypervolume_properties(points, extra):
+    ref = (-6.0, -6.0)
+    hv = hypervolume_2d(points, ref)
+    box = max(x - ref[0] for x, _ in points) * max(y - ref[1] for _, y in points)
+    assert 0 <= hv <= box + 1e-9
+    assert hypervolume_2d([*points, extra], ref) >= hv - 1e-9  # adding a point never shrinks it
+    assert hypervolume_2d(pareto_front(points), ref) == pytest.approx(hv)  # only the front counts
+
+
+def test_default_reference_point_lies_below_every_point():
+    assert default_reference_point([(0, 1), (2, 3)]) == pytest.approx((-0.2, 0.8))
+    assert default_reference_point([(1, 1)]) == pytest.approx((0.9, 0.9))
+
+
+# --- the report on a small results file ----------------------------------------------------------
+
+
+def row(method, weights, a, b, seconds, nfe, seed=0, prompt=0, per_image=None):
+    per_image = per_image or {"r_a": [a, a], "r_b": [b, b]}
+    return {
+        "kind": "row",
+        "method": method,
+        "weights": weights,
+        "prompt": prompt,
+        "seed": seed,
+        "images": 2,
+        "rewards": {"r_a": a, "r_b": b},
+        "rewards_std": {"r_a": 0.0, "r_b": 0.0},
+        "per_image": per_image,
+        "seconds_per_image": seconds,
+        "nfe_per_image": nfe,
+    }
+
+
+def write_results(path: Path, rows, extra_lines=()) -> Path:
+    header = {
+        "kind": "header",
+        "format": FORMAT,
+        "config": {
+            "domain": "hand",
+            "methods": ["base", "rs", "msdda"],
+            "weights": [[0, 1], [0.5, 0.5], [1, 0]],
+            "seeds": [0],
+        },
+        "objectives": ["r_a", "r_b"],
+        "rewards": ["r_a", "r_b"],
+        "prompts": [0],
+        "settings": {},
+    }
+    lines = [json.dumps(header)] + [json.dumps(r) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+HAND_ROWS = [
+    row("base", None, 1.0, 1.0, 0.010, 50),
+    row("msdda", [0.0, 1.0], 1.0, 4.0, 0.020, 50),
+    row(
+        "msdda", [0.5, 0.5], 3.0, 3.0, 0.020, 100, per_image={"r_a": [2.0, 4.0], "r_b": [3.0, 3.0]}
+    ),
+    row("msdda", [1.0, 0.0], 4.0, 1.0, 0.020, 50),
+    row("rs", [0.0, 1.0], 1.0, 3.0, 0.010, 50),
+    row("rs", [0.5, 0.5], 2.0, 2.0, 0.010, 50, per_image={"r_a": [2.0, 2.0], "r_b": [1.0, 3.0]}),
+    row("rs", [1.0, 0.0], 3.0, 1.0, 0.010, 50),
+]
+
+
+def test_report_numbers_on_a_hand_checkable_file(tmp_path):
+    rep = build_report(
+        read_results(write_results(tmp_path / "r.jsonl", HAND_ROWS)), reference=(0, 0)
+    )
+    s = {x.method: x for x in rep.summaries}
+    assert [x.method for x in rep.summaries] == ["base", "rs", "msdda"]
+    # msdda front (1,4) (3,3) (4,1) from (0,0): 4x1 + 3x(3-1) + 1x(4-3) = 11
+    assert s["msdda"].hypervolume == pytest.approx(11.0)
+    # rs front (1,3) (2,2) (3,1): 3x1 + 2x1 + 1x1 = 6; base: the single box 1 x 1
+    assert s["rs"].hypervolume == pytest.approx(6.0)
+    assert s["base"].hypervolume == pytest.approx(1.0)
+    assert s["msdda"].weighted_half == pytest.approx(3.0)
+    assert s["rs"].weighted_half == pytest.approx(2.0)
+    assert s["base"].weighted_half == pytest.approx(1.0)
+    # paired per image: msdda (2.5, 3.5) - rs (1.5, 2.5) = (1, 1)
+    assert s["rs"].msdda_gain == pytest.approx(1.0) and s["rs"].msdda_gain_se == pytest.approx(0.0)
+    assert s["msdda"].time_vs_base == pytest.approx(2.0)
+    assert s["msdda"].nfe_vs_base == pytest.approx((50 + 100 + 50) / 3 / 50)
+    assert s["rs"].time_vs_base == pytest.approx(1.0)
+    text = markdown(rep)
+    assert "| msdda | 3 | 11.0000 | 3.000 ± 0.500 |" in text  # per image (2.5, 3.5): SE 0.5
+    assert "reference point (r_a, r_b) = (0.0000, 0.0000)" in text
+
+
+def test_report_cli_writes_png_and_markdown(tmp_path):
+    path = write_results(tmp_path / "r.jsonl", HAND_ROWS, extra_lines=["{not json"])
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "line 9 skipped: not valid JSON" in result.output
+    png = (tmp_path / "out" / "pareto.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "![Pareto fronts](pareto.png)" in md and "| rs |" in md and "1 line(s) skipped" in md
+    ref = default_reference_point([(1, 1), (1, 4), (3, 3), (4, 1), (1, 3), (2, 2), (3, 1)])
+    assert f"({ref[0]:.4f}, {ref[1]:.4f})" in md
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_report_cli_refuses_bad_input_in_one_line(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["report", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert "Traceback" not in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"kind": "row"}\n')
+    result = runner.invoke(app, ["report", str(bad)])
+    assert result.exit_code == 2 and "not a results header" in result.output
+    only_header = write_results(tmp_path / "empty.jsonl", [])
+    result = runner.invoke(app, ["report", str(only_header)])
+    assert result.exit_code == 2 and "no result rows" in result.output
+    result = runner.invoke(app, ["report", str(only_header), "--reference", "1,2,3"])
+    assert result.exit_code == 2 and "two numbers" in result.output

@@ -1,0 +1,238 @@
+"""`msdda sweep`: every method on shared noise, durable rows, resumption, fair tuning, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from msdda.cli import app
+from msdda.evaluation import (
+    ResultsError,
+    SweepConfig,
+    TuningConfig,
+    plan_units,
+    read_results,
+    row_key,
+    run_sweep,
+    simplex_grid,
+    toy_domain,
+)
+from msdda.methods import METHODS
+
+FAST_TUNING = TuningConfig(
+    seeds=(900,), images_per_prompt=4, rgg_scales=(0.1, 1.0), code_grid=((2, 1), (2, 5))
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one torch thread (many threads on a shared, busy CPU stall on them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_domain()
+
+
+def small_config(**changes) -> SweepConfig:
+    base = {
+        "domain": "toy",
+        "weights": simplex_grid(3),
+        "seeds": (0, 1),
+        "images_per_prompt": 6,
+        "tuning": FAST_TUNING,
+    }
+    return SweepConfig(**{**base, **changes})
+
+
+def keys_in_file(path: Path) -> list[tuple]:
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows.append(row_key(row))
+    return rows
+
+
+def comparable(rows) -> dict:
+    """Rows without their timings: equal for equal seeds."""
+    return {row_key(r): (r["rewards"], r["nfe_per_image"]) for r in rows}
+
+
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory, toy):
+    path = tmp_path_factory.mktemp("complete") / "results.jsonl"
+    summary = run_sweep(small_config(), path, domain=toy)
+    return path, summary
+
+
+# --- what a sweep writes -------------------------------------------------------------------
+
+
+def test_sweep_writes_one_row_per_method_weight_prompt_and_seed(complete, toy):
+    path, summary = complete
+    results = read_results(path)
+    units = plan_units(small_config(), toy)
+    # base once per seed, oracle at its one grid weight (0.5, 0.5), the rest at 3 weights
+    assert len(units) == 2 * (1 + 1 + 3 * (len(METHODS) - 2))
+    assert len(results.rows) == len(units) == summary.rows_total == summary.rows_written
+    assert len(results.keys()) == len(results.rows)
+    row = results.rows[0]
+    assert set(row["rewards"]) == {"goal_a", "goal_b"}
+    assert row["seconds_per_image"] > 0 and row["nfe_per_image"] > 0 and row["images"] == 6
+    assert results.header["config"]["domain"] == "toy"
+    assert results.header["objectives"] == ["goal_a", "goal_b"]
+
+
+def test_every_method_sees_the_same_noise(complete):
+    rows = {row_key(r): r for r in read_results(complete[0]).rows}
+    for seed in (0, 1):
+        for w in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
+            db = rows[("db", w, "0", seed)]["rewards"]
+            fused = rows[("msdda", w, "0", seed)]["rewards"]  # equal variances: db == msdda
+            assert db == pytest.approx(fused, rel=1e-4, abs=1e-5)
+        for w in ((0.0, 1.0), (1.0, 0.0)):  # one-hot weights: every mixing method is the expert
+            expert = rows[("msdda", w, "0", seed)]["rewards"]
+            for m in ("rs", "db-ls"):
+                assert rows[(m, w, "0", seed)]["rewards"] == pytest.approx(
+                    expert, rel=1e-4, abs=1e-5
+                )
+
+
+def test_tuning_uses_only_tuning_seeds_and_is_recorded(complete, tmp_path, toy):
+    header = read_results(complete[0]).header
+    tuning = header["tuning"]
+    assert tuning["seeds"] == [900]
+    assert [s["rgg_scale"] for s in tuning["rgg"]["scores"]] == [0.1, 1.0]
+    best = max(tuning["rgg"]["scores"], key=lambda s: s["score"])["rgg_scale"]
+    assert header["settings"]["rgg_scale"] == best == tuning["rgg"]["chosen"]["rgg_scale"]
+    assert (header["settings"]["code_candidates"], header["settings"]["code_block"]) in [
+        (2, 1),
+        (2, 5),
+    ]
+    other = tmp_path / "other.jsonl"  # other evaluation seeds, same tuning: same scores
+    run_sweep(small_config(seeds=(5,), methods=("base", "rgg")), other, domain=toy)
+    assert read_results(other).header["tuning"]["rgg"] == tuning["rgg"]
+
+
+# --- resumption ------------------------------------------------------------------------------
+
+
+def test_resume_after_a_cut_last_line_loses_and_duplicates_nothing(complete, tmp_path, toy):
+    full = complete[0].read_text()
+    lines = full.splitlines(keepends=True)
+    cut = "".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2]  # killed mid-write
+    path = tmp_path / "cut.jsonl"
+    path.write_text(cut)
+    with pytest.warns(UserWarning, match=rf"line {len(lines) - 2} skipped: cut short"):
+        assert len(read_results(path).rows) == len(lines) - 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_sweep(small_config(), path, domain=toy)
+    assert summary.rows_written == 3
+    keys = keys_in_file(path)
+    assert len(keys) == len(set(keys)) == len(lines) - 1
+    assert comparable(read_results(path).rows) == comparable(read_results(complete[0]).rows)
+    assert run_sweep(small_config(), path, domain=toy).units_run == 0  # nothing left to do
+
+
+def test_resume_after_a_kill(tmp_path, complete):
+    """A sweep killed (SIGKILL) in a subprocess, started again, ends with every row exactly once."""
+    path = tmp_path / "killed.jsonl"
+    cmd = [
+        sys.executable, "-c", "from msdda.cli import app; app()", "sweep", str(path), "--domain", "toy", "--grid", "3",
+        "--seeds", "0,1", "--images", "6", "--tune-seeds", "900", "--tune-images", "4",
+        "--rgg-scales", "0.1,1", "--code-grid", "2x1,2x5", "--threads", "1",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_bytes().splitlines()) >= 6:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(keys_in_file(path))
+    assert 5 <= partial < len(read_results(complete[0]).rows)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = keys_in_file(path)
+    assert len(keys) == len(set(keys))
+    assert comparable(read_results(path).rows) == comparable(read_results(complete[0]).rows)
+
+
+def test_a_corrupt_line_is_skipped_with_a_warning_naming_it(complete, tmp_path, toy):
+    lines = complete[0].read_text().splitlines(keepends=True)
+    lines[4] = '{"kind": "row", "method": "rs", "weig\n'
+    path = tmp_path / "corrupt.jsonl"
+    path.write_text("".join(lines))
+    with pytest.warns(UserWarning, match="line 5 skipped: not valid JSON"):
+        results = read_results(path)
+    assert len(results.rows) == len(lines) - 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = run_sweep(small_config(), path, domain=toy)
+    assert summary.rows_written == 1  # the lost row is sampled again, nothing else
+    keys = keys_in_file(path)
+    assert len(keys) == len(set(keys)) == len(lines) - 1
+
+
+# --- refusals --------------------------------------------------------------------------------
+
+
+def test_a_results_file_from_another_configuration_is_refused(complete, tmp_path, toy):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(complete[0].read_bytes())
+    before = path.read_bytes()
+    with pytest.raises(ResultsError, match=r"another configuration .*seeds"):
+        run_sweep(small_config(seeds=(0, 2)), path, domain=toy)
+    with pytest.raises(ResultsError, match=r"another configuration .*images_per_prompt"):
+        run_sweep(small_config(images_per_prompt=7), path, domain=toy)
+    assert path.read_bytes() == before
+
+
+def test_bad_sweep_configurations_are_refused(toy, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'dpo'"):
+        small_config(methods=("base", "dpo"))
+    with pytest.raises(ValueError, match="outside the simplex"):
+        small_config(weights=((0.5, 0.6),))
+    with pytest.raises(ValueError, match="outside the simplex"):
+        small_config(weights=((1.5, -0.5),))
+    with pytest.raises(ValueError, match="tune on separate seeds"):
+        small_config(seeds=(900,))
+    with pytest.raises(ValueError, match="K = 2"):
+        run_sweep(small_config(weights=((0.2, 0.3, 0.5),)), tmp_path / "k.jsonl", domain=toy)
+    with pytest.raises(ValueError, match="at least 2 points"):
+        simplex_grid(1)
+    assert not (tmp_path / "k.jsonl").exists()
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "x.jsonl"
+    for args, needle in (
+        (["--methods", "base,dpo"], "unknown method 'dpo'"),
+        (["--weights", "0.5,0.6"], "outside the simplex"),
+        (["--seeds", "10000"], "separate seeds"),
+        (["--domain", "mnist"], "unknown domain 'mnist'"),
+    ):
+        result = runner.invoke(app, ["sweep", str(out), "--domain", "toy", *args])
+        assert result.exit_code == 2, result.output
+        assert needle in result.output and "Traceback" not in result.output
+    assert not out.exists()
