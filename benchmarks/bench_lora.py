@@ -36,7 +36,13 @@ from pathlib import Path
 import torch
 
 from msdda.sd import LoRABank, MSDDAStableDiffusionPipeline, extract_lora_factors
-from msdda.sd.testing import TinySDConfig, random_lora, save_random_lora, tiny_sd_components, tiny_unet
+from msdda.sd.testing import (
+    TinySDConfig,
+    random_lora,
+    save_random_lora,
+    tiny_sd_components,
+    tiny_unet,
+)
 
 SIZES = {
     "tiny": TinySDConfig(
@@ -58,7 +64,16 @@ SIZES = {
 }
 TARGETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
-    "full": ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    "full": (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "proj_in",
+        "proj_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ),
 }
 
 
@@ -99,7 +114,9 @@ def forward_costs(cfg: TinySDConfig, k: int, targets, rank: int, repeats: int) -
     with_peft = copy.deepcopy(base)
     names = [f"e{i}" for i in range(k)]
     for i, n in enumerate(names):
-        random_lora(with_peft, rank=rank, alpha=rank, target_modules=targets, seed=i, adapter_name=n)
+        random_lora(
+            with_peft, rank=rank, alpha=rank, target_modules=targets, seed=i, adapter_name=n
+        )
     factors = [extract_lora_factors(with_peft, n) for n in names]
     ours = copy.deepcopy(base)
     bank = LoRABank(names, factors, ours)
@@ -143,7 +160,9 @@ def forward_costs(cfg: TinySDConfig, k: int, targets, rank: int, repeats: int) -
     }
 
 
-def pipeline_step_cost(cfg: TinySDConfig, k: int, targets, rank: int, steps: int) -> tuple[float, float]:
+def pipeline_step_cost(
+    cfg: TinySDConfig, k: int, targets, rank: int, steps: int
+) -> tuple[float, float]:
     """Median seconds per MSDDA step through the pipeline: (K LoRA experts batched, base alone)."""
     comps = tiny_sd_components(cfg)
     pipe = MSDDAStableDiffusionPipeline(**comps)
@@ -151,7 +170,12 @@ def pipeline_step_cost(cfg: TinySDConfig, k: int, targets, rank: int, steps: int
     with tempfile.TemporaryDirectory() as tmp:
         experts = {
             f"e{i}": save_random_lora(
-                comps["unet"], Path(tmp) / f"e{i}.safetensors", rank=rank, alpha=rank, target_modules=targets, seed=i
+                comps["unet"],
+                Path(tmp) / f"e{i}.safetensors",
+                rank=rank,
+                alpha=rank,
+                target_modules=targets,
+                seed=i,
             )
             for i in range(k)
         }
@@ -206,10 +230,14 @@ def main() -> None:
             r = forward_costs(cfg, k, targets, args.rank, args.repeats)
             t = r["times"]
             b = t["base"]
-            print(f"\n[{size}: channels {cfg.block_out_channels}, latent {cfg.sample_size}x{cfg.sample_size}, K = {k}]")
+            print(
+                f"\n[{size}: channels {cfg.block_out_channels}, latent {cfg.sample_size}x{cfg.sample_size}, K = {k}]"
+            )
             print(f"  {'variant':<12}{'ms/step':>10}{'x base':>9}{'x floor':>9}")
             for name in ("base", "batched", "peft-mixed", "sequential", "merged", "floor"):
-                print(f"  {name:<12}{t[name] * 1e3:>10.1f}{t[name] / b:>9.2f}{t[name] / t['floor']:>9.2f}")
+                print(
+                    f"  {name:<12}{t[name] * 1e3:>10.1f}{t[name] / b:>9.2f}{t[name] / t['floor']:>9.2f}"
+                )
             fused, alone = pipeline_step_cost(cfg, k, targets, args.rank, args.steps)
             print(
                 f"  MSDDA step through the pipeline (batched + fusion): {fused * 1e3:.1f} ms = "

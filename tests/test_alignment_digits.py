@@ -26,14 +26,21 @@ from msdda.digits.align import (
     apply_adapter,
     collect_digit_pairs,
     evaluate_rewards,
-    train_experts_and_oracles,
     train_expert,
+    train_experts_and_oracles,
     train_oracle,
 )
 from msdda.digits.bundle import DigitsBundle, expert_spec
 
 PAIRS = PairsConfig(num_chains=200, skip_last=2, batch_size=200)
-FAST = AlignConfig(num_steps=40, batch_size=512, lr=1e-2, variance_lr=1e-2, eval_samples=0, lora=LoraSettings(rank=2, alpha=2.0))
+FAST = AlignConfig(
+    num_steps=40,
+    batch_size=512,
+    lr=1e-2,
+    variance_lr=1e-2,
+    eval_samples=0,
+    lora=LoraSettings(rank=2, alpha=2.0),
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +50,21 @@ def bundle():
     classifier = DigitClassifier(ClassifierConfig(hidden=16)).eval()
     raw = make_rewards(classifier, temperature=1.0)
     # boldness differences between actions are small: a small std makes the tilt visible
-    stats = {"legibility": RewardNormalisation(0.0, 1.0), "boldness": RewardNormalisation(0.5, 0.01), "symmetry": RewardNormalisation(0.0, 0.05)}
+    stats = {
+        "legibility": RewardNormalisation(0.0, 1.0),
+        "boldness": RewardNormalisation(0.5, 0.01),
+        "symmetry": RewardNormalisation(0.0, 0.05),
+    }
     return DigitsBundle(
-        path=Path("tiny"), manifest={}, schedule=make_schedule(8), guidance_scale=1.0, base=base,
-        reference=Expert(base, expert_spec("fixed"), 1.0, "base"), classifier=classifier,
-        raw_rewards=raw, rewards=standardise(raw, stats),
+        path=Path("tiny"),
+        manifest={},
+        schedule=make_schedule(8),
+        guidance_scale=1.0,
+        base=base,
+        reference=Expert(base, expert_spec("fixed"), 1.0, "base"),
+        classifier=classifier,
+        raw_rewards=raw,
+        rewards=standardise(raw, stats),
     )
 
 
@@ -82,7 +99,10 @@ def test_an_expert_raises_its_own_reward_over_the_base(bundle, bold):
 
 def test_a_fixed_expert_has_no_variance_head_and_a_learned_one_has(bold, bold_learned):
     assert not bold.model.config.variance_head and bold.expert.spec.variance_type == "fixed_small"
-    assert bold_learned.model.config.variance_head and bold_learned.expert.spec.variance_type == "learned_log"
+    assert (
+        bold_learned.model.config.variance_head
+        and bold_learned.expert.spec.variance_type == "learned_log"
+    )
     offsets = bold_learned.metrics["log_variance_offset"]
     assert offsets["max_abs"] > 0  # the head trained
     assert offsets["max_abs"] <= bold_learned.model.config.variance_bound
@@ -98,14 +118,19 @@ def test_the_adapter_rebuilds_the_merged_model(bundle, bold, bold_learned):
         assert not torch.allclose(m.model(x, t, c)[:, :1], bundle.base(x, t, c))
 
 
-def test_the_base_is_left_untouched(bundle, bold):
-    fresh = torch.manual_seed(0) and DigitDenoiser(DenoiserConfig(hidden=32, num_blocks=1, time_dim=16))
-    for (name, p), q in zip(bundle.base.state_dict().items(), fresh.state_dict().values(), strict=True):
+def test_the_base_is_left_untouched(bundle, bold, bold_learned):
+    torch.manual_seed(0)
+    fresh = DigitDenoiser(DenoiserConfig(hidden=32, num_blocks=1, time_dim=16))
+    for (name, p), q in zip(
+        bundle.base.state_dict().items(), fresh.state_dict().values(), strict=True
+    ):
         assert torch.equal(p, q), name
 
 
 def test_an_oracle_records_its_weights(bundle, pairs):
-    m = train_oracle(bundle, {"legibility": 0.5, "boldness": 0.5}, "fixed", pairs=pairs, config=FAST)
+    m = train_oracle(
+        bundle, {"legibility": 0.5, "boldness": 0.5}, "fixed", pairs=pairs, config=FAST
+    )
     assert m.weights == {"legibility": 0.5, "boldness": 0.5}
     assert m.training["weights"] == m.weights and m.kl_coef == 1.0
 
@@ -113,8 +138,13 @@ def test_an_oracle_records_its_weights(bundle, pairs):
 def test_every_expert_and_oracle_of_a_seed(bundle):
     seen = []
     models = train_experts_and_oracles(
-        bundle, seed=1, rewards=("symmetry",), oracle_weights=({"symmetry": 0.3, "boldness": 0.7},),
-        kinds=("fixed",), config=AlignConfig(num_steps=4, eval_samples=0), pairs_config=PairsConfig(num_chains=20, skip_last=2),
+        bundle,
+        seed=1,
+        rewards=("symmetry",),
+        oracle_weights=({"symmetry": 0.3, "boldness": 0.7},),
+        kinds=("fixed",),
+        config=AlignConfig(num_steps=4, eval_samples=0),
+        pairs_config=PairsConfig(num_chains=20, skip_last=2),
         progress=lambda label, s, n, loss: seen.append(label),
     )
     assert [m.weights for m in models] == [{"symmetry": 1.0}, {"symmetry": 0.3, "boldness": 0.7}]
@@ -135,3 +165,31 @@ def test_refusals(bundle, pairs):
         train_expert("bundle", "boldness")
     with pytest.raises(TypeError, match="PairSet"):
         train_expert(bundle, "boldness", pairs="pairs", config=FAST)
+
+
+def test_an_adapter_file_round_trips_and_is_small(tmp_path, bundle, bold_learned):
+    from msdda.digits.align import load_adapter, save_adapter
+
+    path = tmp_path / "bold.safetensors"
+    save_adapter(path, bold_learned)
+    model, info = load_adapter(path, bundle.base)
+    assert info["weights"] == {"boldness": 1.0} and info["kind"] == "learned" and info["seed"] == 0
+    x, t, c = torch.randn(4, 1, 8, 8), torch.tensor([900, 500, 100, 0]), torch.arange(4)
+    torch.testing.assert_close(model(x, t, c), bold_learned.model(x, t, c))
+    assert path.stat().st_size < sum(p.numel() * 4 for p in bundle.base.parameters())
+
+
+def test_a_bad_adapter_file_is_refused_by_name(tmp_path, bundle, bold):
+    from msdda.digits.align import load_adapter, save_adapter
+
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter(tmp_path / "nope.safetensors", bundle.base)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_adapter(junk, bundle.base)
+    good = tmp_path / "bold.safetensors"
+    save_adapter(good, bold)
+    other = DigitDenoiser(DenoiserConfig(hidden=48, num_blocks=1, time_dim=16))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_adapter(good, other)

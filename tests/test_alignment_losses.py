@@ -42,9 +42,18 @@ def test_log_likelihood_difference_is_the_difference_of_gaussian_log_densities(s
 def test_pair_log_ratio_difference_subtracts_the_reference():
     g = torch.Generator().manual_seed(0)
     shape = (7, 4)
-    pol = Gaussian(torch.randn(shape, generator=g, dtype=torch.float64), torch.rand(shape, generator=g, dtype=torch.float64) + 0.1)
-    ref = Gaussian(torch.randn(shape, generator=g, dtype=torch.float64), torch.rand(shape, generator=g, dtype=torch.float64) + 0.1)
-    a, b = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    pol = Gaussian(
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.rand(shape, generator=g, dtype=torch.float64) + 0.1,
+    )
+    ref = Gaussian(
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.rand(shape, generator=g, dtype=torch.float64) + 0.1,
+    )
+    a, b = (
+        torch.randn(shape, generator=g, dtype=torch.float64),
+        torch.randn(shape, generator=g, dtype=torch.float64),
+    )
     want = (_normal_log_prob(a, *pol) - _normal_log_prob(a, *ref)) - (
         _normal_log_prob(b, *pol) - _normal_log_prob(b, *ref)
     )
@@ -98,7 +107,9 @@ def test_soft_loss_is_minimised_where_the_implicit_margin_equals_the_reward_marg
 def test_soft_loss_is_the_cross_entropy_with_soft_targets():
     z = torch.tensor([0.3, -1.2, 2.0])
     p = torch.tensor([0.6, 0.1, 0.5])
-    want = -(p * torch.nn.functional.logsigmoid(z) + (1 - p) * torch.nn.functional.logsigmoid(-z)).mean()
+    want = -(
+        p * torch.nn.functional.logsigmoid(z) + (1 - p) * torch.nn.functional.logsigmoid(-z)
+    ).mean()
     torch.testing.assert_close(soft_dpo_loss(z, p), want)
 
 
@@ -120,9 +131,13 @@ def test_gaussian_kl_matches_torch_distributions():
     shape = (6, 1, 2, 2)
     p = Gaussian(torch.randn(shape, generator=g), torch.rand(shape, generator=g) + 0.05)
     q = Gaussian(torch.randn(shape, generator=g), torch.rand(shape, generator=g) + 0.05)
-    want = torch.distributions.kl_divergence(
-        torch.distributions.Normal(p.mean, p.variance.sqrt()),
-        torch.distributions.Normal(q.mean, q.variance.sqrt()),
-    ).reshape(6, -1).sum(1)
+    want = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(p.mean, p.variance.sqrt()),
+            torch.distributions.Normal(q.mean, q.variance.sqrt()),
+        )
+        .reshape(6, -1)
+        .sum(1)
+    )
     torch.testing.assert_close(gaussian_kl(p, q), want)
     assert gaussian_kl(q, q).abs().max() < 1e-6

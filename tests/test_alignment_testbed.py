@@ -47,7 +47,9 @@ def test_soft_labels_recover_the_optimum_at_another_beta():
 
 
 @pytest.mark.parametrize("learned_variance", [False, True])
-def test_hard_labels_over_optimise_instead_of_converging(learned_variance, soft_fixed, soft_learned):
+def test_hard_labels_over_optimise_instead_of_converging(
+    learned_variance, soft_fixed, soft_learned
+):
     """'Higher reward wins' labels shrink the effective beta: the policy overshoots the tilt."""
     soft = soft_learned if learned_variance else soft_fixed
     hard = validate_on_testbed(labels="hard", learned_variance=learned_variance)
@@ -79,8 +81,12 @@ def test_the_testbed_policy_starts_as_the_reference():
 
 
 def test_linear_reward_tilt_shifts_the_mean_by_variance_times_direction():
-    ref = Gaussian(torch.zeros(2, 3, dtype=torch.float64), torch.full((2, 3), 0.5, dtype=torch.float64))
+    ref = Gaussian(
+        torch.zeros(2, 3, dtype=torch.float64), torch.full((2, 3), 0.5, dtype=torch.float64)
+    )
     r = LinearReward(torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64))
     tilted = r.tilt(ref, kl_coef=0.5)
-    torch.testing.assert_close(tilted.mean, torch.tensor([[1.0, -2.0, 0.0]] * 2, dtype=torch.float64))
+    torch.testing.assert_close(
+        tilted.mean, torch.tensor([[1.0, -2.0, 0.0]] * 2, dtype=torch.float64)
+    )
     torch.testing.assert_close(tilted.variance, ref.variance)

@@ -41,8 +41,15 @@ def _rewards(x, t, cond):
 def pairs(problem):
     _, schedule, reference = problem
     return collect_pairs(
-        reference, schedule, _rewards, shape=(DIM,), num_chains=200, pairs_per_state=3,
-        steps=[0, 4, 8], seed=5, dtype=torch.float64,
+        reference,
+        schedule,
+        _rewards,
+        shape=(DIM,),
+        num_chains=200,
+        pairs_per_state=3,
+        steps=[0, 4, 8],
+        seed=5,
+        dtype=torch.float64,
     )
 
 
@@ -65,13 +72,17 @@ def test_states_carry_the_reference_step_gaussian(problem, pairs):
 
 
 def test_actions_are_independent_draws_from_the_reference(pairs):
-    z = torch.cat([
-        (pairs.action_a - pairs.reference_mean) / pairs.reference_variance.sqrt(),
-        (pairs.action_b - pairs.reference_mean) / pairs.reference_variance.sqrt(),
-    ])
+    z = torch.cat(
+        [
+            (pairs.action_a - pairs.reference_mean) / pairs.reference_variance.sqrt(),
+            (pairs.action_b - pairs.reference_mean) / pairs.reference_variance.sqrt(),
+        ]
+    )
     assert abs(float(z.mean())) < 0.03
     assert abs(float(z.std()) - 1) < 0.03
-    corr = float(((pairs.action_a - pairs.reference_mean) * (pairs.action_b - pairs.reference_mean)).mean())
+    corr = float(
+        ((pairs.action_a - pairs.reference_mean) * (pairs.action_b - pairs.reference_mean)).mean()
+    )
     assert abs(corr) < 0.03 * float(pairs.reference_variance.mean())
 
 
@@ -88,9 +99,29 @@ def test_a_state_with_several_pairs_is_the_same_state(pairs):
 
 def test_same_seed_same_pairs_other_seed_other_pairs(problem, pairs):
     _, schedule, reference = problem
-    again = collect_pairs(reference, schedule, _rewards, shape=(DIM,), num_chains=200, pairs_per_state=3, steps=[0, 4, 8], seed=5, dtype=torch.float64)
+    again = collect_pairs(
+        reference,
+        schedule,
+        _rewards,
+        shape=(DIM,),
+        num_chains=200,
+        pairs_per_state=3,
+        steps=[0, 4, 8],
+        seed=5,
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(again.action_a, pairs.action_a)
-    other = collect_pairs(reference, schedule, _rewards, shape=(DIM,), num_chains=200, pairs_per_state=3, steps=[0, 4, 8], seed=6, dtype=torch.float64)
+    other = collect_pairs(
+        reference,
+        schedule,
+        _rewards,
+        shape=(DIM,),
+        num_chains=200,
+        pairs_per_state=3,
+        steps=[0, 4, 8],
+        seed=6,
+        dtype=torch.float64,
+    )
     assert not torch.equal(other.action_a, pairs.action_a)
 
 
@@ -103,16 +134,31 @@ def test_chains_are_conditioned_per_chain(problem):
         return {"c": cond.double()}
 
     cond = torch.arange(4)
-    p = collect_pairs(reference, schedule, rewards, shape=(DIM,), num_chains=4, pairs_per_state=2, steps=[1], cond=cond)
+    p = collect_pairs(
+        reference,
+        schedule,
+        rewards,
+        shape=(DIM,),
+        num_chains=4,
+        pairs_per_state=2,
+        steps=[1],
+        cond=cond,
+    )
     assert torch.equal(p.cond, cond.repeat(2))
-    assert torch.equal(p.rewards_a["c"], cond.repeat(2).double())  # each action scored with its chain's condition
+    assert torch.equal(
+        p.rewards_a["c"], cond.repeat(2).double()
+    )  # each action scored with its chain's condition
     assert torch.equal(seen[0], cond.repeat(4))  # 2 pairs x 2 actions, scored together
 
 
 def test_weighted_rewards_are_the_weighted_sum(pairs):
     r_a, r_b = pairs.weighted_rewards({"first": 0.25, "norm": 0.75})
-    torch.testing.assert_close(r_a, 0.25 * pairs.rewards_a["first"] + 0.75 * pairs.rewards_a["norm"])
-    torch.testing.assert_close(r_b, 0.25 * pairs.rewards_b["first"] + 0.75 * pairs.rewards_b["norm"])
+    torch.testing.assert_close(
+        r_a, 0.25 * pairs.rewards_a["first"] + 0.75 * pairs.rewards_a["norm"]
+    )
+    torch.testing.assert_close(
+        r_b, 0.25 * pairs.rewards_b["first"] + 0.75 * pairs.rewards_b["norm"]
+    )
     with pytest.raises(ValueError, match="unknown reward"):
         pairs.weighted_rewards({"boldness": 1.0})
     with pytest.raises(ValueError, match="empty"):
@@ -130,7 +176,9 @@ def test_tweedie_step_rewards_equal_the_core_definition_name_by_name(problem):
     for t_prev in (schedule.timesteps[3], -1):
         got = several(x, t_prev, None)
         for name, r in rewards.items():
-            torch.testing.assert_close(got[name], tweedie_step_reward(r, denoise, schedule)(x, t_prev, None))
+            torch.testing.assert_close(
+                got[name], tweedie_step_reward(r, denoise, schedule)(x, t_prev, None)
+            )
     with pytest.raises(ValueError, match="rewards is empty"):
         tweedie_step_rewards({}, denoise, schedule)
 
@@ -208,7 +256,14 @@ def test_train_dpo_refuses_bad_input(problem, pairs):
 
 def test_the_reference_has_no_kl_and_no_preference(problem, pairs):
     mixture, schedule, _ = problem
-    m = evaluate_policy(TestbedPolicy(mixture, schedule), pairs, pairs.weighted_rewards({"first": 1.0}), schedule, StepSpec(), 1.0)
+    m = evaluate_policy(
+        TestbedPolicy(mixture, schedule),
+        pairs,
+        pairs.weighted_rewards({"first": 1.0}),
+        schedule,
+        StepSpec(),
+        1.0,
+    )
     assert m.kl == pytest.approx(0.0, abs=1e-12)
     assert set(m.kl_per_step) == {0, 4, 8}
     # z = 0 everywhere: the loss is the entropy of the soft labels, >= 0, < log 2
@@ -223,9 +278,14 @@ def test_training_raises_the_implicit_accuracy_and_moves_away_from_the_reference
     before = evaluate_policy(policy, pairs, rewards, schedule, spec, 1.0)
     records = []
     result = train_dpo(
-        policy, pairs, rewards, schedule, spec,
+        policy,
+        pairs,
+        rewards,
+        schedule,
+        spec,
         TrainConfig(num_steps=60, batch_size=512, lr=0.05, log_every=20),
-        variance_parameters=policy.variance_parameters(), callback=records.append,
+        variance_parameters=policy.variance_parameters(),
+        callback=records.append,
     )
     after = evaluate_policy(policy, pairs, rewards, schedule, spec, 1.0)
     assert [r.step for r in result.history] == [20, 40, 60] and records == list(result.history)
@@ -243,7 +303,11 @@ def test_the_variance_head_learns_at_its_own_rate(problem, pairs):
     for vlr in (1e-9, 0.05):
         policy = TestbedPolicy(mixture, schedule, learned_variance=True)
         train_dpo(
-            policy, pairs, rewards, schedule, spec,
+            policy,
+            pairs,
+            rewards,
+            schedule,
+            spec,
             TrainConfig(num_steps=40, batch_size=len(pairs), lr=0.05, variance_lr=vlr),
             variance_parameters=policy.variance_parameters(),
         )
@@ -268,6 +332,13 @@ def test_the_policy_trains_in_eval_mode_and_keeps_its_mode(problem, pairs):
     policy.train()
     modes = []
     policy.register_forward_pre_hook(lambda m, args: modes.append(m.drop.training))
-    train_dpo(policy, pairs, pairs.weighted_rewards({"first": 1.0}), schedule, StepSpec(), TrainConfig(num_steps=3))
+    train_dpo(
+        policy,
+        pairs,
+        pairs.weighted_rewards({"first": 1.0}),
+        schedule,
+        StepSpec(),
+        TrainConfig(num_steps=3),
+    )
     assert modes == [False] * 3
     assert policy.training

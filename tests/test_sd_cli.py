@@ -73,7 +73,15 @@ def test_sdxl_bases_are_recognised(disk, tmp_path):
         StableDiffusionPipeline.from_pretrained(disk["base"]).unet, tmp_path / "x.safetensors"
     )
     with pytest.raises(ValueError, match="another architecture|matches no layer"):
-        generate_sd(**_args(disk, tmp_path / "x.png", base=str(disk["xl"]), experts={"s": str(lora)}, weights={"s": 1.0}))
+        generate_sd(
+            **_args(
+                disk,
+                tmp_path / "x.png",
+                base=str(disk["xl"]),
+                experts={"s": str(lora)},
+                weights={"s": 1.0},
+            )
+        )
 
 
 @pytest.mark.parametrize(

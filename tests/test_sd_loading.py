@@ -33,7 +33,14 @@ def disk(tmp_path_factory):
     unet = StableDiffusionPipeline.from_pretrained(base).unet
     lora = save_random_lora(unet, root / "lora" / "style.safetensors", seed=1)
     peft_dir = save_random_lora(unet, root / "peft", fmt="peft", seed=2)
-    return {"root": root, "base": base, "expert": expert, "lora": lora, "peft": peft_dir, "unet": unet}
+    return {
+        "root": root,
+        "base": base,
+        "expert": expert,
+        "lora": lora,
+        "peft": peft_dir,
+        "unet": unet,
+    }
 
 
 def _fake_hf_cache(cache, repo_id, folder):
@@ -58,6 +65,21 @@ def test_sources_are_classified_by_their_files(disk):
     assert bare.kind == "unet" and bare.path == disk["expert"] / "unet"
 
 
+def test_peft_folders_and_diffusers_files_of_one_adapter_agree(disk, tmp_path):
+    """Same adapter, two formats: the same factors, with scale lora_alpha / r."""
+    kw = dict(rank=3, alpha=6.0, target_modules=("to_k", "proj_in"), seed=5)
+    peft = save_random_lora(disk["unet"], tmp_path / "p", fmt="peft", **kw)
+    file = save_random_lora(disk["unet"], tmp_path / "f.safetensors", **kw)
+    pipe = MSDDAStableDiffusionPipeline.from_pretrained(
+        disk["base"], experts={"p": peft, "f": file}
+    )
+    fp, ff = pipe.msdda_experts.get("p").factors, pipe.msdda_experts.get("f").factors
+    assert fp.keys() == ff.keys() and len(fp) > 0
+    for k in fp:
+        assert fp[k].scale == ff[k].scale == 2.0
+        assert torch.equal(fp[k].down, ff[k].down) and torch.equal(fp[k].up, ff[k].up)
+
+
 def test_hub_ids_resolve_from_the_local_cache_only(disk, tmp_path):
     cache = _fake_hf_cache(tmp_path / "hub", "someone/tiny-expert", disk["expert"])
     src = resolve_expert_source("a", "someone/tiny-expert", cache_dir=cache)
@@ -70,7 +92,9 @@ def test_base_and_experts_load_offline_from_the_hf_cache(disk, tmp_path):
     cache = _fake_hf_cache(tmp_path / "hub", "someone/tiny-sd", disk["base"])
     _fake_hf_cache(cache, "someone/tiny-expert", disk["expert"])
     pipe = MSDDAStableDiffusionPipeline.from_pretrained(
-        "someone/tiny-sd", experts={"dpo": "someone/tiny-expert", "style": disk["lora"]}, cache_dir=cache
+        "someone/tiny-sd",
+        experts={"dpo": "someone/tiny-expert", "style": disk["lora"]},
+        cache_dir=cache,
     )
     assert pipe.expert_names == ["dpo", "style"]
     with pytest.raises(ValueError, match="hf download someone/nothing"):

@@ -17,7 +17,7 @@ from msdda.sd.testing import random_lora, tiny_unet  # noqa: E402
 torch.set_num_threads(1)
 
 TARGETS_A = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in")  # linear + conv layers
-TARGETS_B = ("to_q", "to_v", "conv2", "time_emb_proj")  # another set, some layers only here
+TARGETS_B = ("to_q", "to_v", "conv2", "time_emb_proj", "proj_in")  # other layers, other rank
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,12 @@ def test_batched_forward_equals_each_adapter_alone(experts):
     with bank.route([0, None, 1, 0]):
         joint = _run(unet, x, ehs)
     expected = torch.cat(
-        [_run(a, x[:2], ehs[:2]), _run(base, x[2:4], ehs[2:4]), _run(b, x[4:6], ehs[4:6]), _run(a, x[6:], ehs[6:])]
+        [
+            _run(a, x[:2], ehs[:2]),
+            _run(base, x[2:4], ehs[2:4]),
+            _run(b, x[4:6], ehs[4:6]),
+            _run(a, x[6:], ehs[6:]),
+        ]
     )
     torch.testing.assert_close(joint, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(expected[:2], _run(base, x[:2], ehs[:2]), atol=1e-3)

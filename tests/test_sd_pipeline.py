@@ -40,7 +40,12 @@ def models(tmp_path_factory):
     plain = StableDiffusionPipeline.from_pretrained(base)
     l1 = save_random_lora(plain.unet, root / "l1" / "aesthetic.safetensors", seed=11)
     l2 = save_random_lora(
-        plain.unet, root / "l2", fmt="peft", seed=12, rank=3, target_modules=("to_k", "to_v", "conv1")
+        plain.unet,
+        root / "l2",
+        fmt="peft",
+        seed=12,
+        rank=3,
+        target_modules=("to_k", "to_v", "conv1"),
     )
     te = save_random_lora(
         plain.unet, root / "te" / "te.safetensors", seed=13, text_encoder=plain.text_encoder
@@ -110,6 +115,24 @@ def test_text_encoder_lora_reproduces_diffusers(models):
     np.testing.assert_allclose(_run(ours, {"te": 1.0}), _run(ref, eta=1.0), atol=2e-5)
 
 
+def test_diffusers_call_arguments_pass_through(models):
+    """No guidance, a negative prompt, per-sample generators and two images per prompt."""
+    ours = _last_step_deterministic(_msdda(models, ["e1"]))
+    ref = _last_step_deterministic(_quiet(StableDiffusionPipeline.from_pretrained(models["e1"])))
+    for kw in (
+        {"guidance_scale": 1.0},
+        {"negative_prompt": "blurry", "guidance_scale": 4.0},
+    ):
+        np.testing.assert_allclose(
+            _run(ours, {"e1": 1.0}, **kw), _run(ref, eta=1.0, **kw), atol=2e-5
+        )
+    kw = {"num_images_per_prompt": 2, "num_inference_steps": STEPS, "output_type": "np"}
+    a = ours(PROMPT, {"e1": 1.0}, generator=[_gen(1), _gen(2)], **kw).images
+    b = ref(PROMPT, eta=1.0, generator=[_gen(1), _gen(2)], **kw).images
+    assert a.shape == (2, 32, 32, 3)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_ddpm_single_expert_reproduces_diffusers(models):
     ours = _msdda(models, ["e1"])
     ours.scheduler = DDPMScheduler.from_config(ours.scheduler.config)
@@ -123,11 +146,15 @@ def test_only_the_last_steps_noise_differs_from_diffusers(models):
     ours = _msdda(models, ["e1"])
     ref = _quiet(StableDiffusionPipeline.from_pretrained(models["e1"]))
     g = _gen()
-    mean = ours(PROMPT, {"e1": 1.0}, num_inference_steps=STEPS, generator=g, output_type="latent").images
+    mean = ours(
+        PROMPT, {"e1": 1.0}, num_inference_steps=STEPS, generator=g, output_type="latent"
+    ).images
     z = randn_tensor(mean.shape, generator=g)  # the draw diffusers makes at the last step
     schedule = Schedule.from_scheduler(ref.scheduler, STEPS)
     std = ddim_variance(*schedule.alpha_bars(schedule.timesteps[-1]), eta=1.0) ** 0.5
-    theirs = ref(PROMPT, num_inference_steps=STEPS, eta=1.0, generator=_gen(), output_type="latent").images
+    theirs = ref(
+        PROMPT, num_inference_steps=STEPS, eta=1.0, generator=_gen(), output_type="latent"
+    ).images
     assert std > 1e-3
     torch.testing.assert_close(mean + std * z, theirs, atol=2e-5, rtol=1e-5)
 
@@ -156,17 +183,20 @@ def _mix_into(unet, others):
 
 def test_equal_variances_fuse_to_epsilon_mixing(models, fused):
     """Same eta for all: the fused step is the DDIM step of sum_i lambda_i eps_i (DESIGN.md §1),
-    here with a full UNet and two LoRAs batched, and with the base as reference (lambda_0 = 0.4)."""
+    here with a full UNet and a LoRA batched, and the base as reference (lambda_0 = 0.4)."""
     ref = _quiet(StableDiffusionPipeline.from_pretrained(models["e1"]))
     l1 = _quiet(StableDiffusionPipeline.from_pretrained(models["base"]))
     l1.load_lora_weights(str(models["l1"]))
     base = _quiet(StableDiffusionPipeline.from_pretrained(models["base"]))
     _mix_into(ref.unet, [0.3, (0.3, l1.unet), (0.4, base.unet)])
-    expected = ref(PROMPT, num_inference_steps=STEPS, eta=1.0, generator=_gen(), output_type="latent")
-    got = fused(PROMPT, {"e1": 0.3, "l1": 0.3}, num_inference_steps=STEPS, generator=_gen(), output_type="latent")
-    # diffusers adds last-step noise; compare after removing it (see the test above)
+    expected = ref(
+        PROMPT, num_inference_steps=STEPS, eta=1.0, generator=_gen(), output_type="latent"
+    )
     g = _gen()
-    fused(PROMPT, {"e1": 0.3, "l1": 0.3}, num_inference_steps=STEPS, generator=g, output_type="latent")
+    got = fused(
+        PROMPT, {"e1": 0.3, "l1": 0.3}, num_inference_steps=STEPS, generator=g, output_type="latent"
+    )
+    # diffusers adds noise at the last step (see test_only_the_last_steps_noise_differs_from_diffusers)
     schedule = Schedule.from_scheduler(ref.scheduler, STEPS)
     std = ddim_variance(*schedule.alpha_bars(schedule.timesteps[-1]), eta=1.0) ** 0.5
     z = randn_tensor(got.images.shape, generator=g)
@@ -177,14 +207,29 @@ def test_distinct_etas_weight_means_by_precision(models, fused):
     """One step (no noise): fused mean = sum lambda_i mu_i / var_i / sum lambda_i / var_i."""
     etas = {"e1": 1.0, "l1": 0.5}
     mu = {
-        n: fused(PROMPT, {n: 1.0}, num_inference_steps=1, eta=etas[n], generator=_gen(), output_type="latent").images
+        n: fused(
+            PROMPT,
+            {n: 1.0},
+            num_inference_steps=1,
+            eta=etas[n],
+            generator=_gen(),
+            output_type="latent",
+        ).images
         for n in etas
     }
     got = fused(
-        PROMPT, {"e1": 0.25, "l1": 0.75}, num_inference_steps=1, expert_etas=etas, generator=_gen(), output_type="latent"
+        PROMPT,
+        {"e1": 0.25, "l1": 0.75},
+        num_inference_steps=1,
+        expert_etas=etas,
+        generator=_gen(),
+        output_type="latent",
     ).images
     schedule = Schedule.from_scheduler(fused.scheduler, 1)
-    var = {n: ddim_variance(*schedule.alpha_bars(schedule.timesteps[0]), eta=e) for n, e in etas.items()}
+    var = {
+        n: ddim_variance(*schedule.alpha_bars(schedule.timesteps[0]), eta=e)
+        for n, e in etas.items()
+    }
     lam = {"e1": 0.25, "l1": 0.75}
     precision = sum(lam[n] / var[n] for n in etas)
     expected = sum(lam[n] * mu[n] / var[n] for n in etas) / precision
@@ -206,7 +251,9 @@ def test_lora_modes_give_the_same_fused_images(fused):
 def test_experts_order_does_not_matter(models):
     a = _msdda(models, ["l1", "l2"])
     b = _msdda(models, ["l2", "l1"])
-    np.testing.assert_allclose(_run(a, {"l1": 0.4, "l2": 0.6}), _run(b, {"l1": 0.4, "l2": 0.6}), atol=2e-5)
+    np.testing.assert_allclose(
+        _run(a, {"l1": 0.4, "l2": 0.6}), _run(b, {"l1": 0.4, "l2": 0.6}), atol=2e-5
+    )
 
 
 def test_kl_coefficients_set_the_exponents(fused):
@@ -226,7 +273,14 @@ def test_output_types(fused):
     np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), _run(fused, w), atol=1e-6)
     lat = _run(fused, w, output_type="latent")
     assert lat.shape == (1, 4, 16, 16) and lat.dtype == torch.float32
-    out = fused(PROMPT, w, num_inference_steps=2, generator=_gen(), num_images_per_prompt=2, return_dict=False)
+    out = fused(
+        PROMPT,
+        w,
+        num_inference_steps=2,
+        generator=_gen(),
+        num_images_per_prompt=2,
+        return_dict=False,
+    )
     assert isinstance(out, tuple) and len(out[0]) == 2
 
 
@@ -315,7 +369,11 @@ def xl(tmp_path_factory):
 
 
 def test_sdxl_single_experts_reproduce_diffusers(xl):
-    ours = _quiet(MSDDAStableDiffusionXLPipeline.from_pretrained(xl["base"], experts={"e1": xl["e1"], "l1": xl["l1"]}))
+    ours = _quiet(
+        MSDDAStableDiffusionXLPipeline.from_pretrained(
+            xl["base"], experts={"e1": xl["e1"], "l1": xl["l1"]}
+        )
+    )
     _last_step_deterministic(ours)
     ref = _last_step_deterministic(_quiet(StableDiffusionXLPipeline.from_pretrained(xl["e1"])))
     np.testing.assert_allclose(_run(ours, {"e1": 1.0}), _run(ref, eta=1.0), atol=2e-5)

@@ -12,8 +12,8 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
 
 from msdda.sd.rewards import (  # noqa: E402
-    CLIPScore,
     ClipPreprocess,
+    CLIPScore,
     HPSv2Score,
     ImageRewardScore,
     LaionAesthetic,
@@ -36,14 +36,18 @@ def clip_dir(tmp_path_factory):
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     layers = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2)
     cfg = CLIPConfig(
-        text_config=dict(layers, vocab_size=len(tok), bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos),
+        text_config=dict(
+            layers, vocab_size=len(tok), bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos
+        ),
         vision_config=dict(layers, image_size=32, patch_size=8),
         projection_dim=PROJ,
     )
     torch.manual_seed(0)
     CLIPModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
     return folder
 
 
@@ -61,7 +65,9 @@ def _reference_embeddings(folder, images, prompts):
     model = CLIPModel.from_pretrained(folder)
     proc = CLIPImageProcessor.from_pretrained(folder)
     tok = tiny_clip_tokenizer()
-    pixels = proc(images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False)
+    pixels = proc(
+        images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False
+    )
     with torch.no_grad():
         img = model.get_image_features(pixel_values=pixels.pixel_values)
         ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt")
@@ -73,7 +79,9 @@ def _reference_embeddings(folder, images, prompts):
 
 def test_preprocessing_matches_clips_image_processor(clip_dir, images):
     proc = CLIPImageProcessor.from_pretrained(clip_dir)
-    ref = proc(images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False)
+    ref = proc(
+        images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False
+    )
     ours = ClipPreprocess.from_folder(clip_dir)(images)
     torch.testing.assert_close(ours, ref.pixel_values, atol=1e-4, rtol=1e-4)
 
@@ -98,7 +106,9 @@ def test_pickscore_is_the_logit_scaled_cosine(clip_dir, images):
     model, img, txt = _reference_embeddings(clip_dir, images, PROMPTS)
     with torch.no_grad():
         got = reward(images, PROMPTS)
-    torch.testing.assert_close(got, model.logit_scale.exp() * (img * txt).sum(-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        got, model.logit_scale.exp() * (img * txt).sum(-1), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])

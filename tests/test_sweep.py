@@ -72,7 +72,7 @@ def keys_in_file(path: Path) -> list[tuple]:
 
 def comparable(rows) -> dict:
     """Rows without their timings: equal for equal seeds."""
-    return {row_key(r): (r["rewards"], r["nfe_per_image"]) for r in rows}
+    return {row_key(r): (r["rewards"], r["nfe_per_image"], r["drift_from_base"]) for r in rows}
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,9 @@ def gaussian_log_likelihood_difference(
     Equals sum (b - a) (a + b - 2 mean) / (2 var): the normalisers cancel.
     Shapes: (B, ...) each (variance may broadcast); returns (B,).
     """
-    return _sum_per_sample((action_b - action_a) * (action_a + action_b - 2 * mean) / (2 * variance))
+    return _sum_per_sample(
+        (action_b - action_a) * (action_a + action_b - 2 * mean) / (2 * variance)
+    )
 
 
 def pair_log_ratio_difference(

@@ -157,7 +157,9 @@ def _tile(cond: Any, times: int) -> Any:
     if cond is None:
         return None
     if not isinstance(cond, Tensor):
-        raise TypeError(f"cond must be a tensor with a leading batch axis or None, got {type(cond).__name__}")
+        raise TypeError(
+            f"cond must be a tensor with a leading batch axis or None, got {type(cond).__name__}"
+        )
     return cond.repeat(times, *([1] * (cond.ndim - 1)))
 
 
@@ -208,7 +210,9 @@ def collect_pairs(
         steps = training_step_indices(schedule, max(1, len(schedule.timesteps) // 20))
     steps = sorted(set(int(i) for i in steps))
     if not steps or steps[0] < 0 or steps[-1] >= len(schedule.timesteps):
-        raise ValueError(f"steps must be indices in [0, {len(schedule.timesteps) - 1}], got {steps}")
+        raise ValueError(
+            f"steps must be indices in [0, {len(schedule.timesteps) - 1}], got {steps}"
+        )
     wanted = {schedule.timesteps[i]: i for i in steps}
     draw = torch.Generator().manual_seed(seed + 7919)
     rows: dict[str, list] = {k: [] for k in ("x", "t", "i", "c", "a", "b", "m", "v")}

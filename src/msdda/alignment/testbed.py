@@ -49,7 +49,9 @@ class LinearReward:
         return (x * self.direction).sum(-1)
 
     def tilt(self, reference: Gaussian, kl_coef: float) -> Gaussian:
-        return Gaussian(reference.mean + reference.variance * self.direction / kl_coef, reference.variance)
+        return Gaussian(
+            reference.mean + reference.variance * self.direction / kl_coef, reference.variance
+        )
 
 
 class TestbedPolicy(nn.Module):
@@ -189,12 +191,23 @@ def validate_on_testbed(
     )
     policy = TestbedPolicy(mixture, schedule, learned_variance=learned_variance)
     config = TrainConfig(
-        kl_coef=kl_coef, labels=labels, num_steps=num_steps, batch_size=len(pairs), lr=lr,
-        max_grad_norm=None, seed=seed, log_every=max(1, num_steps // 10),
+        kl_coef=kl_coef,
+        labels=labels,
+        num_steps=num_steps,
+        batch_size=len(pairs),
+        lr=lr,
+        max_grad_norm=None,
+        seed=seed,
+        log_every=max(1, num_steps // 10),
     )
     start = time.perf_counter()
     result = train_dpo(
-        policy, pairs, pairs.weighted_rewards({"r": 1.0}), schedule, spec, config,
+        policy,
+        pairs,
+        pairs.weighted_rewards({"r": 1.0}),
+        schedule,
+        spec,
+        config,
         variance_parameters=policy.variance_parameters(),
     )
     seconds = time.perf_counter() - start
@@ -214,7 +227,9 @@ def validate_on_testbed(
             tilt = want.mean - ref.mean
             errs["mean"] = max(errs["mean"], float((got.mean - want.mean).abs().max()))
             errs["shift"] = max(errs["shift"], float(tilt.abs().max()))
-            errs["var"] = max(errs["var"], float(((got.variance - want.variance).abs() / want.variance).max()))
+            errs["var"] = max(
+                errs["var"], float(((got.variance - want.variance).abs() / want.variance).max())
+            )
             errs["ratio"].append(((got.mean - ref.mean) * tilt).sum() / (tilt * tilt).sum())
         return ref
 

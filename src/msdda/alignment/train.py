@@ -116,7 +116,9 @@ def step_gaussians_per_sample(
     Shapes: model_output (B, C or 2C, ...), x_t (B, C, ...), timesteps (B,) long.
     """
     if timesteps.shape != (x_t.shape[0],):
-        raise ValueError(f"timesteps must have shape ({x_t.shape[0]},), got {tuple(timesteps.shape)}")
+        raise ValueError(
+            f"timesteps must have shape ({x_t.shape[0]},), got {tuple(timesteps.shape)}"
+        )
     means, variances, order = [], [], []
     for t in timesteps.unique().tolist():
         idx = (timesteps == t).nonzero().squeeze(1)
@@ -272,17 +274,30 @@ def evaluate_policy(
         idx = torch.arange(s, min(s + batch_size, len(pairs)))
         g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
         a, b = pairs.action_a[idx], pairs.action_b[idx]
-        diff = gaussian_log_likelihood_difference(a.double(), b.double(), g.mean.double(), g.variance.double())
+        diff = gaussian_log_likelihood_difference(
+            a.double(), b.double(), g.mean.double(), g.variance.double()
+        )
         ref = gaussian_log_likelihood_difference(
-            a.double(), b.double(), pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double()
+            a.double(),
+            b.double(),
+            pairs.reference_mean[idx].double(),
+            pairs.reference_variance[idx].double(),
         )
         logits.append(dpo_logits(diff - ref, kl_coef))
-        kls.append(gaussian_kl(Gaussian(g.mean.double(), g.variance.double()), Gaussian(pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double())))
+        kls.append(
+            gaussian_kl(
+                Gaussian(g.mean.double(), g.variance.double()),
+                Gaussian(
+                    pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double()
+                ),
+            )
+        )
     if isinstance(policy, nn.Module):
         policy.train(was_training)
     z, kl = torch.cat(logits), torch.cat(kls)
     per_step = {
-        int(i): float(kl[pairs.step_indices == i].mean()) for i in pairs.step_indices.unique().tolist()
+        int(i): float(kl[pairs.step_indices == i].mean())
+        for i in pairs.step_indices.unique().tolist()
     }
     return PolicyMetrics(
         loss=float(soft_dpo_loss(z, labels.double())),

@@ -50,6 +50,7 @@ def report(
         "hypervolume",
         f"weighted reward {half}",
         "MSDDA - method",
+        "drift from base",
         "time / base",
         "NFE / base",
     ):
@@ -66,6 +67,7 @@ def report(
             num(s.hypervolume, ".4f"),
             num(s.weighted_half, ".3f", s.weighted_half_se),
             num(s.msdda_gain, "+.3f", s.msdda_gain_se),
+            num(s.drift_half, ".4f"),
             num(s.time_vs_base, ".2f"),
             num(s.nfe_vs_base, ".2f"),
         )

@@ -72,8 +72,8 @@ def sweep(
     grid: int = typer.Option(11, help="Evenly spaced weights (w, 1 - w) for 2 objectives."),
     weights: str = typer.Option(None, help="Explicit weights, e.g. '0.3,0.7;0.5,0.5'."),
     prompts: str = typer.Option(None, help="Comma-separated prompts (default: the domain's)."),
-    seeds: str = typer.Option("0", help="Comma-separated evaluation seeds."),
-    images: int = typer.Option(16, help="Images per (prompt, seed) row."),
+    seeds: str = typer.Option("0,1", help="Comma-separated evaluation seeds."),
+    images: int = typer.Option(64, help="Images per (prompt, seed) row."),
     tune: bool = typer.Option(True, help="Tune rgg's scale and code's (N, B) on tuning seeds."),
     tune_seeds: str = typer.Option("10000", help="Tuning seeds (disjoint from --seeds)."),
     tune_images: int = typer.Option(8, help="Images per (prompt, tuning seed)."),
@@ -84,7 +84,9 @@ def sweep(
     code_n: int = typer.Option(4, help="code: candidates N when not tuning."),
     code_b: int = typer.Option(5, help="code: block length B when not tuning."),
     target_m: int = typer.Option(8, help="target: candidates M per step."),
-    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    threads: int = typer.Option(
+        1, help="torch threads (0: torch's default; 1 is robust on a busy shared CPU)."
+    ),
 ) -> None:
     """Sample every method over preference weights, prompts and seeds; append rows as they finish."""
     import torch

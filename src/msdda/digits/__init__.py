@@ -20,7 +20,15 @@ The prompt is a digit 0-9. Data (``sklearn.datasets.load_digits``) lives in mode
 """
 
 from .bundle import DigitsBundle, Oracle, expert_spec, load_denoiser, load_digits_bundle
-from .data import IMAGE_SHAPE, NUM_CLASSES, DigitData, check_prompts, decode, encode, load_digit_data
+from .data import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
+    DigitData,
+    check_prompts,
+    decode,
+    encode,
+    load_digit_data,
+)
 from .models import (
     NULL_CLASS,
     ClassifierConfig,

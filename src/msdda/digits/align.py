@@ -18,18 +18,22 @@ Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.
 - :func:`train_oracle` (bundle, weights, kind, ...) -> :class:`AlignedModel`
 - :func:`train_experts_and_oracles` (bundle, seed, ...) -> every expert and oracle of a seed
 - :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name
-- :func:`apply_adapter` (base, adapter, lora) -> the merged :class:`DigitDenoiser`
+- :func:`apply_adapter` (base, adapter, lora, kind) -> the merged :class:`DigitDenoiser`
+- :func:`save_adapter` / :func:`load_adapter`: an aligned model as a small safetensors file
+  (its adapter, ~0.2-0.3 MB in float32) that rebuilds it on the base
 - :data:`ORACLE_WEIGHTS`: the oracles' (legibility, boldness) weights
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +54,7 @@ from .data import IMAGE_SHAPE, NUM_CLASSES, decode
 from .models import DigitDenoiser, GuidedDenoiser
 from .rewards import REWARDS
 from .sampling import sample_expert
-from .store import EXPERT_KINDS
+from .store import EXPERT_KINDS, atomic_write_bytes
 
 __all__ = [
     "ORACLE_WEIGHTS",
@@ -65,6 +69,8 @@ __all__ = [
     "train_experts_and_oracles",
     "evaluate_rewards",
     "apply_adapter",
+    "save_adapter",
+    "load_adapter",
     "variance_offsets",
 ]
 
@@ -97,7 +103,13 @@ class LoraSettings:
     rank: int = 8  # r
     alpha: float = 8.0  # scale alpha / r
     target_modules: tuple[str, ...] = (  # every linear layer of the DigitDenoiser trunk
-        "time_mlp.0", "time_mlp.2", "inp", "fc1", "emb", "fc2", "out",
+        "time_mlp.0",
+        "time_mlp.2",
+        "inp",
+        "fc1",
+        "emb",
+        "fc2",
+        "out",
     )
 
     def to_dict(self) -> dict:
@@ -142,7 +154,9 @@ def _check_kind(kind: str) -> None:
 
 def _check_bundle(bundle: Any) -> DigitsBundle:
     if not isinstance(bundle, DigitsBundle):
-        raise TypeError(f"bundle must be a DigitsBundle (load_digits_bundle), got {type(bundle).__name__}")
+        raise TypeError(
+            f"bundle must be a DigitsBundle (load_digits_bundle), got {type(bundle).__name__}"
+        )
     return bundle
 
 
@@ -153,7 +167,11 @@ def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     for name, w in weights.items():
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not (math.isfinite(w) and w >= 0)
+        ):
             raise ValueError(f"weight of {name!r} must be a non-negative finite number, got {w!r}")
         out[name] = float(w)
     if not any(out.values()):
@@ -209,23 +227,86 @@ def _lora_model(base: DigitDenoiser, kind: str, lora: LoraSettings) -> nn.Module
 def _adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }
 
 
 def apply_adapter(
     base: DigitDenoiser, adapter: Mapping[str, Tensor], lora: LoraSettings | Mapping, kind: str
 ) -> DigitDenoiser:
     """The merged network base + adapter (as :func:`train_expert` returns it), eval mode."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     _check_kind(kind)
     if isinstance(lora, Mapping):
         lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
     peft_model = _lora_model(base, kind, lora)
-    result = set_peft_model_state_dict(peft_model, dict(adapter))
+    missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(adapter))
+    if missing:
+        raise ValueError(f"adapter does not fit the model: missing keys {missing[:5]}")
+    try:
+        result = set_peft_model_state_dict(peft_model, dict(adapter))
+    except RuntimeError as err:  # shapes differ
+        raise ValueError(f"adapter does not fit the model: {err}") from None
     if result.unexpected_keys:
-        raise ValueError(f"adapter does not fit the model: unexpected keys {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"adapter does not fit the model: unexpected keys {result.unexpected_keys[:5]}"
+        )
     return peft_model.merge_and_unload().eval()
+
+
+ADAPTER_FORMAT = "msdda-digits-adapter/1"
+
+
+def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
+    """Write ``aligned``'s adapter as safetensors (atomically), with what rebuilds it as metadata."""
+    from safetensors.torch import save
+
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "weights": json.dumps(aligned.weights),
+        "kind": aligned.kind,
+        "kl_coef": repr(aligned.kl_coef),
+        "lora": json.dumps(aligned.training["config"]["lora"]),
+        "seed": str(aligned.training["seed"]),
+    }
+    atomic_write_bytes(Path(path), save(aligned.adapter, metadata=meta))
+
+
+def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, dict[str, Any]]:
+    """The merged model of an adapter file on ``base``, and its metadata (weights, kind, ...).
+
+    Raises:
+        ValueError: naming ``path`` when it is missing, not a safetensors file, not an
+            adapter file, or does not fit ``base``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"adapter file {path} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            adapter = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise ValueError(f"adapter file {path} is not a valid safetensors file: {err}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"adapter file {path} is not a {ADAPTER_FORMAT} file")
+    info = {
+        "weights": json.loads(meta["weights"]),
+        "kind": meta["kind"],
+        "kl_coef": float(meta["kl_coef"]),
+        "lora": json.loads(meta["lora"]),
+        "seed": int(meta["seed"]),
+    }
+    try:
+        model = apply_adapter(base, adapter, info["lora"], info["kind"])
+    except (RuntimeError, KeyError) as err:
+        raise ValueError(f"adapter file {path} does not fit the base: {err}") from None
+    return model.requires_grad_(False), info
 
 
 _BASE_REWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -265,7 +346,11 @@ def variance_offsets(expert: Expert, pairs: PairSet, max_states: int = 4096) -> 
     if out.shape[1] != 2 * pairs.states.shape[1]:
         return {"mean": 0.0, "mean_abs": 0.0, "max_abs": 0.0}
     v = out[:, pairs.states.shape[1] :]
-    return {"mean": float(v.mean()), "mean_abs": float(v.abs().mean()), "max_abs": float(v.abs().max())}
+    return {
+        "mean": float(v.mean()),
+        "mean_abs": float(v.abs().mean()),
+        "max_abs": float(v.abs().max()),
+    }
 
 
 def train_aligned(
@@ -299,11 +384,14 @@ def train_aligned(
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
     rewards = pairs.weighted_rewards(weights)
-    torch.manual_seed(seed)
-    peft_model = _lora_model(bundle.base, kind, config.lora)
+    with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG untouched
+        torch.manual_seed(seed)
+        peft_model = _lora_model(bundle.base, kind, config.lora)
     policy = _guided(peft_model, bundle)
     spec = expert_spec(kind)
-    variance_params = [p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad]
+    variance_params = [
+        p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad
+    ]
     train_config = TrainConfig(
         kl_coef=config.kl_coef,
         labels="soft",
@@ -322,8 +410,14 @@ def train_aligned(
             progress(record.step, config.num_steps, record.loss)
 
     result = train_dpo(
-        policy, pairs, rewards, bundle.schedule, spec, train_config,
-        variance_parameters=variance_params, callback=callback,
+        policy,
+        pairs,
+        rewards,
+        bundle.schedule,
+        spec,
+        train_config,
+        variance_parameters=variance_params,
+        callback=callback,
     )
     adapter = _adapter_state(peft_model)
     model = peft_model.merge_and_unload().eval().requires_grad_(False)
@@ -355,7 +449,9 @@ def train_aligned(
         "pairs": {"num_pairs": len(pairs), **pairs_config.to_dict()},
         "history": [asdict(r) for r in result.history],
     }
-    return AlignedModel(model, expert, weights, kind, float(config.kl_coef), adapter, metrics, training)
+    return AlignedModel(
+        model, expert, weights, kind, float(config.kl_coef), adapter, metrics, training
+    )
 
 
 def train_expert(
@@ -377,8 +473,14 @@ def train_expert(
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
     return train_aligned(
-        bundle, {reward: 1.0}, kind, pairs=pairs, config=config, pairs_config=pairs_config,
-        seed=seed, progress=progress,
+        bundle,
+        {reward: 1.0},
+        kind,
+        pairs=pairs,
+        config=config,
+        pairs_config=pairs_config,
+        seed=seed,
+        progress=progress,
     )
 
 
@@ -399,8 +501,14 @@ def train_oracle(
     kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)``.
     """
     return train_aligned(
-        bundle, weights, kind, pairs=pairs, config=config, pairs_config=pairs_config,
-        seed=seed, progress=progress,
+        bundle,
+        weights,
+        kind,
+        pairs=pairs,
+        config=config,
+        pairs_config=pairs_config,
+        seed=seed,
+        progress=progress,
     )
 
 
@@ -429,11 +537,21 @@ def train_experts_and_oracles(
     ]
     out = []
     for label, weights, kind in jobs:
-        report = None if progress is None else (lambda s, n, l, label=label: progress(label, s, n, l))
+        report = (
+            None
+            if progress is None
+            else (lambda s, n, loss, label=label: progress(label, s, n, loss))
+        )
         out.append(
             train_aligned(
-                bundle, weights, kind, pairs=pairs, config=config, pairs_config=pairs_config,
-                seed=seed, progress=report,
+                bundle,
+                weights,
+                kind,
+                pairs=pairs,
+                config=config,
+                pairs_config=pairs_config,
+                seed=seed,
+                progress=report,
             )
         )
     return out

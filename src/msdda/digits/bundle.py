@@ -12,7 +12,7 @@ to look models up: they say clearly what is missing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,9 +155,13 @@ def load_digits_bundle(
 
     base = load_denoiser(weights_dir, manifest["base"], "base")
     if base.config.variance_head:
-        raise ValueError(f"{weights_dir / manifest['base']['file']}: the base must not have a variance head")
+        raise ValueError(
+            f"{weights_dir / manifest['base']['file']}: the base must not have a variance head"
+        )
     file, sha = _entry_file(weights_dir, manifest["classifier"], "classifier")
-    classifier = DigitClassifier(_config(ClassifierConfig, manifest["classifier"].get("config"), f"{file}"))
+    classifier = DigitClassifier(
+        _config(ClassifierConfig, manifest["classifier"].get("config"), f"{file}")
+    )
     load_module_state(file, classifier, sha)
 
     raw = make_rewards(classifier, float(manifest["legibility_temperature"]))
@@ -199,6 +203,3 @@ def load_digits_bundle(
         oracles=tuple(oracles),
     )
 
-
-def _names(items: Sequence[str]) -> str:
-    return ", ".join(items)

@@ -79,9 +79,15 @@ def check_prompts(prompts, name: str = "prompts") -> Tensor:
             raise ValueError(f"{name} must be a digit 0-9, got {prompts}")
         return torch.tensor([prompts], dtype=torch.long)
     if not isinstance(prompts, Tensor):
-        raise TypeError(f"{name} must be a digit 0-9 or a tensor of digits, got {type(prompts).__name__}")
+        raise TypeError(
+            f"{name} must be a digit 0-9 or a tensor of digits, got {type(prompts).__name__}"
+        )
     if prompts.dtype.is_floating_point or prompts.dtype == torch.bool or prompts.ndim != 1:
-        raise TypeError(f"{name} must be a (B,) integer tensor, got {prompts.dtype} {tuple(prompts.shape)}")
+        raise TypeError(
+            f"{name} must be a (B,) integer tensor, got {prompts.dtype} {tuple(prompts.shape)}"
+        )
     if prompts.numel() and (int(prompts.min()) < 0 or int(prompts.max()) >= NUM_CLASSES):
-        raise ValueError(f"{name} must hold digits 0-9, got values in [{int(prompts.min())}, {int(prompts.max())}]")
+        raise ValueError(
+            f"{name} must hold digits 0-9, got values in [{int(prompts.min())}, {int(prompts.max())}]"
+        )
     return prompts.long()

@@ -108,9 +108,7 @@ class DigitDenoiser(nn.Module):
         super().__init__()
         self.config = config = config or DenoiserConfig()
         h = config.hidden
-        self.time_mlp = nn.Sequential(
-            nn.Linear(config.time_dim, h), nn.SiLU(), nn.Linear(h, h)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_dim, h), nn.SiLU(), nn.Linear(h, h))
         self.class_emb = nn.Embedding(NUM_CLASSES + 1, h)
         self.inp = nn.Linear(NUM_PIXELS, h)
         self.blocks = nn.ModuleList(_ResidualBlock(h) for _ in range(config.num_blocks))

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,13 +24,25 @@ from typing import Any
 import torch
 
 from .data import NUM_CLASSES
-from .models import DigitClassifier
-from .rewards import fit_normalisation, make_rewards
+from .models import DigitClassifier, DigitDenoiser
+from .rewards import RewardNormalisation, fit_normalisation, make_rewards
 from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule
 from .store import EXPERT_KINDS, MANIFEST_FORMAT, MANIFEST_NAME, save_module, write_manifest
-from .train import BaseTraining, ClassifierTraining, per_class_accuracy, train_base, train_classifier
+from .train import (
+    BaseTraining,
+    ClassifierTraining,
+    per_class_accuracy,
+    train_base,
+    train_classifier,
+)
 
-__all__ = ["ToyTrainConfig", "StageProgress", "train_all", "base_sample_metrics"]
+__all__ = [
+    "ToyTrainConfig",
+    "StageProgress",
+    "train_all",
+    "base_sample_metrics",
+    "write_domain_folder",
+]
 
 #: ``progress(stage, step, total, loss)``: stage is "classifier", "base", "normalisation",
 #: "pairs", "expert <reward>/<kind>" or "oracle <weights>/<kind>"; loss may be NaN.
@@ -58,6 +70,9 @@ class ToyTrainConfig:
     align_seed: int = 0  # seeds the reference pairs and every expert/oracle
     experts: tuple[tuple[str, str], ...] = DEFAULT_EXPERTS  # (reward, kind)
     oracle_kind: str = "fixed"  # oracles at msdda.digits.align.ORACLE_WEIGHTS
+    oracle_weights: tuple[tuple[tuple[str, float], ...], ...] | None = None  # None: ORACLE_WEIGHTS
+    align_config: Any = None  # msdda.digits.align.AlignConfig (None: its defaults)
+    pairs_config: Any = None  # msdda.digits.align.PairsConfig (None: its defaults)
 
     def __post_init__(self) -> None:
         from .rewards import REWARDS
@@ -75,8 +90,19 @@ class ToyTrainConfig:
             raise ValueError("normalisation_samples_per_prompt must be at least 2")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {
+            k: getattr(self, k)
+            for k in self.__dataclass_fields__
+            if k not in ("align_config", "pairs_config", "classifier", "base")
+        }
+        d["classifier"] = self.classifier.to_dict()
+        d["base"] = self.base.to_dict()
         d["experts"] = [list(e) for e in self.experts]
+        if self.oracle_weights is not None:
+            d["oracle_weights"] = [dict(w) for w in self.oracle_weights]
+        for k in ("align_config", "pairs_config"):
+            v = getattr(self, k)
+            d[k] = None if v is None else v.to_dict()
         return d
 
 
@@ -130,14 +156,14 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    classifier, clf_metrics = train_classifier(cfg.classifier, _stage_progress(progress, "classifier"))
-    clf_sha = save_module(stage_dir / "classifier.safetensors", classifier)
+    classifier, clf_metrics = train_classifier(
+        cfg.classifier, _stage_progress(progress, "classifier")
+    )
     timings["classifier"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     schedule = make_schedule(NUM_INFERENCE_STEPS)
     base, base_metrics = train_base(schedule, cfg.base, _stage_progress(progress, "base"))
-    base_sha = save_module(stage_dir / "base.safetensors", base)
     timings["base"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -163,44 +189,92 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
     sample_metrics["raw_reward_means"] = {k: s.mean for k, s in stats.items()}
     timings["normalisation"] = time.perf_counter() - t0
 
-    return {
-        "format": MANIFEST_FORMAT,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "seeds": {
-            "classifier": cfg.classifier.seed,
-            "base": cfg.base.seed,
-            "normalisation": cfg.normalisation_seed,
-            "align": cfg.align_seed,
-            "data_split": 0,
-        },
-        "scheduler": dict(SCHEDULER_CONFIG),
-        "num_inference_steps": NUM_INFERENCE_STEPS,
-        "sampler": "ddpm",
-        "guidance_scale": cfg.guidance_scale,
-        "legibility_temperature": cfg.legibility_temperature,
-        "classifier": {
-            "file": "classifier.safetensors",
-            "sha256": clf_sha,
-            "config": cfg.classifier.model.to_dict(),
-            "metrics": clf_metrics,
-            "training": cfg.classifier.to_dict(),
-        },
-        "base": {
-            "file": "base.safetensors",
-            "sha256": base_sha,
-            "config": cfg.base.model.to_dict(),
+    return write_domain_folder(
+        stage_dir,
+        classifier,
+        base,
+        stats,
+        legibility_temperature=cfg.legibility_temperature,
+        guidance_scale=cfg.guidance_scale,
+        classifier_record={"metrics": clf_metrics, "training": cfg.classifier.to_dict()},
+        base_record={
             "metrics": {**base_metrics, "samples": sample_metrics},
             "training": cfg.base.to_dict(),
         },
+        extra={
+            "seeds": {
+                "classifier": cfg.classifier.seed,
+                "base": cfg.base.seed,
+                "normalisation": cfg.normalisation_seed,
+                "align": cfg.align_seed,
+                "data_split": 0,
+            },
+            "timings_s": timings,
+            "toy_train_config": cfg.to_dict(),
+        },
+    )
+
+
+def write_domain_folder(
+    folder: str | Path,
+    classifier: DigitClassifier,
+    base: DigitDenoiser,
+    normalisation: Mapping[str, RewardNormalisation],
+    *,
+    legibility_temperature: float,
+    guidance_scale: float = 1.0,
+    classifier_record: Mapping[str, Any] | None = None,
+    base_record: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write ``classifier.safetensors``, ``base.safetensors`` and a manifest with no experts.
+
+    The starting point of a weights folder (experts and oracles are added with
+    :func:`~msdda.digits.store.add_expert` / :func:`~msdda.digits.store.add_oracle`).
+    ``*_record`` add fields (metrics, training settings) to the models' manifest entries;
+    ``extra`` adds top-level fields. Returns the manifest.
+    """
+    from .rewards import REWARDS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"weights folder {folder} does not exist")
+    if base.config.variance_head:
+        raise ValueError("base must not have a variance head")
+    missing = [n for n in REWARDS if n not in normalisation]
+    if missing:
+        raise ValueError(f"normalisation is missing reward(s) {missing}")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "scheduler": dict(SCHEDULER_CONFIG),
+        "num_inference_steps": NUM_INFERENCE_STEPS,
+        "sampler": "ddpm",
+        "guidance_scale": float(guidance_scale),
+        "legibility_temperature": float(legibility_temperature),
+        "classifier": {
+            "file": "classifier.safetensors",
+            "sha256": save_module(folder / "classifier.safetensors", classifier),
+            "config": classifier.config.to_dict(),
+            **dict(classifier_record or {}),
+        },
+        "base": {
+            "file": "base.safetensors",
+            "sha256": save_module(folder / "base.safetensors", base),
+            "config": base.config.to_dict(),
+            **dict(base_record or {}),
+        },
         "reward_normalisation": {
-            k: {"mean": s.mean, "std": s.std, "num_samples": n} for k, s in stats.items()
+            k: {"mean": s.mean, "std": s.std} for k, s in normalisation.items()
         },
         "experts": [],
         "oracles": [],
-        "timings_s": timings,
-        "toy_train_config": cfg.to_dict(),
+        "timings_s": {},
+        **dict(extra or {}),
     }
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def _align(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict[str, float]:
@@ -213,33 +287,73 @@ def _align(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dic
     bundle = load_digits_bundle(stage_dir)
     t0 = time.perf_counter()
     progress("pairs", 0, 1, float("nan"))
-    pairs = align.collect_digit_pairs(bundle, align.PairsConfig(), cfg.align_seed)
+    align_config = cfg.align_config or align.AlignConfig()
+    pairs_config = cfg.pairs_config or align.PairsConfig()
+    pairs = align.collect_digit_pairs(bundle, pairs_config, cfg.align_seed)
     progress("pairs", 1, 1, float("nan"))
     timings["pairs"] = time.perf_counter() - t0
     for reward, kind in cfg.experts:
         t0 = time.perf_counter()
         stage = f"expert {reward}/{kind}"
         m = align.train_expert(
-            bundle, reward, kind, pairs=pairs, seed=cfg.align_seed,
+            bundle,
+            reward,
+            kind,
+            pairs=pairs,
+            config=align_config,
+            pairs_config=pairs_config,
+            seed=cfg.align_seed,
             progress=_stage_progress(progress, stage),
         )
-        add_expert(stage_dir, m.model, reward=reward, kind=kind, kl_coef=m.kl_coef,
-                   metrics=m.metrics, training=m.training)
+        add_expert(
+            stage_dir,
+            m.model,
+            reward=reward,
+            kind=kind,
+            kl_coef=m.kl_coef,
+            metrics=m.metrics,
+            training=m.training,
+        )
         timings[stage] = time.perf_counter() - t0
-    for weights in align.ORACLE_WEIGHTS:
+    oracle_weights = (
+        align.ORACLE_WEIGHTS
+        if cfg.oracle_weights is None
+        else tuple(dict(w) for w in cfg.oracle_weights)
+    )
+    for weights in oracle_weights:
         t0 = time.perf_counter()
-        stage = "oracle " + ",".join(f"{k}={v:g}" for k, v in weights.items()) + f"/{cfg.oracle_kind}"
+        stage = (
+            "oracle " + ",".join(f"{k}={v:g}" for k, v in weights.items()) + f"/{cfg.oracle_kind}"
+        )
         m = align.train_oracle(
-            bundle, weights, cfg.oracle_kind, pairs=pairs, seed=cfg.align_seed,
+            bundle,
+            weights,
+            cfg.oracle_kind,
+            pairs=pairs,
+            config=align_config,
+            pairs_config=pairs_config,
+            seed=cfg.align_seed,
             progress=_stage_progress(progress, stage),
         )
-        add_oracle(stage_dir, m.model, weights=m.weights, kind=cfg.oracle_kind,
-                   kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)
+        add_oracle(
+            stage_dir,
+            m.model,
+            weights=m.weights,
+            kind=cfg.oracle_kind,
+            kl_coef=m.kl_coef,
+            metrics=m.metrics,
+            training=m.training,
+        )
         timings[stage] = time.perf_counter() - t0
     return timings
 
 
-_OWNED_PATTERNS = ("classifier.safetensors", "base.safetensors", "expert-*.safetensors", "oracle-*.safetensors")
+_OWNED_PATTERNS = (
+    "classifier.safetensors",
+    "base.safetensors",
+    "expert-*.safetensors",
+    "oracle-*.safetensors",
+)
 
 
 def _publish(stage_dir: Path, out_dir: Path) -> None:
@@ -278,7 +392,6 @@ def train_all(
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     try:
         manifest = _train_domain(stage_dir, cfg, progress)
-        write_manifest(stage_dir, manifest)
         if cfg.align:
             timings = _align(stage_dir, cfg, progress)
             manifest = json.loads((stage_dir / MANIFEST_NAME).read_text())
@@ -290,5 +403,3 @@ def train_all(
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return manifest
-
-

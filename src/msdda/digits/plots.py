@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from .store import publish_file
+
 __all__ = ["image_grid", "save_grid", "save_pareto_plot", "save_npy"]
 
 
@@ -25,7 +27,10 @@ def image_grid(images: Tensor, ncols: int | None = None, pad: int = 1) -> np.nda
     grid = np.ones((nrows * (h + pad) + pad, ncols * (w + pad) + pad), dtype=np.float32) * 0.5
     for i in range(n):
         r, c = divmod(i, ncols)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = arr[i]
+        grid[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + c * (w + pad) : pad + c * (w + pad) + w,
+        ] = arr[i]
     return grid
 
 
@@ -35,7 +40,7 @@ def _atomic_savefig(fig, path: Path, **kwargs) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -106,7 +111,7 @@ def save_npy(array: np.ndarray, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -64,7 +64,9 @@ class Legibility:
 
     def __init__(self, classifier: nn.Module, temperature: float) -> None:
         if not isinstance(classifier, nn.Module):
-            raise TypeError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+            raise TypeError(
+                f"classifier must be a torch.nn.Module, got {type(classifier).__name__}"
+            )
         if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.classifier = classifier.eval()
@@ -104,7 +106,9 @@ def make_reward(name: str, **kwargs) -> Reward:
 
 def make_rewards(classifier: nn.Module, temperature: float) -> dict[str, Reward]:
     """Every raw reward of :data:`REWARDS`, by name."""
-    return {name: make_reward(name, classifier=classifier, temperature=temperature) for name in REWARDS}
+    return {
+        name: make_reward(name, classifier=classifier, temperature=temperature) for name in REWARDS
+    }
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,14 @@ from .data import IMAGE_SHAPE, check_prompts, decode
 from .rewards import REWARDS
 from .store import EXPERT_KINDS
 
-__all__ = ["run_policy", "sample_expert", "msdda_policy", "sample_msdda", "generate", "check_weights"]
+__all__ = [
+    "run_policy",
+    "sample_expert",
+    "msdda_policy",
+    "sample_msdda",
+    "generate",
+    "check_weights",
+]
 
 Callback = Callable[[int, int, Tensor], None]
 
@@ -52,7 +59,9 @@ def sample_expert(
     return run_policy(policy, prompts.shape[0], schedule, seed, callback)
 
 
-def check_weights(weights: Mapping[str, float], available: Sequence[str] = REWARDS) -> dict[str, float]:
+def check_weights(
+    weights: Mapping[str, float], available: Sequence[str] = REWARDS
+) -> dict[str, float]:
     """Validate preference weights: known reward names, non-negative finite numbers."""
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError("weights must be a non-empty mapping of reward name to weight")
@@ -85,7 +94,9 @@ def msdda_policy(
     prompts = check_prompts(prompts)
     experts = [bundle.expert(name, expert_kind) for name in weights]
     if kl_coef is not None and (
-        isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not (math.isfinite(kl_coef) and kl_coef > 0)
+        isinstance(kl_coef, bool)
+        or not isinstance(kl_coef, (int, float))
+        or not (math.isfinite(kl_coef) and kl_coef > 0)
     ):
         raise ValueError(f"kl_coef must be a positive finite number, got {kl_coef!r}")
     return msdda_step(

@@ -35,6 +35,7 @@ __all__ = [
     "MANIFEST_FORMAT",
     "EXPERT_KINDS",
     "atomic_write_bytes",
+    "publish_file",
     "atomic_write_text",
     "save_module",
     "load_module_state",
@@ -54,6 +55,18 @@ MANIFEST_FORMAT = "msdda-digits/1"
 EXPERT_KINDS = ("fixed", "learned")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_file(tmp: str | Path, path: Path) -> None:
+    """Give ``tmp`` ordinary file permissions (0666 less the umask) and rename it to ``path``."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -61,7 +74,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -215,9 +228,7 @@ def add_expert(
         metrics=dict(metrics or {}),
         training=dict(training or {}),
     )
-    experts = [
-        e for e in manifest.get("experts", []) if (e["reward"], e["kind"]) != (reward, kind)
-    ]
+    experts = [e for e in manifest.get("experts", []) if (e["reward"], e["kind"]) != (reward, kind)]
     manifest["experts"] = [*experts, entry]
     write_manifest(weights_dir, manifest)
     return entry
@@ -251,7 +262,11 @@ def add_oracle(
     for name, w in weights.items():
         if name not in REWARDS:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (math.isfinite(w) and w >= 0):
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, (int, float))
+            or not (math.isfinite(w) and w >= 0)
+        ):
             raise ValueError(f"weight of {name!r} must be a non-negative number, got {w!r}")
     _check_kind(kind, model)
     manifest = read_manifest(weights_dir)
@@ -266,9 +281,7 @@ def add_oracle(
         metrics=dict(metrics or {}),
         training=dict(training or {}),
     )
-    oracles = [
-        e for e in manifest.get("oracles", []) if (e["weights"], e["kind"]) != (clean, kind)
-    ]
+    oracles = [e for e in manifest.get("oracles", []) if (e["weights"], e["kind"]) != (clean, kind)]
     manifest["oracles"] = [*oracles, entry]
     write_manifest(weights_dir, manifest)
     return entry

@@ -150,7 +150,9 @@ def train_base(
 ) -> tuple[DigitDenoiser, dict]:
     """Train the base denoiser on the "train" split; returns its EMA (eval mode) and metrics."""
     if cfg.model.variance_head:
-        raise ValueError("the base denoiser has no variance head (BaseTraining.model.variance_head)")
+        raise ValueError(
+            "the base denoiser has no variance head (BaseTraining.model.variance_head)"
+        )
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     train, held = load_digit_data("train"), load_digit_data("heldout")
@@ -158,9 +160,7 @@ def train_base(
     model = DigitDenoiser(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.steps, cfg.warmup))
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(0, train.images.shape[0], (cfg.batch_size,), generator=g)
@@ -182,7 +182,10 @@ def train_base(
         g_eval = torch.Generator().manual_seed(12345)
         x = held.images.repeat(8, 1, 1, 1)
         heldout = float(denoising_loss(ema, x, held.labels.repeat(8), abar, g_eval))
-    metrics = {"heldout_denoising_mse": heldout, "num_parameters": sum(p.numel() for p in ema.parameters())}
+    metrics = {
+        "heldout_denoising_mse": heldout,
+        "num_parameters": sum(p.numel() for p in ema.parameters()),
+    }
     return ema, metrics
 
 

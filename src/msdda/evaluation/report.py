@@ -42,6 +42,7 @@ class MethodPoint:
     images: int
     seconds_per_image: float
     nfe_per_image: float
+    drift_from_base: float | None  # mean RMS image difference from the base's, same noise
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class MethodSummary:
     weighted_half_se: float | None  # its standard error over images
     msdda_gain: float | None  # paired mean of (MSDDA - this method) at equal weights
     msdda_gain_se: float | None
+    drift_half: float | None  # drift from the base at equal weights
     seconds_per_image: float
     nfe_per_image: float
     time_vs_base: float | None
@@ -97,6 +99,7 @@ def aggregate(results: Results) -> list[MethodPoint]:
             n: math.fsum(r["rewards"][n] * r.get("images", 1) for r in rows) / images for n in names
         }
         per_image = {n: [x for r in rows for x in r.get("per_image", {}).get(n, [])] for n in names}
+        drifts = [r["drift_from_base"] for r in rows if "drift_from_base" in r]
         points.append(
             MethodPoint(
                 method,
@@ -106,6 +109,7 @@ def aggregate(results: Results) -> list[MethodPoint]:
                 images,
                 _mean([r["seconds_per_image"] for r in rows]),
                 _mean([r["nfe_per_image"] for r in rows]),
+                _mean(drifts) if len(drifts) == len(rows) else None,
             )
         )
     return points
@@ -174,6 +178,7 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
                 weighted_half_se=_se(values) if values else None,
                 msdda_gain=gain,
                 msdda_gain_se=gain_se,
+                drift_half=at_half.drift_from_base if at_half else None,
                 seconds_per_image=sec,
                 nfe_per_image=nfe,
                 time_vs_base=sec / base.seconds_per_image if base else None,
@@ -282,19 +287,34 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
             f"- tuned on seeds {tuning.get('seeds')} (disjoint from evaluation seeds) at weights "
             f"{tuning.get('weights')} by mean weighted reward: {chosen}"
         )
+        for m in ("rgg", "code"):
+            edge = tuning.get(m, {}).get("at_grid_edge")
+            if edge:
+                lines.append(
+                    f"- note: {m}'s {', '.join(edge)} was chosen at the edge of its grid "
+                    f"(scores {[round(s['score'], 3) for s in tuning[m]['scores']]}): the weighted "
+                    "reward was still rising there"
+                )
     if report.reference is not None:
         lines.append(
             f"- hypervolume reference point ({report.objectives[0]}, {report.objectives[1]}) = "
             f"({report.reference[0]:.4f}, {report.reference[1]:.4f})"
         )
-    lines += [f"- threads: {h.get('threads')}, torch {h.get('torch')}", ""]
+    lines += [
+        f"- threads: {h.get('threads')}, torch {h.get('torch')}; time per image is wall time of "
+        "the whole batch's chain over its size; NFE counts denoiser rows (rgg's backward pass "
+        "is not counted); drift is the RMS difference of each image from the base's image of "
+        "the same noise (all methods share prompts, x_T and step noise)",
+        "",
+    ]
     if plot_name:
         lines += [f"![Pareto fronts]({plot_name})", ""]
     w = _weights(report.half)
     lines += [
         f"| method | weights | hypervolume | weighted reward at w = {w} | MSDDA - method at {w} "
-        "(paired) | ms / image | time / base | NFE / image | NFE / base | reads rewards |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"(paired) | drift from base at {w} | ms / image | time / base | NFE / image | NFE / base "
+        "| reads rewards |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.summaries:
         info = METHODS.get(s.method)
@@ -302,7 +322,8 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         lines.append(
             f"| {s.method} | {len(s.points)} | {_fmt(s.hypervolume, '.4f')} "
             f"| {_fmt(s.weighted_half, '.3f', s.weighted_half_se)} "
-            f"| {_fmt(s.msdda_gain, '+.3f', s.msdda_gain_se)} | {s.seconds_per_image * 1e3:.3f} "
+            f"| {_fmt(s.msdda_gain, '+.3f', s.msdda_gain_se)} | {_fmt(s.drift_half, '.4f')} "
+            f"| {s.seconds_per_image * 1e3:.3f} "
             f"| {_fmt(s.time_vs_base, '.2f')} | {s.nfe_per_image:.0f} | {_fmt(s.nfe_vs_base, '.2f')} "
             f"| {reads} |"
         )

@@ -78,8 +78,8 @@ class SweepConfig:
     methods: tuple[str, ...] = tuple(METHODS)  # methods to compare
     weights: tuple[tuple[float, ...], ...] = simplex_grid(11)  # preference weights
     prompts: tuple[Any, ...] | None = None  # None: the domain's prompts
-    seeds: tuple[int, ...] = (0,)  # evaluation seeds
-    images_per_prompt: int = 16  # images per (prompt, seed) row
+    seeds: tuple[int, ...] = (0, 1)  # evaluation seeds
+    images_per_prompt: int = 64  # images per (prompt, seed) row
     settings: MethodSettings = field(default_factory=MethodSettings)  # untuned defaults
     tuning: TuningConfig | None = field(default_factory=TuningConfig)  # None: no tuning
 
@@ -167,10 +167,16 @@ def evaluate_rewards(domain: SweepDomain, x0: torch.Tensor, cond: Any) -> dict[s
     return {n: r(images, cond).detach().double() for n, r in domain.eval_rewards.items()}
 
 
-def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]:
+def drift(images: torch.Tensor, base_images: torch.Tensor) -> torch.Tensor:
+    """(B,) RMS difference per image from the base's image of the same noise (image units)."""
+    return (images - base_images).double().pow(2).flatten(1).mean(1).sqrt()
+
+
+def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run, drifts) -> list[dict]:
     rows = []
     for p, prompt in enumerate(prompts):
         sl = slice(p * per_prompt, (p + 1) * per_prompt)
+        extra = {} if drifts is None else {"drift_from_base": float(drifts[sl].mean())}
         rows.append(
             {
                 "method": unit.method,
@@ -186,6 +192,7 @@ def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]
                 "seconds_per_image": run.seconds_per_image,
                 "nfe_per_image": run.nfe_per_image,
                 "reward_evals_per_image": run.reward_rows / run.images,
+                **extra,
             }
         )
     return rows
@@ -197,14 +204,21 @@ def run_unit(
     prompts: Sequence[Any],
     images_per_prompt: int,
     settings: MethodSettings,
-) -> list[dict]:
-    """Sample one unit (all prompts in one batch) and return its rows, one per prompt."""
+    base_images: torch.Tensor | None = None,
+) -> tuple[list[dict], torch.Tensor]:
+    """Sample one unit (all prompts in one batch): its rows, one per prompt, and its images.
+
+    With ``base_images`` (the base's images of the same unit seed) the rows record each
+    image's drift from the base image sampled from the same noise.
+    """
     per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
     cond = domain.condition(per_sample_prompts)
     run = run_method(unit.method, domain.context, unit.weights, cond, seeds, settings=settings)
     rewards = evaluate_rewards(domain, run.samples, cond)
-    return _rows(unit, prompts, images_per_prompt, rewards, run)
+    images = domain.context.decode(run.samples).detach()
+    drifts = None if base_images is None else drift(images, base_images)
+    return _rows(unit, prompts, images_per_prompt, rewards, run, drifts), images
 
 
 @dataclass(frozen=True)
@@ -272,13 +286,28 @@ def run_sweep(
     writer, _ = open_results(path, header)
     units = plan_units(config, domain)
     units_run = written = 0
+    base_images: dict[int, torch.Tensor] = {}  # seed -> the base's images, for drift
+
+    def base_of(seed: int) -> torch.Tensor:
+        if seed not in base_images:
+            unit = SweepUnit("base", None, seed)
+            base_images[seed] = run_unit(unit, domain, prompts, config.images_per_prompt, settings)[
+                1
+            ]
+        return base_images[seed]
+
     with writer:
         for n, unit in enumerate(units):
             if progress:
                 progress(f"{unit.method} w={_fmt(unit.weights)} seed={unit.seed}", n, len(units))
             if unit_keys(unit, prompts) <= writer.done:
                 continue
-            rows = run_unit(unit, domain, prompts, config.images_per_prompt, settings)
+            ref = None if unit.method == "base" else base_of(unit.seed)
+            rows, images = run_unit(unit, domain, prompts, config.images_per_prompt, settings, ref)
+            if unit.method == "base":
+                base_images[unit.seed] = images
+                for r in rows:
+                    r["drift_from_base"] = 0.0
             units_run += 1
             written += sum(writer.append(r) for r in rows)
         total = len(writer.done)

@@ -105,11 +105,17 @@ def tune_settings(
             for w in tune_weights:
                 for seed in tuning.seeds:
                     unit = SweepUnit(method, w, seed)
-                    rows = run_unit(unit, domain, prompts, tuning.images_per_prompt, trial)
+                    rows, _ = run_unit(unit, domain, prompts, tuning.images_per_prompt, trial)
                     score += weighted_score(rows, domain.objectives, w)
             scores.append({**cand, "score": score / (len(tune_weights) * len(tuning.seeds))})
             done += 1
         best = max(scores, key=lambda s: s["score"])
-        settings = replace(settings, **{key: best[key] for key in candidates[0]})
-        record[method] = {"scores": scores, "chosen": {key: best[key] for key in candidates[0]}}
+        chosen = {key: best[key] for key in candidates[0]}
+        settings = replace(settings, **chosen)
+        edge = [
+            key for key in chosen
+            if chosen[key] in (min(c[key] for c in candidates), max(c[key] for c in candidates))
+            and len({c[key] for c in candidates}) > 1
+        ]  # fmt: skip
+        record[method] = {"scores": scores, "chosen": chosen, "at_grid_edge": edge}
     return settings, record

@@ -25,7 +25,9 @@ def is_sdxl(base: str, *, cache_dir: str | os.PathLike | None = None) -> bool:
         folder = resolve_hub_id(base, cache_dir=cache_dir)
     index = folder / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"base {base!r}: {folder} has no model_index.json (not a diffusers pipeline)")
+        raise ValueError(
+            f"base {base!r}: {folder} has no model_index.json (not a diffusers pipeline)"
+        )
     return "XL" in json.loads(index.read_text()).get("_class_name", "")
 
 
@@ -57,7 +59,9 @@ def _check_args(
         raise ValueError("weights must be a non-empty mapping {expert name: weight}")
     unknown = [k for k in weights if k not in experts]
     if unknown:
-        raise ValueError(f"weights name unknown expert(s) {unknown}; the experts are {list(experts)}")
+        raise ValueError(
+            f"weights name unknown expert(s) {unknown}; the experts are {list(experts)}"
+        )
     for k, v in weights.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
             raise ValueError(f"weight of {k!r} must be a non-negative finite number, got {v!r}")
@@ -74,7 +78,9 @@ def _check_args(
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta < math.inf):
         raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
     if kl_coef is not None and (
-        isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not (0 < kl_coef < math.inf)
+        isinstance(kl_coef, bool)
+        or not isinstance(kl_coef, (int, float))
+        or not (0 < kl_coef < math.inf)
     ):
         raise ValueError(f"kl_coef must be a positive number or None, got {kl_coef!r}")
     return out
@@ -119,7 +125,9 @@ def generate_sd(
     from .pipeline import MSDDAStableDiffusionPipeline, MSDDAStableDiffusionXLPipeline
 
     cuda = torch.cuda.is_available()
-    cls = MSDDAStableDiffusionXLPipeline if is_sdxl(os.fspath(base)) else MSDDAStableDiffusionPipeline
+    cls = (
+        MSDDAStableDiffusionXLPipeline if is_sdxl(os.fspath(base)) else MSDDAStableDiffusionPipeline
+    )
     pipe = cls.from_pretrained(
         os.fspath(base),
         experts={k: os.fspath(v) for k, v in experts.items()},

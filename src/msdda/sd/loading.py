@@ -335,7 +335,14 @@ def _count_lora_modules(state: Mapping[str, torch.Tensor], prefix: str | None) -
             if not k.startswith(f"{prefix}."):
                 continue
             k = k[len(prefix) + 1 :]
-        for marker in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", ".lora_down.", ".lora_up."):
+        for marker in (
+            ".lora_A.",
+            ".lora_B.",
+            ".lora.down.",
+            ".lora.up.",
+            ".lora_down.",
+            ".lora_up.",
+        ):
             if marker in k:
                 mods.add(k.split(marker)[0])
                 break

@@ -8,10 +8,11 @@ contiguous groups of samples can apply expert k's update to group k:
     y[group k] = W x[group k] + b + s_k B_k (A_k x[group k])
 
 :class:`LoRABank` holds every expert's factors, stacked per layer as
-``A_stack (E + 1, in, r_max)`` and ``B_stack (E + 1, r_max, s B)`` (ranks zero-padded
-to r_max, which changes nothing; slot E is all zeros: "no adapter", the base). A
-forward hook on each adapted layer adds the update of every group with two grouped
-matmuls (``torch.bmm`` over the expert axis), instead of peft's Python loop over
+``A^T (E + 1, in, r_max)`` and ``(s B)^T (E + 1, r_max, out)`` (ranks zero-padded to
+r_max, which changes nothing; slot E is all zeros: "no adapter", the base). A forward
+hook on each adapted layer adds the update of every group with two grouped matmuls
+(``torch.bmm`` over the expert axis; 1x1 convolutions the same per pixel; larger
+kernels one small convolution per group), instead of peft's Python loop over
 sub-batches with gathers, scatters, dropout and dtype casts.
 The factors are read from peft's layers once, after diffusers/peft loaded them, and
 the UNet is then restored to its plain modules: the hooks never change its state dict.
@@ -177,6 +178,41 @@ class _LinearHook:
         return output
 
 
+class _PointwiseConvHook(_LinearHook):
+    """1x1 convolutions (SD 1.x's proj_in/proj_out): the Linear update over channels, per pixel.
+
+    Stacks as in :class:`_LinearHook` (``down_t`` (E + 1, C_in, r), ``up_t`` (E + 1, r, C_out));
+    the channel matmuls broadcast over each group's samples and pixels without copies.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        slots = self.route.slots
+        if slots is None:
+            return None
+        x = args[0]
+        k = len(slots)
+        if x.shape[0] % k:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
+        down, up = self._factors(slots, x)
+        xs = x.reshape(k, x.shape[0] // k, x.shape[1], -1)  # (K, G, C_in, HW)
+        h = torch.matmul(down.transpose(1, 2).unsqueeze(1), xs)  # (K, G, r, HW)
+        delta = torch.matmul(up.transpose(1, 2).unsqueeze(1), h)  # (K, G, C_out, HW)
+        if torch.is_grad_enabled() or not output.is_contiguous():
+            return output + delta.view_as(output)
+        output.view_as(delta).add_(delta)
+        return output
+
+
+def _is_pointwise(f: LoRAFactors) -> bool:
+    return (
+        f.is_conv
+        and tuple(f.down.shape[2:]) == (1, 1)
+        and tuple(f.stride) == (1, 1)
+        and tuple(f.dilation) == (1, 1)
+        and f.padding in ((0, 0), "valid")
+    )
+
+
 class _ConvHook:
     """Adds the 1x1-conv(up) . conv(down) update of each group to a Conv2d layer's output."""
 
@@ -245,6 +281,10 @@ class LoRABank:
             per_slot = [fs.get(path) for fs in factors]
             if isinstance(layer, nn.Linear):
                 hook = self._linear_hook(layer, per_slot, path)
+            elif isinstance(layer, nn.Conv2d) and all(
+                _is_pointwise(f) for f in per_slot if f is not None
+            ):
+                hook = self._linear_hook(layer, per_slot, path, pointwise=True)
             elif isinstance(layer, nn.Conv2d):
                 hook = _ConvHook(self._route, per_slot)
             else:
@@ -255,25 +295,32 @@ class LoRABank:
         self._factors = [dict(fs) for fs in factors]
 
     def _linear_hook(
-        self, layer: nn.Linear, per_slot: Sequence[LoRAFactors | None], path: str
+        self,
+        layer: nn.Linear | nn.Conv2d,
+        per_slot: Sequence[LoRAFactors | None],
+        path: str,
+        *,
+        pointwise: bool = False,
     ) -> _LinearHook:
         r_max = max(f.rank for f in per_slot if f is not None)
         n = len(per_slot)
         w = layer.weight
-        down_t = torch.zeros(n + 1, layer.in_features, r_max, dtype=w.dtype, device=w.device)
-        up_t = torch.zeros(n + 1, r_max, layer.out_features, dtype=w.dtype, device=w.device)
+        n_in, n_out = (w.shape[1], w.shape[0])
+        down_t = torch.zeros(n + 1, n_in, r_max, dtype=w.dtype, device=w.device)
+        up_t = torch.zeros(n + 1, r_max, n_out, dtype=w.dtype, device=w.device)
         for i, f in enumerate(per_slot):
             if f is None:
                 continue
-            if f.is_conv or f.down.shape[1] != layer.in_features or f.up.shape[0] != layer.out_features:
+            if f.is_conv != pointwise or f.down.shape[1] != n_in or f.up.shape[0] != n_out:
                 raise ValueError(
                     f"LoRA factors of {self.names[i]!r} at {path!r} have shapes "
-                    f"{tuple(f.down.shape)}/{tuple(f.up.shape)}, which do not fit a Linear "
-                    f"{layer.in_features}->{layer.out_features}"
+                    f"{tuple(f.down.shape)}/{tuple(f.up.shape)}, which do not fit the "
+                    f"{type(layer).__name__} {n_in}->{n_out}"
                 )
-            down_t[i, :, : f.rank] = f.down.t().to(w.dtype)
+            down_t[i, :, : f.rank] = f.down.flatten(1).t().to(w.dtype)
             up_t[i, : f.rank, :] = (f.scale * f.up.float()).t().to(w.dtype)
-        return _LinearHook(self._route, down_t, up_t)
+        cls = _PointwiseConvHook if pointwise else _LinearHook
+        return cls(self._route, down_t, up_t)
 
     @property
     def num_experts(self) -> int:
@@ -308,7 +355,9 @@ class LoRABank:
             elif isinstance(g, int) and 0 <= g < self.num_experts:
                 slots.append(g)
             else:
-                raise ValueError(f"group adapter {g!r} is not an expert index in [0, {self.num_experts})")
+                raise ValueError(
+                    f"group adapter {g!r} is not an expert index in [0, {self.num_experts})"
+                )
         previous = self._route.slots
         self._route.slots = None if all(s == self.num_experts for s in slots) else tuple(slots)
         try:
@@ -326,7 +375,9 @@ class LoRABank:
             state[key] = (w.float() + lora_delta_weight(f).float().to(w.device)).to(w.dtype)
         return state
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoRABank:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LoRABank:
         """Move (and cast) the stacked factors, as ``nn.Module.to`` does for the model."""
         for h in self._hooks:
             if isinstance(h, _LinearHook):
@@ -340,9 +391,3 @@ class LoRABank:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-
-
-def adapter_parameter_count(factors: Mapping[str, LoRAFactors]) -> int:
-    """Number of LoRA parameters of one expert."""
-    return sum(f.down.numel() + f.up.numel() for f in factors.values())
-

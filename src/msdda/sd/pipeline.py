@@ -26,7 +26,10 @@ loop returns the last step's mean; diffusers' DDIM adds noise there when
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -89,8 +92,30 @@ def _concat(conds: Sequence[UNetConditioning]) -> UNetConditioning:
     ehs = torch.cat([c.encoder_hidden_states for c in conds])
     added = None
     if conds[0].added_cond_kwargs is not None:
-        added = {k: torch.cat([c.added_cond_kwargs[k] for c in conds]) for k in conds[0].added_cond_kwargs}
+        added = {
+            k: torch.cat([c.added_cond_kwargs[k] for c in conds])
+            for k in conds[0].added_cond_kwargs
+        }
     return UNetConditioning(ehs, added, conds[0].cfg)
+
+
+@dataclass(frozen=True)
+class _FusionPlan:
+    """A call's checked fusion arguments: who contributes, with which step and guidance."""
+
+    weights: list[float]  # w_i, in expert order
+    kl_coefs: list[float] | None  # beta_i, or None: all equal
+    kl_coef: float | None  # target beta
+    active: tuple[int, ...]  # experts with lambda_i != 0
+    need_ref: bool  # lambda_0 != 0: the base UNet is the reference
+    contributors: tuple[str, ...]  # active experts' names, then "base" when need_ref
+    specs: dict[str, StepSpec]  # each contributor's step (prediction type, eta)
+    guidance: dict[str, float]  # classifier-free guidance scale per model
+
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance is on when a contributor's scale exceeds 1."""
+        return max(self.guidance[m] for m in self.contributors) > 1.0
 
 
 class GeneratorNoise:
@@ -107,7 +132,9 @@ class GeneratorNoise:
         self.dtype = dtype
 
     def __call__(self, step_index: int, like: Tensor) -> Tensor:
-        z = randn_tensor(tuple(like.shape), generator=self.generator, device=self.device, dtype=self.dtype)
+        z = randn_tensor(
+            tuple(like.shape), generator=self.generator, device=self.device, dtype=self.dtype
+        )
         return z.to(like.dtype)
 
 
@@ -221,9 +248,6 @@ class _MSDDAMixin:
         Written to a temporary folder first and moved into place, so nothing is left
         half-written. ``from_pretrained(save_directory)`` loads the experts back.
         """
-        import json
-        import tempfile
-
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -240,12 +264,8 @@ class _MSDDAMixin:
                 os.replace(target, old)
             os.replace(tmp, target)
             if old is not None:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
@@ -258,7 +278,9 @@ class _MSDDAMixin:
     def _weights(self, weights) -> list[float]:
         names = self.expert_names
         if not names:
-            raise ValueError("the pipeline has no experts: load some with from_pretrained(experts=...)")
+            raise ValueError(
+                "the pipeline has no experts: load some with from_pretrained(experts=...)"
+            )
         if weights is None:
             if len(names) == 1:
                 return [1.0]
@@ -268,7 +290,9 @@ class _MSDDAMixin:
         if isinstance(weights, Mapping):
             unknown = [k for k in weights if k not in names]
             if unknown:
-                raise ValueError(f"weights names unknown expert(s) {unknown}; the experts are {names}")
+                raise ValueError(
+                    f"weights names unknown expert(s) {unknown}; the experts are {names}"
+                )
             out = []
             for n in names:
                 v = _as_number(weights.get(n, 0.0), f"weights[{n!r}]")
@@ -287,13 +311,15 @@ class _MSDDAMixin:
             )
         return [_as_number(v, f"weights[{i}]") for i, v in enumerate(weights)]
 
-    def _per_expert(self, values, default: float, what: str, weights: list[float]) -> dict[str, float]:
+    def _per_expert(self, values, default: float, what: str) -> dict[str, float]:
         names = self.expert_names
         out = {n: default for n in [*names, REFERENCE]}
         if values is None:
             return out
         if not isinstance(values, Mapping):
-            raise TypeError(f"{what} must be a mapping {{expert name: value}}, got {type(values).__name__}")
+            raise TypeError(
+                f"{what} must be a mapping {{expert name: value}}, got {type(values).__name__}"
+            )
         for k, v in values.items():
             if k not in out:
                 raise ValueError(f"{what} names unknown expert {k!r}; the experts are {names}")
@@ -307,9 +333,13 @@ class _MSDDAMixin:
         if not isinstance(kl_coefs, Mapping):
             if isinstance(kl_coefs, Sequence) and not isinstance(kl_coefs, (str, bytes)):
                 if len(kl_coefs) != len(names):
-                    raise ValueError(f"kl_coefs has {len(kl_coefs)} entries for {len(names)} experts")
+                    raise ValueError(
+                        f"kl_coefs has {len(kl_coefs)} entries for {len(names)} experts"
+                    )
                 return [_as_number(v, f"kl_coefs[{i}]") for i, v in enumerate(kl_coefs)]
-            raise TypeError(f"kl_coefs must be a mapping {{name: beta}}, got {type(kl_coefs).__name__}")
+            raise TypeError(
+                f"kl_coefs must be a mapping {{name: beta}}, got {type(kl_coefs).__name__}"
+            )
         unknown = [k for k in kl_coefs if k not in names]
         if unknown:
             raise ValueError(f"kl_coefs names unknown expert(s) {unknown}; the experts are {names}")
@@ -414,83 +444,96 @@ class _MSDDAMixin:
         return result
 
     # ------------------------------------------------------------ sampling
-    def _msdda_latents(
+    def _fusion_plan(
         self,
         *,
-        x_T: Tensor,
-        encode: Callable[[], UNetConditioning],
         weights,
         num_inference_steps: int,
         guidance_scale: float,
         eta: float,
-        generator,
         kl_coefs,
         kl_coef: float | None,
         reference: str | None,
         expert_etas,
         expert_guidance_scales,
-        guidance_rescale: float,
-        callback: Callable[[int, int, Tensor], None] | None,
-    ) -> Tensor:
-        """The fused reverse chain from ``x_T``; returns the final latents (float32)."""
+    ) -> _FusionPlan:
+        """Check a call's fusion arguments and work out who contributes, with what step."""
         names = self.expert_names
         w = self._weights(weights)
         gs = _as_number(guidance_scale, "guidance_scale")
         eta = _as_number(eta, "eta")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
-        etas = self._per_expert(expert_etas, eta, "expert_etas", w)
+        etas = self._per_expert(expert_etas, eta, "expert_etas")
         if any(v < 0 for v in etas.values()):
             raise ValueError(f"expert_etas must be >= 0, got {expert_etas}")
-        guidance = self._per_expert(expert_guidance_scales, gs, "expert_guidance_scales", w)
+        guidance = self._per_expert(expert_guidance_scales, gs, "expert_guidance_scales")
         betas = self._kl_coefs(kl_coefs, w)
         if reference not in (REFERENCE, None):
-            raise ValueError(f"reference must be {REFERENCE!r} (the base UNet) or None, got {reference!r}")
+            raise ValueError(
+                f"reference must be {REFERENCE!r} (the base UNet) or None, got {reference!r}"
+            )
         if not isinstance(self.scheduler, (DDIMScheduler, DDPMScheduler)):
             raise TypeError(
-                f"the scheduler must be a DDIMScheduler or DDPMScheduler, got {type(self.scheduler).__name__}"
+                "the scheduler must be a DDIMScheduler or DDPMScheduler, got "
+                f"{type(self.scheduler).__name__}"
+            )
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be a positive int, got {num_inference_steps!r}"
             )
         coefs = fusion_coefficients(w, betas, kl_coef, num_experts=len(names))
-        active = [i for i, lam in enumerate(coefs.lambdas) if lam != 0.0]
+        active = tuple(i for i, lam in enumerate(coefs.lambdas) if lam != 0.0)
         need_ref = coefs.lambda0 != 0.0
         if need_ref and reference is None:
             raise ValueError(
                 f"lambda_0 = {coefs.lambda0:.6g} != 0 (weights off the simplex or kl_coef differing "
                 "from the experts'), which needs the reference model: pass reference='base'"
             )
-        contributors = [names[i] for i in active] + ([REFERENCE] if need_ref else [])
-        ddim = isinstance(self.scheduler, DDIMScheduler)
-        if ddim and len(contributors) > 1:
+        contributors = tuple(names[i] for i in active) + ((REFERENCE,) if need_ref else ())
+        if isinstance(self.scheduler, DDIMScheduler) and len(contributors) > 1:
             zero = [m for m in contributors if etas[m] == 0]
             if zero:
                 raise ValueError(
                     f"eta = 0 (for {zero}) makes every DDIM step deterministic (variance 0), so the "
-                    f"steps of {contributors} cannot be fused; use eta > 0 (eta = 1 is DDPM-like)"
+                    f"steps of {list(contributors)} cannot be fused; use eta > 0 (eta = 1 is DDPM-like)"
                 )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-        schedule = Schedule.from_scheduler(self.scheduler, num_inference_steps)
+        base_pred = self.scheduler.config.get("prediction_type", "epsilon")
         specs = {
             m: self._step_spec(
-                self.scheduler.config.get("prediction_type", "epsilon")
-                if m == REFERENCE
-                else self.msdda_experts.get(m).prediction_type,
-                etas[m],
+                base_pred if m == REFERENCE else self.msdda_experts.get(m).prediction_type, etas[m]
             )
             for m in contributors
         }
-        conds: dict[str, UNetConditioning] = {}
-        cache: dict[str, UNetConditioning] = {}
-        for m in contributors:
-            conds[m] = self._conditioning_for(m, encode, cache)
+        return _FusionPlan(w, betas, kl_coef, active, need_ref, contributors, specs, guidance)
 
+    def _msdda_latents(
+        self,
+        *,
+        x_T: Tensor,
+        encode: Callable[[], UNetConditioning],
+        plan: _FusionPlan,
+        num_inference_steps: int,
+        generator,
+        guidance_rescale: float,
+        callback: Callable[[int, int, Tensor], None] | None,
+    ) -> Tensor:
+        """The fused reverse chain from ``x_T``; returns the final latents (float32)."""
+        names = self.expert_names
+        schedule = Schedule.from_scheduler(self.scheduler, num_inference_steps)
+        cache: dict[str, UNetConditioning] = {}
+        conds = {m: self._conditioning_for(m, encode, cache) for m in plan.contributors}
+        ref_tail = [REFERENCE] if plan.need_ref else []
         stash: dict[str, Any] = {}
 
+        def evaluate(members: Sequence[str], x_t: Tensor, t: int) -> dict[str, Gaussian]:
+            outs = self._member_outputs(members, x_t, t, conds, plan.guidance, guidance_rescale)
+            return {m: step_gaussian(outs[m], x_t, t, schedule, plan.specs[m]) for m in members}
+
         def joint(x_t: Tensor, t: int, active_idx: Sequence[int]) -> list[Gaussian]:
-            members = [names[i] for i in active_idx] + ([REFERENCE] if need_ref else [])
-            outs = self._member_outputs(members, x_t, t, conds, guidance, guidance_rescale)
-            g = {m: step_gaussian(outs[m], x_t, t, schedule, specs[m]) for m in members}
-            if need_ref:
+            """The active experts' steps, and the reference's, from one evaluation."""
+            g = evaluate([names[i] for i in active_idx] + ref_tail, x_t, t)
+            if plan.need_ref:
                 stash["ref"] = (x_t, t, g[REFERENCE])
             return [g[names[i]] for i in active_idx]
 
@@ -498,23 +541,23 @@ class _MSDDAMixin:
             hit = stash.pop("ref", None)
             if hit is not None and hit[0] is x_t and hit[1] == t:
                 return hit[2]
-            out = self._member_outputs([REFERENCE], x_t, t, conds, guidance, guidance_rescale)
-            return step_gaussian(out[REFERENCE], x_t, t, schedule, specs[REFERENCE])
+            return evaluate([REFERENCE], x_t, t)[REFERENCE]
 
-        if len(contributors) == 1:  # lambda = 1: the contributor's own step, nothing to fuse
-            if need_ref:
+        if len(plan.contributors) == 1:  # lambda = 1: its own step, nothing to fuse
+            if plan.need_ref:
                 policy = reference_step
             else:
 
                 def policy(x_t: Tensor, t: int) -> Gaussian:
-                    return joint(x_t, t, active)[0]
+                    return joint(x_t, t, plan.active)[0]
+
         else:
             policy = msdda_step(
                 joint,
-                w,
-                kl_coefs=betas,
-                kl_coef=kl_coef,
-                reference=reference_step if need_ref else None,
+                plan.weights,
+                kl_coefs=plan.kl_coefs,
+                kl_coef=plan.kl_coef,
+                reference=reference_step if plan.need_ref else None,
                 num_experts=len(names),
             )
         noise = GeneratorNoise(generator, x_T.device, self.unet.dtype)
@@ -616,7 +659,18 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
         else:
             batch_size = prompt_embeds.shape[0]
         device = self._execution_device
-        cfg = _any_cfg(guidance_scale, expert_guidance_scales)
+        plan = self._fusion_plan(
+            weights=weights,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            kl_coefs=kl_coefs,
+            kl_coef=kl_coef,
+            reference=reference,
+            expert_etas=expert_etas,
+            expert_guidance_scales=expert_guidance_scales,
+        )
+        cfg = plan.cfg
 
         def encode() -> UNetConditioning:
             pos, neg = self.encode_prompt(
@@ -646,16 +700,9 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
             x0 = self._msdda_latents(
                 x_T=x_T,
                 encode=encode,
-                weights=weights,
+                plan=plan,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                eta=eta,
                 generator=generator,
-                kl_coefs=kl_coefs,
-                kl_coef=kl_coef,
-                reference=reference,
-                expert_etas=expert_etas,
-                expert_guidance_scales=expert_guidance_scales,
                 guidance_rescale=guidance_rescale,
                 callback=cb,
             )
@@ -668,9 +715,10 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
                 generator=generator,
             )[0]
             image, nsfw = self.run_safety_checker(image, device, self.unet.dtype)
-        if output_type != "latent":
             denorm = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
-            image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denorm)
+            image = self.image_processor.postprocess(
+                image, output_type=output_type, do_denormalize=denorm
+            )
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, nsfw)
@@ -750,7 +798,18 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
         else:
             batch_size = prompt_embeds.shape[0]
         device = self._execution_device
-        cfg = _any_cfg(guidance_scale, expert_guidance_scales)
+        plan = self._fusion_plan(
+            weights=weights,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            kl_coefs=kl_coefs,
+            kl_coef=kl_coef,
+            reference=reference,
+            expert_etas=expert_etas,
+            expert_guidance_scales=expert_guidance_scales,
+        )
+        cfg = plan.cfg
         n = batch_size * num_images_per_prompt
 
         def encode() -> UNetConditioning:
@@ -774,7 +833,10 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
                 else self.text_encoder_2.config.projection_dim
             )
             time_ids = self._get_add_time_ids(
-                original_size, crops_coords_top_left, target_size, dtype=pos.dtype,
+                original_size,
+                crops_coords_top_left,
+                target_size,
+                dtype=pos.dtype,
                 text_encoder_projection_dim=proj,
             )
             if cfg:
@@ -785,23 +847,23 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
             return UNetConditioning(pos.to(device), added, cfg)
 
         x_T = self.prepare_latents(
-            n, self.unet.config.in_channels, height, width, self.unet.dtype, device, generator, latents
+            n,
+            self.unet.config.in_channels,
+            height,
+            width,
+            self.unet.dtype,
+            device,
+            generator,
+            latents,
         )
         bar, cb = self._progress(num_inference_steps, callback)
         with bar:
             x0 = self._msdda_latents(
                 x_T=x_T,
                 encode=encode,
-                weights=weights,
+                plan=plan,
                 num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                eta=eta,
                 generator=generator,
-                kl_coefs=kl_coefs,
-                kl_coef=kl_coef,
-                reference=reference,
-                expert_etas=expert_etas,
-                expert_guidance_scales=expert_guidance_scales,
                 guidance_rescale=guidance_rescale,
                 callback=cb,
             )
@@ -837,13 +899,3 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
         if upcast:
             self.vae.to(dtype=torch.float16)
         return image
-
-
-def _any_cfg(guidance_scale, expert_guidance_scales) -> bool:
-    """Classifier-free guidance is on when any model's scale exceeds 1."""
-    scales = [_as_number(guidance_scale, "guidance_scale")]
-    if isinstance(expert_guidance_scales, Mapping):
-        scales += [
-            _as_number(v, f"expert_guidance_scales[{k!r}]") for k, v in expert_guidance_scales.items()
-        ]
-    return max(scales) > 1.0

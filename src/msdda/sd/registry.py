@@ -93,7 +93,9 @@ class ExpertRegistry:
         if not isinstance(name, str) or not name:
             raise ValueError(f"expert names must be non-empty strings, got {name!r}")
         if name == REFERENCE:
-            raise ValueError(f"{REFERENCE!r} is reserved for the base model; name the expert otherwise")
+            raise ValueError(
+                f"{REFERENCE!r} is reserved for the base model; name the expert otherwise"
+            )
         if name in self.entries:
             raise ValueError(f"an expert named {name!r} is already loaded")
 
@@ -123,7 +125,9 @@ class ExpertRegistry:
                 )
                 pred = pipe.scheduler.config.get("prediction_type", "epsilon")
                 new.append(
-                    ExpertEntry(src.name, "lora", pred, factors=factors, text_factors=text, source=src)
+                    ExpertEntry(
+                        src.name, "lora", pred, factors=factors, text_factors=text, source=src
+                    )
                 )
         for e in new:
             self.entries[e.name] = e

@@ -47,7 +47,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_CLIP_L14 = "openai/clip-vit-large-patch14"
 DEFAULT_PICKSCORE = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-DEFAULT_AESTHETIC_HEAD = ("camenduru/improved-aesthetic-predictor", "sac+logos+ava1-l14-linearMSE.pth")
+DEFAULT_AESTHETIC_HEAD = (
+    "camenduru/improved-aesthetic-predictor",
+    "sac+logos+ava1-l14-linearMSE.pth",
+)
 
 
 def _resolve_model_dir(
@@ -60,7 +63,9 @@ def _resolve_model_dir(
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(os.fspath(path_or_id), local_files_only=True, cache_dir=cache_dir))
+        return Path(
+            snapshot_download(os.fspath(path_or_id), local_files_only=True, cache_dir=cache_dir)
+        )
     except Exception as err:
         raise ValueError(
             f"{what}: weights not found: {os.fspath(path_or_id)!r} is not a local folder and not in "
@@ -109,7 +114,9 @@ class ClipPreprocess:
             return cls()
         cfg = json.loads(path.read_text())
         size = cfg.get("size", 224)
-        size = size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else size
+        size = (
+            size.get("shortest_edge", size.get("height", 224)) if isinstance(size, dict) else size
+        )
         crop = cfg.get("crop_size", size)
         crop = crop.get("height", size) if isinstance(crop, dict) else crop
         return cls(
@@ -181,7 +188,9 @@ class _ClipTextImage(nn.Module):
         """(B, D) unit-norm image embeddings of images in [0, 1]."""
         dtype = next(self.model.parameters()).dtype
         pixels = self.preprocess(images.to(self.device, torch.float32)).to(dtype)
-        return F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        return F.normalize(
+            _pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1
+        )
 
     def text_embeds(self, prompts: list[str]) -> Tensor:
         """(B, D) unit-norm text embeddings."""
@@ -192,7 +201,9 @@ class _ClipTextImage(nn.Module):
             max_length=self.tokenizer.model_max_length,
             return_tensors="pt",
         ).to(self.device)
-        out = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
+        out = self.model.get_text_features(
+            input_ids=tok.input_ids, attention_mask=tok.attention_mask
+        )
         return F.normalize(_pooled(out).float(), dim=-1)
 
     @classmethod
@@ -225,7 +236,9 @@ class CLIPScore(_ClipTextImage):
     name = "clipscore"
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike = DEFAULT_CLIP_L14, **kwargs) -> CLIPScore:
+    def from_pretrained(
+        cls, path_or_id: str | os.PathLike = DEFAULT_CLIP_L14, **kwargs
+    ) -> CLIPScore:
         """Load a CLIP model (folder or cached hub id, default ``openai/clip-vit-large-patch14``)."""
         return cls._load(path_or_id, **kwargs)
 
@@ -293,7 +306,9 @@ def load_aesthetic_head(path: str | os.PathLike) -> nn.Sequential:
     need = ["0.weight", "2.weight", "4.weight", "6.weight", "7.weight"]
     missing = [k for k in need if k not in state]
     if missing:
-        raise ValueError(f"aesthetic head {path}: not an improved-aesthetic-predictor MLP (no {missing})")
+        raise ValueError(
+            f"aesthetic head {path}: not an improved-aesthetic-predictor MLP (no {missing})"
+        )
     dims = [state["0.weight"].shape[1]] + [state[k].shape[0] for k in need[:4]]
     head = aesthetic_mlp(dims)
     head.load_state_dict(state)
@@ -343,7 +358,9 @@ class LaionAesthetic(nn.Module):
         _check_images(images, prompts, need_prompts=False)
         p = next(self.model.parameters())
         pixels = self.preprocess(images.to(p.device, torch.float32)).to(p.dtype)
-        emb = F.normalize(_pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        emb = F.normalize(
+            _pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1
+        )
         return self.head(emb).squeeze(-1)
 
 
@@ -409,7 +426,10 @@ class ImageRewardScore:
     def __call__(self, images: Tensor, prompts) -> Tensor:
         prompts = _check_images(images, prompts, need_prompts=True)
         with torch.no_grad():
-            scores = [float(self.model.score(p, [im])) for p, im in zip(prompts, _to_pil(images))]
+            scores = [
+                float(self.model.score(p, [im]))
+                for p, im in zip(prompts, _to_pil(images), strict=True)
+            ]
         return torch.tensor(scores, dtype=torch.float32)
 
 
@@ -444,7 +464,7 @@ class HPSv2Score:
         prompts = _check_images(images, prompts, need_prompts=True)
         scores = [
             float(self.hpsv2.score([im], p, cp=str(self.checkpoint), hps_version=self.version)[0])
-            for p, im in zip(prompts, _to_pil(images))
+            for p, im in zip(prompts, _to_pil(images), strict=True)
         ]
         return torch.tensor(scores, dtype=torch.float32)
 

@@ -239,7 +239,10 @@ def save_random_lora(
     if fmt == "peft":
         path.mkdir(parents=True, exist_ok=True)
         cfg.save_pretrained(str(path))
-        save_file({f"base_model.model.{k}": v for k, v in state.items()}, path / "adapter_model.safetensors")
+        save_file(
+            {f"base_model.model.{k}": v for k, v in state.items()},
+            path / "adapter_model.safetensors",
+        )
         return path
     if fmt != "diffusers":
         raise ValueError(f"fmt must be 'diffusers' or 'peft', got {fmt!r}")

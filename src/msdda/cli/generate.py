@@ -1,0 +1,164 @@
+"""``msdda generate``: MSDDA images for one prompt and one set of preference weights.
+
+Digits (``--domain digits``, the default): ``--prompt`` is a digit 0-9, experts are the
+shipped ones. Stable Diffusion (``--base PATH`` with ``--expert NAME=PATH``): handed to
+``msdda.sd.cli.generate_sd`` (the ``sd`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+
+from . import app
+from .demo import check_kind, fail, user_errors
+
+DOMAINS = ("digits",)
+DIGIT_SUFFIXES = (".png", ".npy")
+
+
+def parse_pairs(items: list[str], option: str, numeric: bool) -> dict:
+    """``NAME=VALUE`` items into a dict; one clear error for a malformed or repeated one."""
+    out: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name or not value:
+            fail(f"{option} must look like NAME=VALUE, got {item!r}")
+        if name in out:
+            fail(f"{option} {name!r} is given twice")
+        if numeric:
+            try:
+                number = float(value)
+            except ValueError:
+                fail(f"{option} {name}={value!r}: the weight must be a number")
+            if not math.isfinite(number) or number < 0:
+                fail(f"{option} {name}={value}: the weight must be a non-negative finite number")
+            out[name] = number
+        else:
+            out[name] = value
+    return out
+
+
+def check_out(out: Path, suffixes: tuple[str, ...] | None) -> Path:
+    if out.is_dir():
+        fail(f"--out {out} is a folder; give a file name such as {out / 'samples.png'}")
+    if not out.parent.is_dir():
+        fail(f"--out {out}: its folder {out.parent} does not exist")
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        fail(f"--out {out}: the file must end in {' or '.join(suffixes)}")
+    return out
+
+
+def parse_digit(prompt: str) -> int:
+    try:
+        digit = int(prompt.strip())
+    except ValueError:
+        digit = -1
+    if not 0 <= digit <= 9 or prompt.strip() not in {str(d) for d in range(10)}:
+        fail(f"--prompt must be a digit 0-9 for the digits domain, got {prompt!r}")
+    return digit
+
+
+def _generate_digits(
+    prompt: str,
+    weights: dict[str, float],
+    num_samples: int,
+    seed: int,
+    out: Path,
+    kl_coef: float | None,
+    expert_kind: str,
+    weights_dir: Path | None,
+) -> None:
+    from rich.console import Console
+
+    from ..digits.bundle import load_digits_bundle
+    from ..digits.plots import save_grid, save_npy
+    from ..digits.sampling import generate
+
+    digit = parse_digit(prompt)
+    check_kind(expert_kind)
+    check_out(out, DIGIT_SUFFIXES)
+    with user_errors():
+        bundle = load_digits_bundle(weights_dir)
+        images = generate(digit, weights, num_samples, seed, kl_coef, expert_kind, bundle=bundle)
+        if out.suffix.lower() == ".npy":
+            save_npy(images[:, 0].numpy().astype("float32"), out)
+        else:
+            desc = ", ".join(f"{k} {v:g}" for k, v in weights.items())
+            save_grid(images, out, title=f"digit {digit}: {desc} ({expert_kind})")
+    Console().print(f"wrote {num_samples} samples of digit {digit} to {out}")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., help="digits: a digit 0-9; Stable Diffusion: the text prompt."),
+    weight: list[str] = typer.Option(..., help="Preference weight NAME=W (repeat per expert)."),
+    out: Path = typer.Option(
+        ..., help="Output file: .png grid, or .npy raw samples (N, 8, 8) in [0, 1]."
+    ),
+    domain: str = typer.Option(
+        None, help="Built-in domain: digits [default when --base is not given]."
+    ),
+    base: str = typer.Option(
+        None, help="Stable Diffusion base pipeline (folder or cached hub id)."
+    ),
+    expert: list[str] = typer.Option([], help="Stable Diffusion expert NAME=PATH (repeat)."),
+    num_samples: int = typer.Option(64, min=1, help="Number of images."),
+    seed: int = typer.Option(0, help="Noise seed: same seed, same images."),
+    kl_coef: float = typer.Option(
+        None,
+        help="Target beta [default: the experts' common beta]; "
+        "another value makes lambda_0 != 0 and uses the base as reference.",
+    ),
+    expert_kind: str = typer.Option("fixed", help="digits: experts' variance, fixed or learned."),
+    weights_dir: Path = typer.Option(
+        None, help="digits: weights folder [default: the shipped weights]."
+    ),
+    steps: int = typer.Option(50, min=1, help="Stable Diffusion: DDIM steps."),
+    guidance_scale: float = typer.Option(7.5, help="Stable Diffusion: classifier-free guidance."),
+    eta: float = typer.Option(1.0, help="Stable Diffusion: DDIM eta (> 0)."),
+) -> None:
+    """Generate images with MSDDA for one prompt and one set of preference weights."""
+    if domain is not None and base is not None:
+        fail(
+            "--domain and --base are mutually exclusive: --domain picks a built-in domain, "
+            "--base a Stable Diffusion pipeline"
+        )
+    if kl_coef is not None and not (math.isfinite(kl_coef) and kl_coef > 0):
+        fail(f"--kl-coef must be a positive number, got {kl_coef}")
+    weights = parse_pairs(weight, "--weight", numeric=True)
+    if base is None:
+        if domain is not None and domain not in DOMAINS:
+            fail(f"--domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+        if expert:
+            fail(
+                "--expert is for Stable Diffusion (with --base); the digits domain uses its shipped experts"
+            )
+        _generate_digits(prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir)
+        return
+    experts = parse_pairs(expert, "--expert", numeric=False)
+    check_out(out, None)
+    try:
+        from ..sd.cli import generate_sd
+    except ImportError as err:
+        fail(
+            f"the Stable Diffusion extra is not available ({err}); install it with pip install 'msdda[sd]'"
+        )
+    with user_errors():
+        written = generate_sd(
+            base=base,
+            experts=experts,
+            weights=weights,
+            prompt=prompt,
+            out=out,
+            num_samples=num_samples,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            kl_coef=kl_coef,
+        )
+    typer.echo(f"wrote {written}")

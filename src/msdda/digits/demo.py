@@ -1,0 +1,221 @@
+"""The digits demo: MSDDA over a sweep of preference weights, from legibility to boldness.
+
+For each weight w (legibility w, boldness 1 - w) every digit is sampled
+``samples_per_prompt`` times from the same seeded noise, through the core's
+:func:`msdda.msdda_step` over the experts' :func:`msdda.expert_policy` and
+:func:`msdda.sample_chain`. The base and, where shipped, the oracles are measured on
+the same noise for comparison. Outputs: a table of rows, ``pareto.png``,
+``samples-w<w>.png`` per weight and ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .bundle import DigitsBundle
+from .data import NUM_CLASSES
+from .plots import save_grid, save_pareto_plot
+from .sampling import sample_expert, sample_msdda
+from .store import EXPERT_KINDS, atomic_write_text
+
+__all__ = ["DemoConfig", "DemoRow", "weight_grid", "evaluate_images", "run_demo", "write_demo"]
+
+#: ``progress(label, step, total)`` after every reverse step of every run.
+DemoProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``msdda demo`` runs."""
+
+    num_weights: int = 11  # weights w = 0, 1/(n-1), ..., 1 on legibility (boldness 1 - w)
+    samples_per_prompt: int = 50  # images per digit and weight
+    seed: int = 0  # noise seed, shared by every weight and method
+    expert_kind: str = "fixed"  # "fixed" or "learned" variance experts
+    kl_coef: float | None = None  # target beta (None: the experts' common beta)
+    objectives: tuple[str, str] = ("legibility", "boldness")  # w on the first, 1 - w on the second
+    compare: bool = True  # also run the base and the shipped oracles on the same noise
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.num_weights, bool)
+            or not isinstance(self.num_weights, int)
+            or self.num_weights < 2
+        ):
+            raise ValueError(f"num_weights must be an int >= 2, got {self.num_weights!r}")
+        spp = self.samples_per_prompt
+        if isinstance(spp, bool) or not isinstance(spp, int) or spp < 1:
+            raise ValueError(f"samples_per_prompt must be a positive int, got {spp!r}")
+        if self.expert_kind not in EXPERT_KINDS:
+            raise ValueError(f"expert_kind must be one of {EXPERT_KINDS}, got {self.expert_kind!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class DemoRow:
+    """One method at one weight: mean standardised rewards, accuracy and speed."""
+
+    method: str  # "msdda", "base" or "oracle"
+    weight: float | None  # weight on the first objective (None for the base)
+    rewards: dict[str, float]  # mean standardised reward by name
+    raw_rewards: dict[str, float]  # mean raw reward by name
+    accuracy: float  # fraction classified as the prompted digit
+    seconds_per_image: float  # wall time of the sampling chain per image
+    num_images: int
+
+
+def weight_grid(n: int) -> list[float]:
+    """``n`` evenly spaced weights from 0 to 1, rounded to 1e-9."""
+    return [round(i / (n - 1), 9) for i in range(n)]
+
+
+@torch.no_grad()
+def evaluate_images(
+    bundle: DigitsBundle, images: Tensor, prompts: Tensor
+) -> tuple[dict, dict, float]:
+    """(mean standardised rewards, mean raw rewards, prompted-digit accuracy) of images."""
+    std = {n: float(r(images, prompts).mean()) for n, r in bundle.rewards.items()}
+    raw = {n: float(r(images, prompts).mean()) for n, r in bundle.raw_rewards.items()}
+    acc = float((bundle.classifier(images).argmax(1) == prompts).float().mean())
+    return std, raw, acc
+
+
+def _row(bundle, method, weight, images, prompts, seconds) -> DemoRow:
+    std, raw, acc = evaluate_images(bundle, images, prompts)
+    n = int(images.shape[0])
+    return DemoRow(method, weight, std, raw, acc, seconds / n, n)
+
+
+def _grid(images: Tensor, spp: int, path: Path, title: str) -> None:
+    cols = min(spp, 10)
+    per_digit = images.reshape(NUM_CLASSES, spp, *images.shape[1:])[:, :cols]
+    save_grid(per_digit.reshape(-1, *images.shape[1:]), path, ncols=cols, title=title)
+
+
+def run_demo(
+    bundle: DigitsBundle,
+    cfg: DemoConfig,
+    out_dir: Path,
+    progress: DemoProgress | None = None,
+) -> list[DemoRow]:
+    """Run the sweep, writing sample grids into the existing folder ``out_dir``; returns rows."""
+    first, second = cfg.objectives
+    for name in cfg.objectives:  # fail before any sampling if an expert is missing
+        bundle.expert(name, cfg.expert_kind)
+    prompts = torch.arange(NUM_CLASSES).repeat_interleave(cfg.samples_per_prompt)
+    steps = len(bundle.schedule.timesteps)
+    rows: list[DemoRow] = []
+
+    def run(label: str, sample) -> tuple[Tensor, float]:
+        cb = (lambda i, t, x: progress(label, i + 1, steps)) if progress else None
+        t0 = time.perf_counter()
+        images = sample(cb)
+        return images, time.perf_counter() - t0
+
+    if cfg.compare:
+        images, sec = run(
+            "base",
+            lambda cb: sample_expert(bundle.reference, prompts, bundle.schedule, cfg.seed, cb),
+        )
+        rows.append(_row(bundle, "base", None, images, prompts, sec))
+        _grid(images, cfg.samples_per_prompt, out_dir / "samples-base.png", "base")
+    for w in weight_grid(cfg.num_weights):
+        weights = {first: w, second: round(1.0 - w, 9)}
+        images, sec = run(
+            f"msdda w={w:.2f}",
+            lambda cb, weights=weights: sample_msdda(
+                bundle,
+                prompts,
+                weights,
+                seed=cfg.seed,
+                kl_coef=cfg.kl_coef,
+                expert_kind=cfg.expert_kind,
+                callback=cb,
+            ),
+        )
+        rows.append(_row(bundle, "msdda", w, images, prompts, sec))
+        title = f"MSDDA {first} {w:.2f} / {second} {1 - w:.2f} ({cfg.expert_kind})"
+        _grid(images, cfg.samples_per_prompt, out_dir / f"samples-w{w:.2f}.png", title)
+    if cfg.compare:
+        for oracle in bundle.oracles:
+            if set(oracle.weights) != {first, second} or oracle.kind != cfg.expert_kind:
+                continue
+            w = oracle.weights[first]
+            images, sec = run(
+                f"oracle w={w:.2f}",
+                lambda cb, e=oracle.expert: sample_expert(
+                    e, prompts, bundle.schedule, cfg.seed, cb
+                ),
+            )
+            rows.append(_row(bundle, "oracle", w, images, prompts, sec))
+    return rows
+
+
+def write_demo(
+    bundle: DigitsBundle,
+    cfg: DemoConfig,
+    out_dir: Path,
+    progress: DemoProgress | None = None,
+) -> list[DemoRow]:
+    """:func:`run_demo` plus ``pareto.png`` and ``results.json``, published atomically.
+
+    Everything is written to a staging folder beside ``out_dir`` and renamed to it at the
+    end, so ``out_dir`` (which must not exist, or be an empty folder) appears complete or
+    not at all.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"output folder {out_dir} already exists and is not an empty folder")
+    if not out_dir.parent.is_dir():
+        raise ValueError(f"the folder {out_dir.parent} (parent of --out) does not exist")
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        rows = run_demo(bundle, cfg, stage, progress)
+        first, second = cfg.objectives
+        msdda = [r for r in rows if r.method == "msdda"]
+        extra = {}
+        for r in rows:
+            if r.method == "base":
+                extra["base"] = (r.rewards[first], r.rewards[second])
+            elif r.method == "oracle":
+                extra[f"oracle w={r.weight:.2f}"] = (r.rewards[first], r.rewards[second])
+        save_pareto_plot(
+            [r.rewards[first] for r in msdda],
+            [r.rewards[second] for r in msdda],
+            [f"{r.weight:.1f}" for r in msdda],
+            stage / "pareto.png",
+            xlabel=f"{first} (standardised)",
+            ylabel=f"{second} (standardised)",
+            title=f"MSDDA digits, {cfg.expert_kind} experts, {cfg.samples_per_prompt} samples per digit, seed {cfg.seed}",
+            extra=extra,
+        )
+        payload = {
+            "config": asdict(cfg),
+            "weights_folder": str(bundle.path),
+            "rows": [asdict(r) for r in rows],
+        }
+        atomic_write_text(stage / "results.json", json.dumps(payload, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(stage, out_dir)
+        os.chmod(out_dir, 0o777 & ~_umask())
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return rows
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
