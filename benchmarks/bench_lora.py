@@ -14,8 +14,8 @@ way to run the experts, for one image with classifier-free guidance (2 rows per 
 
 then the whole MSDDA step through the pipeline (batched forward, K step Gaussians and
 their fusion), and the parameter memory of K LoRA experts against K full UNets.
-Timings are interleaved round-robin and reported as medians, so that load from other
-processes hits every variant alike.
+Timings are interleaved round-robin and the fastest of the rounds is reported, so that
+load from other processes hits every variant alike and disturbs the figures least.
 
     .venv/bin/python benchmarks/bench_lora.py            # both sizes, K = 2 and 4
     .venv/bin/python benchmarks/bench_lora.py --sizes tiny --ks 2 --repeats 5
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
 import time
 import warnings
@@ -97,7 +96,9 @@ def _peft_mixed(unet: torch.nn.Module, names: list[str]) -> list:
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin after one warm-up call."""
+    """Fastest seconds per call of each function, timed round-robin after one warm-up call.
+
+    The minimum is the run least disturbed by other processes on a shared machine."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -106,7 +107,7 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: min(v) for k, v in times.items()}
 
 
 def forward_costs(cfg: TinySDConfig, k: int, targets, rank: int, repeats: int) -> dict:
@@ -163,7 +164,7 @@ def forward_costs(cfg: TinySDConfig, k: int, targets, rank: int, repeats: int) -
 def pipeline_step_cost(
     cfg: TinySDConfig, k: int, targets, rank: int, steps: int
 ) -> tuple[float, float]:
-    """Median seconds per MSDDA step through the pipeline: (K LoRA experts batched, base alone)."""
+    """Fastest seconds per MSDDA step through the pipeline: (K LoRA experts batched, base alone)."""
     comps = tiny_sd_components(cfg)
     pipe = MSDDAStableDiffusionPipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
@@ -203,7 +204,7 @@ def pipeline_step_cost(
     for _ in range(3):  # interleaved
         fused += per_step(uniform)
         alone += per_step({})
-    return statistics.median(fused), statistics.median(alone)
+    return min(fused), min(alone)
 
 
 def main() -> None:
@@ -222,7 +223,7 @@ def main() -> None:
     targets = TARGETS[args.targets]
     print(
         f"torch {torch.__version__}, {args.threads} thread(s); LoRA rank {args.rank} on {targets}; "
-        f"1 image with CFG (2 rows per model); medians of {args.repeats} interleaved rounds"
+        f"1 image with CFG (2 rows per model); fastest of {args.repeats} interleaved rounds"
     )
     for size in args.sizes.split(","):
         cfg = SIZES[size]

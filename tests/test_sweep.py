@@ -89,8 +89,16 @@ def test_sweep_writes_one_row_per_method_weight_prompt_and_seed(complete, toy):
     path, summary = complete
     results = read_results(path)
     units = plan_units(small_config(), toy)
-    # base once per seed, oracle at its one grid weight (0.5, 0.5), the rest at 3 weights
-    assert len(units) == 2 * (1 + 1 + 3 * (len(METHODS) - 2))
+    # per seed: base once; the grid (3 weights) plus the toy oracles' other weights (0.25, 0.75)
+    # and (0.75, 0.25): 5 weights for the 7 weighted methods, and the oracle at its 3 weights
+    assert len(units) == 2 * (1 + 5 * (len(METHODS) - 2) + 3)
+    assert {u.weights for u in units if u.method == "oracle"} == {
+        (0.25, 0.75),
+        (0.5, 0.5),
+        (0.75, 0.25),
+    }
+    grid_only = plan_units(small_config(oracle_weights=False), toy)
+    assert len(grid_only) == 2 * (1 + 3 * (len(METHODS) - 2) + 1)
     assert len(results.rows) == len(units) == summary.rows_total == summary.rows_written
     assert len(results.keys()) == len(results.rows)
     row = results.rows[0]

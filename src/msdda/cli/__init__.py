@@ -19,8 +19,8 @@ def main() -> None:
 
 
 from . import check  # noqa: E402,F401  (registers its command)
-from . import report  # noqa: E402,F401
-from . import sweep  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import generate  # noqa: E402,F401
+from . import report  # noqa: E402,F401
+from . import sweep  # noqa: E402,F401
 from . import toy  # noqa: E402,F401

@@ -60,17 +60,19 @@ def demo(
     kl_coef: float = typer.Option(None, help="Target beta [default: the experts' common beta]."),
     compare: bool = typer.Option(True, help="Also run the base and the shipped oracles."),
     weights_dir: Path = typer.Option(None, help="Weights folder [default: the shipped weights]."),
+    threads: int = typer.Option(1, min=1, help="torch threads (the models are small: 1 is fastest)."),
 ) -> None:
     """MSDDA on the digits: legibility vs boldness over a sweep of preference weights."""
     from ..digits.bundle import load_digits_bundle
     from ..digits.demo import DemoConfig, weight_grid, write_demo
+    from ..digits.sampling import torch_threads
 
     check_kind(expert_kind)
     console = Console(width=max(Console().width, 100))
     if out is None:
         out = Path("msdda-out") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
         out.parent.mkdir(exist_ok=True)
-    with user_errors():
+    with user_errors(), torch_threads(threads):
         cfg = DemoConfig(
             num_weights=num_weights,
             samples_per_prompt=samples_per_prompt,

@@ -71,17 +71,18 @@ def _generate_digits(
     kl_coef: float | None,
     expert_kind: str,
     weights_dir: Path | None,
+    threads: int,
 ) -> None:
     from rich.console import Console
 
     from ..digits.bundle import load_digits_bundle
     from ..digits.plots import save_grid, save_npy
-    from ..digits.sampling import generate
+    from ..digits.sampling import generate, torch_threads
 
     digit = parse_digit(prompt)
     check_kind(expert_kind)
     check_out(out, DIGIT_SUFFIXES)
-    with user_errors():
+    with user_errors(), torch_threads(threads):
         bundle = load_digits_bundle(weights_dir)
         images = generate(digit, weights, num_samples, seed, kl_coef, expert_kind, bundle=bundle)
         if out.suffix.lower() == ".npy":
@@ -120,6 +121,7 @@ def generate(
     steps: int = typer.Option(50, min=1, help="Stable Diffusion: DDIM steps."),
     guidance_scale: float = typer.Option(7.5, help="Stable Diffusion: classifier-free guidance."),
     eta: float = typer.Option(1.0, help="Stable Diffusion: DDIM eta (> 0)."),
+    threads: int = typer.Option(1, min=1, help="digits: torch threads (small models: 1 is fastest)."),
 ) -> None:
     """Generate images with MSDDA for one prompt and one set of preference weights."""
     if domain is not None and base is not None:
@@ -137,7 +139,9 @@ def generate(
             fail(
                 "--expert is for Stable Diffusion (with --base); the digits domain uses its shipped experts"
             )
-        _generate_digits(prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir)
+        _generate_digits(
+            prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir, threads
+        )
         return
     experts = parse_pairs(expert, "--expert", numeric=False)
     check_out(out, None)

@@ -71,6 +71,9 @@ def sweep(
     ),
     grid: int = typer.Option(11, help="Evenly spaced weights (w, 1 - w) for 2 objectives."),
     weights: str = typer.Option(None, help="Explicit weights, e.g. '0.3,0.7;0.5,0.5'."),
+    oracle_weights: bool = typer.Option(
+        True, help="Also sample every method at the trained oracles' weights."
+    ),
     prompts: str = typer.Option(None, help="Comma-separated prompts (default: the domain's)."),
     seeds: str = typer.Option("0,1", help="Comma-separated evaluation seeds."),
     images: int = typer.Option(64, help="Images per (prompt, seed) row."),
@@ -117,6 +120,7 @@ def sweep(
             domain_options=tuple(options.items()),
             methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
             weights=tuple(parse_weights(grid, weights)),
+            oracle_weights=oracle_weights,
             prompts=prompt_list,
             seeds=tuple(_ints(seeds, "--seeds")),
             images_per_prompt=images,

@@ -30,9 +30,8 @@ def train(
     ),
 ) -> None:
     """Train classifier, base, reward normalisation, experts and oracles (seeded), then publish."""
-    import torch
-
     from ..digits.pipeline import ToyTrainConfig, train_all
+    from ..digits.sampling import torch_threads
     from ..digits.store import DEFAULT_WEIGHTS_DIR
 
     out = Path(DEFAULT_WEIGHTS_DIR if out is None else out)
@@ -40,10 +39,9 @@ def train(
         fail(f"--out {out} exists and is not a folder")
     if not out.parent.is_dir():
         fail(f"--out {out}: its folder {out.parent} does not exist")
-    torch.set_num_threads(threads)
     console = Console()
     start = time.perf_counter()
-    with user_errors(), progress_bar(console) as bar:
+    with user_errors(), torch_threads(threads), progress_bar(console) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, step: int, total: int, loss: float) -> None:

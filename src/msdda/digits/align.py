@@ -372,6 +372,7 @@ def train_aligned(
         kind: ``"fixed"`` (fixed_small variance) or ``"learned"`` (learned_log head).
         pairs: precomputed :func:`collect_digit_pairs` (computed here from ``pairs_config``
             and ``seed`` when None); share them between the models of one seed.
+        config: beta, optimiser and LoRA settings.
         seed: seeds the pairs (if computed here), the LoRA initialisation and the minibatches.
         progress: ``progress(step, total, loss)``.
     """
@@ -379,8 +380,10 @@ def train_aligned(
     weights = _check_weights(weights)
     _check_kind(kind)
     start = time.perf_counter()
+    pairs_record: dict[str, Any] = {"given": pairs is not None}
     if pairs is None:
         pairs = collect_digit_pairs(bundle, pairs_config, seed)
+        pairs_record.update(pairs_config.to_dict(), seed=seed)
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
     rewards = pairs.weighted_rewards(weights)
@@ -446,7 +449,11 @@ def train_aligned(
         "weights": weights,
         "kind": kind,
         "config": config.to_dict(),
-        "pairs": {"num_pairs": len(pairs), **pairs_config.to_dict()},
+        "pairs": {
+            **pairs_record,
+            "num_pairs": len(pairs),
+            "trained_steps": sorted(pairs.step_indices.unique().tolist()),
+        },
         "history": [asdict(r) for r in result.history],
     }
     return AlignedModel(

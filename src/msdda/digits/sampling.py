@@ -7,8 +7,9 @@ preference weights. Samples come back as images in [0, 1], (N, 1, 8, 8).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,6 +22,7 @@ from .rewards import REWARDS
 from .store import EXPERT_KINDS
 
 __all__ = [
+    "torch_threads",
     "run_policy",
     "sample_expert",
     "msdda_policy",
@@ -32,7 +34,27 @@ __all__ = [
 Callback = Callable[[int, int, Tensor], None]
 
 
-@torch.inference_mode()
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: unchanged), then restore.
+
+    The digits models are small: one thread is as fast as several and does not slow
+    down badly when the cores are shared.
+    """
+    if n is None:
+        yield
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive int, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
 def run_policy(
     policy: StepPolicy,
     num_samples: int,

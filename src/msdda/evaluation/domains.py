@@ -54,6 +54,10 @@ def digits_domain(
 ) -> SweepDomain:
     """The shipped digits models: base, experts for ``objectives`` of ``expert_kind``, oracles.
 
+    Oracles (models fine-tuned on a weighted reward) are taken of ``expert_kind`` where
+    one exists for a weight, else of the other kind: their variance kind is not what
+    they are compared on.
+
     Rewards are the bundle's standardised rewards; prompts are the digits 0-9.
     """
     from ..digits.bundle import load_digits_bundle
@@ -65,10 +69,10 @@ def digits_domain(
         if name not in bundle.rewards:
             raise ValueError(f"unknown objective {name!r}; digits rewards: {list(bundle.rewards)}")
     experts = tuple(bundle.expert(name, expert_kind) for name in objectives)
-    oracles = {}
-    for o in bundle.oracles:
+    oracles = {}  # an oracle of the experts' kind where there is one, else of any kind
+    for o in sorted(bundle.oracles, key=lambda o: o.kind == expert_kind):
         nonzero = {n for n, w in o.weights.items() if w != 0.0}
-        if o.kind == expert_kind and nonzero <= set(objectives):
+        if nonzero <= set(objectives):
             oracles[tuple(float(o.weights.get(n, 0.0)) for n in objectives)] = o.expert
     context = MethodContext(
         schedule=bundle.schedule,

@@ -203,8 +203,35 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
+def _draw_fronts(ax, report: Report, summaries, a: str, b: str, reference: bool) -> None:
+    markers = "o*sD^v<>Pph"
+    for s in summaries:
+        i = [x.method for x in report.summaries].index(s.method)
+        xs = [p.rewards[a] for p in s.points]
+        ys = [p.rewards[b] for p in s.points]
+        style = {"marker": markers[i % len(markers)], "label": s.method, "color": f"C{i}"}
+        if s.method == "base":
+            ax.scatter(xs, ys, s=160, zorder=5, **{**style, "color": "black"})
+        elif s.method == "oracle":
+            ax.scatter(xs, ys, s=70, zorder=6, edgecolors="black", **style)
+        else:
+            main = s.method == "msdda"
+            ax.plot(xs, ys, linewidth=2.4 if main else 1.2, markersize=7 if main else 5,
+                    zorder=4 if main else 3, **style)  # fmt: skip
+    if reference and report.reference is not None:
+        ax.scatter(*report.reference, marker="x", color="grey", label="hypervolume reference")
+    ax.set_xlabel(f"{a} (mean)")
+    ax.set_ylabel(f"{b} (mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+
+
 def plot_pareto(report: Report, path: str | Path) -> Path:
-    """The Pareto plot (first two objectives) of every method, as a PNG written atomically."""
+    """The Pareto plot (first two objectives) as a PNG, written atomically.
+
+    Left: every method. Right: a zoom on the methods that never read a reward while
+    sampling, with ``target`` (the exact step-level optimum they aim at) and ``base``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,34 +240,18 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     a, b = report.objectives[0], report.objectives[-1]
-    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=120)
-    markers = "o*sD^v<>Pph"
-    for i, s in enumerate(report.summaries):
-        xs = [p.rewards[a] for p in s.points]
-        ys = [p.rewards[b] for p in s.points]
-        style = {"marker": markers[i % len(markers)], "label": s.method}
-        if s.method == "base":
-            ax.scatter(xs, ys, s=160, color="black", zorder=5, **style)
-        else:
-            main = s.method == "msdda"
-            ax.plot(
-                xs,
-                ys,
-                linewidth=2.4 if main else 1.2,
-                markersize=7 if main else 5,
-                zorder=4 if main else 3,
-                **style,
-            )
-    if report.reference is not None:
-        ax.scatter(*report.reference, marker="x", color="grey", label="hypervolume reference")
-    ax.set_xlabel(f"{a} (mean)")
-    ax.set_ylabel(f"{b} (mean)")
-    cfg = report.header.get("config", {})
-    ax.set_title(
-        f"{cfg.get('domain', '?')}: Pareto fronts over {len(cfg.get('weights', []))} weights"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
+    _draw_fronts(left, report, report.summaries, a, b, reference=True)
+    zoom = [
+        s
+        for s in report.summaries
+        if s.method == "target" or (s.method in METHODS and not METHODS[s.method].needs_rewards)
+    ]
+    _draw_fronts(right, report, zoom, a, b, reference=False)
+    weights = report.header.get("weights") or report.header.get("config", {}).get("weights", [])
+    domain = report.header.get("config", {}).get("domain", "?")
+    left.set_title(f"{domain}: every method over {len(weights)} weights")
+    right.set_title("zoom: methods without reward access, target and base")
     fig.tight_layout()
     tmp = _atomic_target(path)
     try:
@@ -276,7 +287,8 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         + (f", {report.skipped_lines} line(s) skipped" if report.skipped_lines else "")
         + ")",
         f"- objectives: {', '.join(report.objectives)}; rewards reported: {', '.join(report.rewards)}",
-        f"- weights: {len(cfg.get('weights', []))} points; prompts: {h.get('prompts')}; "
+        f"- weights: {len(h.get('weights') or cfg.get('weights', []))} points; "
+        f"prompts: {h.get('prompts')}; "
         f"seeds: {cfg.get('seeds')}; images per point: {images}",
         f"- hyperparameters used: {h.get('settings')}",
     ]

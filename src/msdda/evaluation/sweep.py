@@ -77,6 +77,7 @@ class SweepConfig:
     domain_options: tuple[tuple[str, Any], ...] = ()  # keyword options of the domain
     methods: tuple[str, ...] = tuple(METHODS)  # methods to compare
     weights: tuple[tuple[float, ...], ...] = simplex_grid(11)  # preference weights
+    oracle_weights: bool = True  # also sample every method at the oracles' weights
     prompts: tuple[Any, ...] | None = None  # None: the domain's prompts
     seeds: tuple[int, ...] = (0, 1)  # evaluation seeds
     images_per_prompt: int = 64  # images per (prompt, seed) row
@@ -129,6 +130,15 @@ class SweepUnit:
     seed: int
 
 
+def sweep_weights(config: SweepConfig, domain: SweepDomain) -> tuple[tuple[float, ...], ...]:
+    """The grid, plus the weights of the domain's oracles when ``config.oracle_weights``."""
+    grid = list(config.weights)
+    if config.oracle_weights and "oracle" in config.methods:
+        have = {weight_key(w) for w in grid}
+        grid += [tuple(map(float, k)) for k in domain.context.oracles if weight_key(k) not in have]
+    return tuple(sorted(grid))
+
+
 def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
     """Every unit of the sweep, seed by seed, then weight, then method.
 
@@ -140,7 +150,7 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
         for m in config.methods:
             if not METHODS[m].uses_weights:
                 units.append(SweepUnit(m, None, seed))
-        for w in config.weights:
+        for w in sweep_weights(config, domain):
             for m in config.methods:
                 info = METHODS[m]
                 if not info.uses_weights or (
@@ -243,6 +253,7 @@ def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
         "rewards": list(domain.eval_rewards),
         "prompts": list(prompts),
         "oracle_weights": sorted(list(weight_key(k)) for k in domain.context.oracles),
+        "weights": [list(w) for w in sweep_weights(config, domain)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -1,0 +1,81 @@
+"""``train_all`` (what ``msdda toy train`` runs), on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from msdda.digits import load_digits_bundle
+from msdda.digits.align import AlignConfig, PairsConfig
+from msdda.digits.pipeline import ToyTrainConfig, train_all
+from msdda.digits.testing import TINY_CLASSIFIER, TINY_DENOISER
+from msdda.digits.train import BaseTraining, ClassifierTraining
+
+TINY = ToyTrainConfig(
+    classifier=ClassifierTraining(model=TINY_CLASSIFIER, steps=30),
+    base=BaseTraining(model=TINY_DENOISER, steps=30, warmup=5),
+    normalisation_samples_per_prompt=3,
+    align=False,
+)
+
+
+def test_train_all_writes_a_loadable_reproducible_folder(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    stages: list[str] = []
+    manifest = train_all(tmp_path / "a", TINY, lambda s, i, n, loss: stages.append(s))
+    assert stages[0] == "classifier" and "base" in stages and stages[-1] == "normalisation"
+    bundle = load_digits_bundle(tmp_path / "a")
+    assert bundle.experts == {} and bundle.oracles == ()
+    assert manifest["seeds"]["base"] == 0 and "torch" in manifest["versions"]
+    assert set(manifest["reward_normalisation"]) == {"legibility", "boldness", "symmetry"}
+    train_all(tmp_path / "b", TINY)
+    for name in ("base.safetensors", "classifier.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no staging left
+
+
+def test_a_failed_run_leaves_the_old_folder_untouched(tmp_path: Path) -> None:
+    train_all(tmp_path / "w", TINY)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "w").iterdir()}
+
+    def explode(stage: str, step: int, total: int, loss: float) -> None:
+        if stage == "base" and step == 10:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_all(tmp_path / "w", TINY, explode)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "w").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
+
+
+def test_train_all_runs_the_aligner_and_records_experts(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = ToyTrainConfig(
+        classifier=TINY.classifier,
+        base=TINY.base,
+        normalisation_samples_per_prompt=3,
+        experts=(("boldness", "fixed"), ("legibility", "learned")),
+        oracle_weights=((("legibility", 0.5), ("boldness", 0.5)),),
+        align_config=AlignConfig(num_steps=2, batch_size=16, eval_samples=0),
+        pairs_config=PairsConfig(num_chains=10, batch_size=10),
+    )
+    manifest = train_all(tmp_path / "w", cfg)
+    assert [(e["reward"], e["kind"]) for e in manifest["experts"]] == list(cfg.experts)
+    bundle = load_digits_bundle(tmp_path / "w")
+    assert bundle.expert("legibility", "learned").spec.variance_type == "learned_log"
+    assert bundle.oracle({"legibility": 0.5, "boldness": 0.5}).kl_coef == 1.0
+    on_disk = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert "expert boldness/fixed" in on_disk["timings_s"] and on_disk["timings_s"]["total"] > 0
+
+
+def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        train_all(tmp_path / "f", TINY)
+    with pytest.raises(ValueError, match="does not exist"):
+        train_all(tmp_path / "no" / "w", TINY)
+    with pytest.raises(ValueError, match="unknown reward 'beauty'"):
+        ToyTrainConfig(experts=(("beauty", "fixed"),))
