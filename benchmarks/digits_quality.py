@@ -43,6 +43,7 @@ from rich.table import Table
 from msdda import Expert
 from msdda.digits import decode, load_digits_bundle
 from msdda.digits.align import (
+    ORACLE_WEIGHTS,
     AlignConfig,
     PairsConfig,
     load_adapter,
@@ -55,6 +56,7 @@ from msdda.digits.store import oracle_tag
 from msdda.methods import MethodContext, MethodSettings, run_method
 
 OBJECTIVES = ("legibility", "boldness")
+GRID = tuple(w["legibility"] for w in ORACLE_WEIGHTS)  # the oracles' legibility weights w
 console = Console(width=200)
 
 
@@ -102,44 +104,51 @@ def _as_expert(bundle: DigitsBundle, model, kind: str, kl_coef: float, name: str
     return Expert(denoiser, expert_spec(kind), kl_coef, name)
 
 
-def cached_models(bundle: DigitsBundle, cache: Path, seed: int, kinds, grid, args) -> dict:
-    """Adapters of ``seed`` from ``cache``, trained (and cached) here when absent."""
+def cached_models(bundle: DigitsBundle, cache: Path, seed: int, kinds) -> dict:
+    """Adapters of ``seed`` from ``cache``; trained (and cached) here when absent or stale."""
 
     def file(weights: dict, kind: str) -> Path:
         return cache / f"seed{seed}-{oracle_tag(weights)}-{kind}.safetensors"
 
-    jobs = [({r: 1.0}, k) for r in OBJECTIVES for k in kinds] + [
-        (weights_of(w), k) for w in grid for k in kinds
-    ]
-    if not all(file(ws, k).is_file() for ws, k in jobs):
-        console.print(f"training seed {seed}: {len(jobs)} models ({', '.join(kinds)}) ...")
-        start = time.perf_counter()
-        models = train_experts_and_oracles(
-            bundle,
-            seed=seed,
-            rewards=OBJECTIVES,
-            oracle_weights=tuple(weights_of(w) for w in grid),
-            kinds=tuple(kinds),
-            config=AlignConfig(eval_samples=0),
-            pairs_config=PairsConfig(),
-        )
-        cache.mkdir(parents=True, exist_ok=True)
-        for m in models:
-            save_adapter(file(m.weights, m.kind), m)
-        console.print(f"  trained seed {seed} in {time.perf_counter() - start:.0f} s")
-    out = {}
-    for kind in kinds:
-        experts, oracles = {}, {}
-        for r in OBJECTIVES:
-            model, info = load_adapter(file({r: 1.0}, kind), bundle.base)
-            experts[r] = _as_expert(bundle, model, kind, info["kl_coef"], f"{r}/{kind}/seed{seed}")
-        for w in grid:
-            model, info = load_adapter(file(weights_of(w), kind), bundle.base)
-            oracles[w] = _as_expert(
-                bundle, model, kind, info["kl_coef"], f"oracle {w}/{kind}/seed{seed}"
-            )
-        out[kind] = {"experts": experts, "oracles": oracles}
-    return out
+    def load_all() -> dict:
+        out = {}
+        for kind in kinds:
+            experts, oracles = {}, {}
+            for r in OBJECTIVES:
+                model, info = load_adapter(file({r: 1.0}, kind), bundle.base)
+                experts[r] = _as_expert(
+                    bundle, model, kind, info["kl_coef"], f"{r}/{kind}/seed{seed}"
+                )
+            for w in GRID:
+                model, info = load_adapter(file(weights_of(w), kind), bundle.base)
+                oracles[w] = _as_expert(
+                    bundle, model, kind, info["kl_coef"], f"oracle {w}/{kind}/seed{seed}"
+                )
+            out[kind] = {"experts": experts, "oracles": oracles}
+        return out
+
+    try:
+        return load_all()
+    except ValueError as err:  # missing, or trained on another base
+        console.print(f"seed {seed}: {err}")
+    console.print(f"training seed {seed}: experts and oracles ({', '.join(kinds)}) ...")
+    start = time.perf_counter()
+    models = train_experts_and_oracles(
+        bundle,
+        seed=seed,
+        rewards=OBJECTIVES,
+        oracle_weights=tuple(weights_of(w) for w in GRID),
+        kinds=tuple(kinds),
+        config=AlignConfig(eval_samples=0),
+        pairs_config=PairsConfig(),
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    for m in models:
+        save_adapter(file(m.weights, m.kind), m)
+    console.print(
+        f"  trained seed {seed}: {len(models)} models in {time.perf_counter() - start:.0f} s"
+    )
+    return load_all()
 
 
 def context(bundle: DigitsBundle, models: dict | None, grid) -> MethodContext:
@@ -215,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument(
-        "--grid", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="legibility weights w"
+        "--grid",
+        type=float,
+        nargs="+",
+        default=list(GRID),
+        choices=GRID,
+        help="legibility weights w",
     )
     p.add_argument("--kinds", nargs="+", default=["fixed", "learned"], choices=["fixed", "learned"])
     p.add_argument("--samples", type=int, default=5000, help="evaluation samples per point")
@@ -244,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     bundle = load_digits_bundle(args.weights)
-    grid = [float(w) for w in args.grid]
-    for w in grid:
-        if not 0 <= w <= 1:
-            p.error(f"--grid weights must lie in [0, 1], got {w}")
+    grid = sorted(set(args.grid))
     settings = MethodSettings(target_candidates=args.target_candidates)
 
     # Models per (seed, kind): shipped when the bundle holds them all, else cached adapters.
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 missing.append(k)
         if missing:
-            for k, m in cached_models(bundle, args.cache, seed, missing, grid, args).items():
+            for k, m in cached_models(bundle, args.cache, seed, missing).items():
                 models[(seed, k)] = m
                 sources[f"seed {seed} {k}"] = f"cache {args.cache}"
     models = dict(sorted(models.items()))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from msdda.digits import load_digits_bundle
 from msdda.digits.align import AlignConfig, PairsConfig
 from msdda.digits.pipeline import ToyTrainConfig, train_all
+from msdda.digits.sampling import torch_threads
 from msdda.digits.testing import TINY_CLASSIFIER, TINY_DENOISER
 from msdda.digits.train import BaseTraining, ClassifierTraining
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The digits models are tiny: one torch thread is fastest, and robust on shared cores."""
+    with torch_threads(1):
+        yield
+
 
 TINY = ToyTrainConfig(
     classifier=ClassifierTraining(model=TINY_CLASSIFIER, steps=30),
@@ -23,7 +32,6 @@ TINY = ToyTrainConfig(
 
 
 def test_train_all_writes_a_loadable_reproducible_folder(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     stages: list[str] = []
     manifest = train_all(tmp_path / "a", TINY, lambda s, i, n, loss: stages.append(s))
     assert stages[0] == "classifier" and "base" in stages and stages[-1] == "normalisation"
@@ -52,7 +60,6 @@ def test_a_failed_run_leaves_the_old_folder_untouched(tmp_path: Path) -> None:
 
 
 def test_train_all_runs_the_aligner_and_records_experts(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     cfg = ToyTrainConfig(
         classifier=TINY.classifier,
         base=TINY.base,
@@ -79,3 +86,26 @@ def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
         train_all(tmp_path / "no" / "w", TINY)
     with pytest.raises(ValueError, match="unknown reward 'beauty'"):
         ToyTrainConfig(experts=(("beauty", "fixed"),))
+
+
+def test_toy_train_cli_refusals(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from msdda.cli import app
+
+    runner = CliRunner()
+    (tmp_path / "f").write_text("x")
+    for args, message in [
+        (["--out", str(tmp_path / "f")], "exists and is not a folder"),
+        (["--out", str(tmp_path / "no" / "w")], "does not exist"),
+    ]:
+        result = runner.invoke(app, ["toy", "train", *args])
+        assert result.exit_code != 0 and message in result.output.replace("\n", " ")
+        assert "Traceback" not in result.output
+    import msdda.digits
+
+    monkeypatch.setitem(sys.modules, "msdda.digits.align", None)  # as if peft were missing
+    monkeypatch.delattr(msdda.digits, "align")
+    result = runner.invoke(app, ["toy", "train", "--out", str(tmp_path / "w")])
+    assert result.exit_code != 0 and "pass --no-align" in result.output.replace("\n", " ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -16,7 +16,15 @@ from msdda.digits import (
     sample_expert,
     sample_msdda,
 )
+from msdda.digits.sampling import torch_threads
 from msdda.digits.testing import make_tiny_weights
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The digits models are tiny: one torch thread is fastest, and robust on shared cores."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -146,6 +146,11 @@ def test_missing_or_broken_manifest(tmp_path: Path, tiny_copy: Path) -> None:
         load_digits_bundle(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="no manifest.json in"):
         load_digits_bundle(tmp_path)
+    manifest = json.loads((tiny_copy / "manifest.json").read_text())
+    manifest["experts"][0]["reward"] = "beauty"
+    (tiny_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="expert entry with reward 'beauty'"):
+        load_digits_bundle(tiny_copy)
     (tiny_copy / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="manifest .* is not valid JSON"):
         load_digits_bundle(tiny_copy)

@@ -124,6 +124,17 @@ def test_report_numbers_on_a_hand_checkable_file(tmp_path):
     assert "reference point (r_a, r_b) = (0.0000, 0.0000)" in text
 
 
+def test_time_relative_to_base_is_matched_per_batch_when_recorded(tmp_path):
+    rows = [dict(r) for r in HAND_ROWS]
+    for r, base_time in zip(rows, (0.010, 0.010, 0.040, 0.010, 0.005, 0.005, 0.005), strict=True):
+        r["base_seconds_per_image"] = base_time  # the machine got busier, then quieter
+    rep = build_report(read_results(write_results(tmp_path / "r.jsonl", rows)))
+    s = {x.method: x for x in rep.summaries}
+    assert s["msdda"].time_vs_base == pytest.approx((2.0 + 0.5 + 2.0) / 3)
+    assert s["rs"].time_vs_base == pytest.approx(2.0)
+    assert s["base"].time_vs_base == pytest.approx(1.0)
+
+
 def test_report_cli_writes_png_and_markdown(tmp_path):
     path = write_results(tmp_path / "r.jsonl", HAND_ROWS, extra_lines=["{not json"])
     result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "out")])

@@ -104,6 +104,7 @@ def test_sweep_writes_one_row_per_method_weight_prompt_and_seed(complete, toy):
     row = results.rows[0]
     assert set(row["rewards"]) == {"goal_a", "goal_b"}
     assert row["seconds_per_image"] > 0 and row["nfe_per_image"] > 0 and row["images"] == 6
+    assert all(r["base_seconds_per_image"] > 0 for r in results.rows)
     assert results.header["config"]["domain"] == "toy"
     assert results.header["objectives"] == ["goal_a", "goal_b"]
 

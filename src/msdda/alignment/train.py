@@ -40,6 +40,7 @@ __all__ = [
     "policy_step_gaussians",
     "train_dpo",
     "evaluate_policy",
+    "reference_log_likelihood_differences",
 ]
 
 
@@ -154,6 +155,26 @@ def _optimizer(
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def reference_log_likelihood_differences(pairs: PairSet) -> Tensor:
+    """log p_ref(a) - log p_ref(b) of every pair, (N,) float64: the fixed half of each logit."""
+    return gaussian_log_likelihood_difference(
+        pairs.action_a.double(),
+        pairs.action_b.double(),
+        pairs.reference_mean.double(),
+        pairs.reference_variance.double(),
+    )
+
+
+def _pair_logits(
+    policy: Gaussian, pairs: PairSet, index: Tensor, ref_diff: Tensor, kl_coef: float
+) -> Tensor:
+    """z = beta * ([log p(a) - log p(b)] - [log p_ref(a) - log p_ref(b)]) at ``pairs[index]``."""
+    dtype = policy.mean.dtype
+    a, b = pairs.action_a[index].to(dtype), pairs.action_b[index].to(dtype)
+    diff = gaussian_log_likelihood_difference(a, b, policy.mean, policy.variance)
+    return dpo_logits(diff - ref_diff[index].to(dtype), kl_coef)
+
+
 def _check_rewards(pairs: PairSet, rewards: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     if not (isinstance(rewards, Sequence) and len(rewards) == 2):
         raise TypeError("rewards must be a (reward_a, reward_b) pair of (N,) tensors")
@@ -196,13 +217,7 @@ def train_dpo(
     r_a, r_b = _check_rewards(pairs, rewards)
     gen = torch.Generator().manual_seed(config.seed)
     labels = preference_labels(r_a, r_b, config.labels, generator=gen)
-    # The reference's half of every log-ratio difference is fixed: compute it once.
-    ref_diff = gaussian_log_likelihood_difference(
-        pairs.action_a.double(),
-        pairs.action_b.double(),
-        pairs.reference_mean.double(),
-        pairs.reference_variance.double(),
-    )
+    ref_diff = reference_log_likelihood_differences(pairs)  # fixed: computed once
     opt = _optimizer(policy, config, variance_parameters)
     sched = None
     if config.lr_decay == "cosine":
@@ -221,9 +236,7 @@ def train_dpo(
         idx = order[cursor : cursor + config.batch_size]
         cursor += config.batch_size
         g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
-        a, b = pairs.action_a[idx], pairs.action_b[idx]
-        diff = gaussian_log_likelihood_difference(a, b, g.mean, g.variance)
-        logits = dpo_logits(diff - ref_diff[idx].to(diff.dtype), config.kl_coef)
+        logits = _pair_logits(g, pairs, idx, ref_diff, config.kl_coef)
         loss = soft_dpo_loss(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -263,35 +276,21 @@ def evaluate_policy(
     *,
     batch_size: int = 4096,
 ) -> PolicyMetrics:
-    """Soft DPO loss, implicit accuracy and per-step KL to the reference on ``pairs``."""
+    """Soft DPO loss, implicit accuracy and per-step KL to the reference on ``pairs`` (float64)."""
     r_a, r_b = _check_rewards(pairs, rewards)
-    labels = preference_labels(r_a, r_b, "soft")
+    labels = preference_labels(r_a, r_b, "soft").double()
+    ref_diff = reference_log_likelihood_differences(pairs)
+    was_training = getattr(policy, "training", None)
     if isinstance(policy, nn.Module):
-        was_training = policy.training
         policy.eval()
     logits, kls = [], []
     for s in range(0, len(pairs), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(pairs)))
         g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
-        a, b = pairs.action_a[idx], pairs.action_b[idx]
-        diff = gaussian_log_likelihood_difference(
-            a.double(), b.double(), g.mean.double(), g.variance.double()
-        )
-        ref = gaussian_log_likelihood_difference(
-            a.double(),
-            b.double(),
-            pairs.reference_mean[idx].double(),
-            pairs.reference_variance[idx].double(),
-        )
-        logits.append(dpo_logits(diff - ref, kl_coef))
-        kls.append(
-            gaussian_kl(
-                Gaussian(g.mean.double(), g.variance.double()),
-                Gaussian(
-                    pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double()
-                ),
-            )
-        )
+        g = Gaussian(g.mean.double(), g.variance.double())
+        ref = Gaussian(pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double())
+        logits.append(_pair_logits(g, pairs, idx, ref_diff, kl_coef))
+        kls.append(gaussian_kl(g, ref))
     if isinstance(policy, nn.Module):
         policy.train(was_training)
     z, kl = torch.cat(logits), torch.cat(kls)
@@ -300,7 +299,7 @@ def evaluate_policy(
         for i in pairs.step_indices.unique().tolist()
     }
     return PolicyMetrics(
-        loss=float(soft_dpo_loss(z, labels.double())),
+        loss=float(soft_dpo_loss(z, labels)),
         accuracy=float(implicit_accuracy(z, labels)),
         kl=float(kl.mean()),
         kl_per_step=per_step,

@@ -49,18 +49,20 @@ def check_kind(expert_kind: str) -> str:
 @app.command()
 def demo(
     out: Path = typer.Option(
-        None, help="Output folder (new or empty) [default: msdda-out/demo-<timestamp>]."
+        None, help="Output folder (new or empty) (default: msdda-out/demo-<timestamp>)."
     ),
     seed: int = typer.Option(0, help="Noise seed, shared by every weight."),
-    samples_per_prompt: int = typer.Option(50, min=1, help="Images per digit and weight."),
+    samples_per_prompt: int = typer.Option(100, min=1, help="Images per digit and weight."),
     num_weights: int = typer.Option(
         11, min=2, help="Weights from legibility-only to boldness-only."
     ),
     expert_kind: str = typer.Option("fixed", help="Experts' variance: fixed or learned."),
-    kl_coef: float = typer.Option(None, help="Target beta [default: the experts' common beta]."),
+    kl_coef: float = typer.Option(None, help="Target beta (default: the experts' common beta)."),
     compare: bool = typer.Option(True, help="Also run the base and the shipped oracles."),
-    weights_dir: Path = typer.Option(None, help="Weights folder [default: the shipped weights]."),
-    threads: int = typer.Option(1, min=1, help="torch threads (the models are small: 1 is fastest)."),
+    weights_dir: Path = typer.Option(None, help="Weights folder (default: the shipped weights)."),
+    threads: int = typer.Option(
+        1, min=1, help="torch threads (the models are small: 1 is fastest)."
+    ),
 ) -> None:
     """MSDDA on the digits: legibility vs boldness over a sweep of preference weights."""
     from ..digits.bundle import load_digits_bundle

@@ -101,7 +101,7 @@ def generate(
         ..., help="Output file: .png grid, or .npy raw samples (N, 8, 8) in [0, 1]."
     ),
     domain: str = typer.Option(
-        None, help="Built-in domain: digits [default when --base is not given]."
+        None, help="Built-in domain: digits (the default when --base is not given)."
     ),
     base: str = typer.Option(
         None, help="Stable Diffusion base pipeline (folder or cached hub id)."
@@ -111,17 +111,19 @@ def generate(
     seed: int = typer.Option(0, help="Noise seed: same seed, same images."),
     kl_coef: float = typer.Option(
         None,
-        help="Target beta [default: the experts' common beta]; "
+        help="Target beta (default: the experts' common beta); "
         "another value makes lambda_0 != 0 and uses the base as reference.",
     ),
     expert_kind: str = typer.Option("fixed", help="digits: experts' variance, fixed or learned."),
     weights_dir: Path = typer.Option(
-        None, help="digits: weights folder [default: the shipped weights]."
+        None, help="digits: weights folder (default: the shipped weights)."
     ),
     steps: int = typer.Option(50, min=1, help="Stable Diffusion: DDIM steps."),
     guidance_scale: float = typer.Option(7.5, help="Stable Diffusion: classifier-free guidance."),
     eta: float = typer.Option(1.0, help="Stable Diffusion: DDIM eta (> 0)."),
-    threads: int = typer.Option(1, min=1, help="digits: torch threads (small models: 1 is fastest)."),
+    threads: int = typer.Option(
+        1, min=1, help="digits: torch threads (small models: 1 is fastest)."
+    ),
 ) -> None:
     """Generate images with MSDDA for one prompt and one set of preference weights."""
     if domain is not None and base is not None:

@@ -20,7 +20,7 @@ app.add_typer(toy_app, name="toy")
 @toy_app.command("train")
 def train(
     out: Path = typer.Option(
-        None, help="Weights folder to write [default: the shipped msdda/digits/weights]."
+        None, help="Weights folder to write (default: the shipped msdda/digits/weights)."
     ),
     align: bool = typer.Option(
         True, help="Also train the experts and oracles (msdda.digits.align)."
@@ -34,6 +34,14 @@ def train(
     from ..digits.sampling import torch_threads
     from ..digits.store import DEFAULT_WEIGHTS_DIR
 
+    if align:
+        try:
+            from ..digits import align as _align  # noqa: F401  (needs peft)
+        except ImportError as err:
+            fail(
+                f"training the experts needs peft ({err}); install it with "
+                "pip install 'msdda[sd]', or pass --no-align"
+            )
     out = Path(DEFAULT_WEIGHTS_DIR if out is None else out)
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a folder")

@@ -37,6 +37,7 @@ from .models import (
     DigitDenoiser,
     GuidedDenoiser,
 )
+from .pipeline import ToyTrainConfig, train_all, write_domain_folder
 from .rewards import (
     REWARD_NAMES,
     REWARDS,
@@ -50,7 +51,15 @@ from .rewards import (
     standardise,
     symmetry,
 )
-from .sampling import check_weights, generate, msdda_policy, run_policy, sample_expert, sample_msdda
+from .sampling import (
+    check_weights,
+    generate,
+    msdda_policy,
+    run_policy,
+    sample_expert,
+    sample_msdda,
+    torch_threads,
+)
 from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule, make_scheduler
 from .store import (
     DEFAULT_WEIGHTS_DIR,
@@ -110,5 +119,9 @@ __all__ = [
     "save_module",
     "standardise",
     "symmetry",
+    "torch_threads",
+    "train_all",
+    "ToyTrainConfig",
+    "write_domain_folder",
     "write_manifest",
 ]

@@ -27,6 +27,7 @@ Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import time
@@ -71,6 +72,7 @@ __all__ = [
     "apply_adapter",
     "save_adapter",
     "load_adapter",
+    "base_fingerprint",
     "variance_offsets",
 ]
 
@@ -143,6 +145,7 @@ class AlignedModel:
     kind: str  # "fixed" or "learned"
     kl_coef: float  # beta
     adapter: dict[str, Tensor]  # LoRA factors (+ variance head): model = apply_adapter(base, ...)
+    base_fingerprint: str  # base_fingerprint(base) of the base it was trained on
     metrics: dict[str, Any]  # held-out numbers (JSON-able)
     training: dict[str, Any]  # settings and seeds (JSON-able)
 
@@ -260,6 +263,16 @@ def apply_adapter(
 ADAPTER_FORMAT = "msdda-digits-adapter/1"
 
 
+def base_fingerprint(base: nn.Module) -> str:
+    """sha256 of a model's state (names, shapes, values): which base an adapter belongs to."""
+    h = hashlib.sha256()
+    for name, value in base.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
     """Write ``aligned``'s adapter as safetensors (atomically), with what rebuilds it as metadata."""
     from safetensors.torch import save
@@ -271,6 +284,7 @@ def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
         "kl_coef": repr(aligned.kl_coef),
         "lora": json.dumps(aligned.training["config"]["lora"]),
         "seed": str(aligned.training["seed"]),
+        "base": aligned.base_fingerprint,
     }
     atomic_write_bytes(Path(path), save(aligned.adapter, metadata=meta))
 
@@ -280,7 +294,7 @@ def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, 
 
     Raises:
         ValueError: naming ``path`` when it is missing, not a safetensors file, not an
-            adapter file, or does not fit ``base``.
+            adapter file, or trained on another base.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -295,6 +309,8 @@ def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, 
         raise ValueError(f"adapter file {path} is not a valid safetensors file: {err}") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"adapter file {path} is not a {ADAPTER_FORMAT} file")
+    if meta.get("base") != base_fingerprint(base):
+        raise ValueError(f"adapter file {path} was trained on another base model")
     info = {
         "weights": json.loads(meta["weights"]),
         "kind": meta["kind"],
@@ -457,7 +473,15 @@ def train_aligned(
         "history": [asdict(r) for r in result.history],
     }
     return AlignedModel(
-        model, expert, weights, kind, float(config.kl_coef), adapter, metrics, training
+        model,
+        expert,
+        weights,
+        kind,
+        float(config.kl_coef),
+        adapter,
+        base_fingerprint(bundle.base),
+        metrics,
+        training,
     )
 
 

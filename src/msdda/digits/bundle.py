@@ -29,7 +29,7 @@ from .models import (
     DigitDenoiser,
     GuidedDenoiser,
 )
-from .rewards import RewardNormalisation, StandardisedReward, make_rewards, standardise
+from .rewards import REWARDS, RewardNormalisation, StandardisedReward, make_rewards, standardise
 from .schedule import NUM_INFERENCE_STEPS, make_schedule
 from .store import DEFAULT_WEIGHTS_DIR, EXPERT_KINDS, load_module_state, read_manifest
 
@@ -133,6 +133,13 @@ def _as_expert(model: DigitDenoiser, kind: str, kl_coef: Any, name: str, g: floa
     return Expert(_wrap(model, g), expert_spec(kind), float(kl_coef), name)
 
 
+def _entries(manifest: dict, key: str, where: Path) -> list[dict]:
+    entries = manifest.get(key, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"manifest {where}: {key!r} must be a list of objects")
+    return entries
+
+
 def load_digits_bundle(
     path: str | Path | None = None, *, num_inference_steps: int = NUM_INFERENCE_STEPS
 ) -> DigitsBundle:
@@ -175,19 +182,34 @@ def load_digits_bundle(
     rewards = standardise(raw, stats)
 
     experts: dict[tuple[str, str], Expert] = {}
-    for entry in manifest.get("experts", []):
-        name = f"{entry.get('reward')}/{entry.get('kind')}"
-        model = load_denoiser(weights_dir, entry, f"expert {name}")
-        experts[(entry["reward"], entry["kind"])] = _as_expert(
-            model, entry["kind"], entry.get("kl_coef"), name, g
+    for entry in _entries(manifest, "experts", where):
+        reward, kind = entry.get("reward"), entry.get("kind")
+        if reward not in REWARDS or kind not in EXPERT_KINDS:
+            raise ValueError(
+                f"manifest {where}: expert entry with reward {reward!r}, kind {kind!r}"
+            )
+        model = load_denoiser(weights_dir, entry, f"expert {reward}/{kind}")
+        experts[(reward, kind)] = _as_expert(
+            model, kind, entry.get("kl_coef"), f"{reward}/{kind}", g
         )
     oracles = []
-    for entry in manifest.get("oracles", []):
-        weights = {str(n): float(w) for n, w in entry.get("weights", {}).items()}
-        name = f"oracle {weights}/{entry.get('kind')}"
+    for entry in _entries(manifest, "oracles", where):
+        weights, kind = entry.get("weights"), entry.get("kind")
+        if not isinstance(weights, dict) or kind not in EXPERT_KINDS:
+            raise ValueError(
+                f"manifest {where}: oracle entry with weights {weights!r}, kind {kind!r}"
+            )
+        try:
+            weights = {str(n): float(w) for n, w in weights.items()}
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"manifest {where}: oracle weights {weights!r} are not numbers"
+            ) from None
+        name = f"oracle {weights}/{kind}"
         model = load_denoiser(weights_dir, entry, name)
-        expert = _as_expert(model, entry["kind"], entry.get("kl_coef"), name, g)
-        oracles.append(Oracle(weights, entry["kind"], expert))
+        oracles.append(
+            Oracle(weights, kind, _as_expert(model, kind, entry.get("kl_coef"), name, g))
+        )
 
     return DigitsBundle(
         path=weights_dir,
@@ -202,4 +224,3 @@ def load_digits_bundle(
         experts=experts,
         oracles=tuple(oracles),
     )
-

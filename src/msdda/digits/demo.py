@@ -39,7 +39,7 @@ class DemoConfig:
     """What ``msdda demo`` runs."""
 
     num_weights: int = 11  # weights w = 0, 1/(n-1), ..., 1 on legibility (boldness 1 - w)
-    samples_per_prompt: int = 50  # images per digit and weight
+    samples_per_prompt: int = 100  # images per digit and weight
     seed: int = 0  # noise seed, shared by every weight and method
     expert_kind: str = "fixed"  # "fixed" or "learned" variance experts
     kl_coef: float | None = None  # target beta (None: the experts' common beta)

@@ -23,9 +23,12 @@ from typing import Any
 
 import torch
 
+from ..experts import Expert
+from .bundle import expert_spec
 from .data import NUM_CLASSES
-from .models import DigitClassifier, DigitDenoiser
+from .models import DigitClassifier, DigitDenoiser, GuidedDenoiser
 from .rewards import RewardNormalisation, fit_normalisation, make_rewards
+from .sampling import sample_expert
 from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule
 from .store import EXPERT_KINDS, MANIFEST_FORMAT, MANIFEST_NAME, save_module, write_manifest
 from .train import (
@@ -152,8 +155,6 @@ def _stage_progress(progress: StageProgress, stage: str):
 
 def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict:
     """Classifier, base and normalisation into ``stage_dir``; returns the manifest."""
-    from .sampling import sample_expert
-
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     classifier, clf_metrics = train_classifier(
@@ -167,10 +168,6 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
     timings["base"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    from ..experts import Expert
-    from .bundle import expert_spec
-    from .models import GuidedDenoiser
-
     n = cfg.normalisation_samples_per_prompt * NUM_CLASSES
     prompts = torch.arange(n) % NUM_CLASSES
     denoiser = base if cfg.guidance_scale == 1.0 else GuidedDenoiser(base, cfg.guidance_scale)
@@ -196,6 +193,7 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
         stats,
         legibility_temperature=cfg.legibility_temperature,
         guidance_scale=cfg.guidance_scale,
+        normalisation_samples=n,
         classifier_record={"metrics": clf_metrics, "training": cfg.classifier.to_dict()},
         base_record={
             "metrics": {**base_metrics, "samples": sample_metrics},
@@ -223,6 +221,7 @@ def write_domain_folder(
     *,
     legibility_temperature: float,
     guidance_scale: float = 1.0,
+    normalisation_samples: int | None = None,
     classifier_record: Mapping[str, Any] | None = None,
     base_record: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -231,6 +230,7 @@ def write_domain_folder(
 
     The starting point of a weights folder (experts and oracles are added with
     :func:`~msdda.digits.store.add_expert` / :func:`~msdda.digits.store.add_oracle`).
+    ``normalisation_samples`` records how many base samples the normalisation used.
     ``*_record`` add fields (metrics, training settings) to the models' manifest entries;
     ``extra`` adds top-level fields. Returns the manifest.
     """
@@ -266,7 +266,8 @@ def write_domain_folder(
             **dict(base_record or {}),
         },
         "reward_normalisation": {
-            k: {"mean": s.mean, "std": s.std} for k, s in normalisation.items()
+            k: {"mean": s.mean, "std": s.std, "num_samples": normalisation_samples}
+            for k, s in normalisation.items()
         },
         "experts": [],
         "oracles": [],

@@ -43,6 +43,7 @@ class MethodPoint:
     seconds_per_image: float
     nfe_per_image: float
     drift_from_base: float | None  # mean RMS image difference from the base's, same noise
+    time_vs_base: float | None  # mean over rows of time / the base's time on the same batch
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ def aggregate(results: Results) -> list[MethodPoint]:
         }
         per_image = {n: [x for r in rows for x in r.get("per_image", {}).get(n, [])] for n in names}
         drifts = [r["drift_from_base"] for r in rows if "drift_from_base" in r]
+        ratios = [
+            r["seconds_per_image"] / r["base_seconds_per_image"]
+            for r in rows
+            if r.get("base_seconds_per_image")
+        ]
         points.append(
             MethodPoint(
                 method,
@@ -110,6 +116,7 @@ def aggregate(results: Results) -> list[MethodPoint]:
                 _mean([r["seconds_per_image"] for r in rows]),
                 _mean([r["nfe_per_image"] for r in rows]),
                 _mean(drifts) if len(drifts) == len(rows) else None,
+                _mean(ratios) if len(ratios) == len(rows) else None,
             )
         )
     return points
@@ -130,6 +137,15 @@ def _at(points: Sequence[MethodPoint], weights) -> MethodPoint | None:
         if p.weights is None or p.weights == key:
             return p
     return None
+
+
+def _time_ratio(points: Sequence[MethodPoint], base: MethodPoint | None) -> float | None:
+    """Time per image relative to the base: matched per batch when the rows have it."""
+    if all(p.time_vs_base is not None for p in points):
+        return _mean([p.time_vs_base for p in points])
+    if base is None:
+        return None
+    return _mean([p.seconds_per_image for p in points]) / base.seconds_per_image
 
 
 def build_report(results: Results, reference: Sequence[float] | None = None) -> Report:
@@ -181,7 +197,7 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
                 drift_half=at_half.drift_from_base if at_half else None,
                 seconds_per_image=sec,
                 nfe_per_image=nfe,
-                time_vs_base=sec / base.seconds_per_image if base else None,
+                time_vs_base=_time_ratio(pts, base),
                 nfe_vs_base=nfe / base.nfe_per_image if base else None,
             )
         )
@@ -314,7 +330,8 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         )
     lines += [
         f"- threads: {h.get('threads')}, torch {h.get('torch')}; time per image is wall time of "
-        "the whole batch's chain over its size; NFE counts denoiser rows (rgg's backward pass "
+        "the whole batch's chain over its size, and time / base its ratio to a base chain run "
+        "on the same batch just before (same machine load); NFE counts denoiser rows (rgg's backward pass "
         "is not counted); drift is the RMS difference of each image from the base's image of "
         "the same noise (all methods share prompts, x_T and step noise)",
         "",

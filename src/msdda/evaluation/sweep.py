@@ -182,11 +182,10 @@ def drift(images: torch.Tensor, base_images: torch.Tensor) -> torch.Tensor:
     return (images - base_images).double().pow(2).flatten(1).mean(1).sqrt()
 
 
-def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run, drifts) -> list[dict]:
+def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]:
     rows = []
     for p, prompt in enumerate(prompts):
         sl = slice(p * per_prompt, (p + 1) * per_prompt)
-        extra = {} if drifts is None else {"drift_from_base": float(drifts[sl].mean())}
         rows.append(
             {
                 "method": unit.method,
@@ -202,7 +201,6 @@ def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run, drifts) -> li
                 "seconds_per_image": run.seconds_per_image,
                 "nfe_per_image": run.nfe_per_image,
                 "reward_evals_per_image": run.reward_rows / run.images,
-                **extra,
             }
         )
     return rows
@@ -214,21 +212,35 @@ def run_unit(
     prompts: Sequence[Any],
     images_per_prompt: int,
     settings: MethodSettings,
-    base_images: torch.Tensor | None = None,
-) -> tuple[list[dict], torch.Tensor]:
-    """Sample one unit (all prompts in one batch): its rows, one per prompt, and its images.
+    *,
+    companion: bool = False,
+) -> list[dict]:
+    """Sample one unit (all prompts in one batch) and return its rows, one per prompt.
 
-    With ``base_images`` (the base's images of the same unit seed) the rows record each
-    image's drift from the base image sampled from the same noise.
+    With ``companion``, the base is sampled on the same batch just before the method: the
+    rows then record each image's drift from the base image of the same noise and the
+    base's time per image measured under the same machine load.
     """
     per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
     cond = domain.condition(per_sample_prompts)
+    base = None
+    if companion and unit.method != "base":
+        base = run_method("base", domain.context, None, cond, seeds, settings=settings)
     run = run_method(unit.method, domain.context, unit.weights, cond, seeds, settings=settings)
+    if companion and base is None:
+        base = run
     rewards = evaluate_rewards(domain, run.samples, cond)
-    images = domain.context.decode(run.samples).detach()
-    drifts = None if base_images is None else drift(images, base_images)
-    return _rows(unit, prompts, images_per_prompt, rewards, run, drifts), images
+    rows = _rows(unit, prompts, images_per_prompt, rewards, run)
+    if base is not None:
+        decode = domain.context.decode
+        drifts = drift(decode(run.samples), decode(base.samples))
+        for p, row in enumerate(rows):
+            row["drift_from_base"] = float(
+                drifts[p * images_per_prompt : (p + 1) * images_per_prompt].mean()
+            )
+            row["base_seconds_per_image"] = base.seconds_per_image
+    return rows
 
 
 @dataclass(frozen=True)
@@ -297,28 +309,15 @@ def run_sweep(
     writer, _ = open_results(path, header)
     units = plan_units(config, domain)
     units_run = written = 0
-    base_images: dict[int, torch.Tensor] = {}  # seed -> the base's images, for drift
-
-    def base_of(seed: int) -> torch.Tensor:
-        if seed not in base_images:
-            unit = SweepUnit("base", None, seed)
-            base_images[seed] = run_unit(unit, domain, prompts, config.images_per_prompt, settings)[
-                1
-            ]
-        return base_images[seed]
-
     with writer:
         for n, unit in enumerate(units):
             if progress:
                 progress(f"{unit.method} w={_fmt(unit.weights)} seed={unit.seed}", n, len(units))
             if unit_keys(unit, prompts) <= writer.done:
                 continue
-            ref = None if unit.method == "base" else base_of(unit.seed)
-            rows, images = run_unit(unit, domain, prompts, config.images_per_prompt, settings, ref)
-            if unit.method == "base":
-                base_images[unit.seed] = images
-                for r in rows:
-                    r["drift_from_base"] = 0.0
+            rows = run_unit(
+                unit, domain, prompts, config.images_per_prompt, settings, companion=True
+            )
             units_run += 1
             written += sum(writer.append(r) for r in rows)
         total = len(writer.done)

@@ -105,7 +105,7 @@ def tune_settings(
             for w in tune_weights:
                 for seed in tuning.seeds:
                     unit = SweepUnit(method, w, seed)
-                    rows, _ = run_unit(unit, domain, prompts, tuning.images_per_prompt, trial)
+                    rows = run_unit(unit, domain, prompts, tuning.images_per_prompt, trial)
                     score += weighted_score(rows, domain.objectives, w)
             scores.append({**cand, "score": score / (len(tune_weights) * len(tuning.seeds))})
             done += 1
