@@ -18,9 +18,11 @@ def main() -> None:
     """Exact multi-objective alignment of diffusion models at sampling time (MSDDA)."""
 
 
-from . import check  # noqa: E402,F401  (registers its command)
-from . import demo  # noqa: E402,F401
-from . import generate  # noqa: E402,F401
-from . import report  # noqa: E402,F401
-from . import sweep  # noqa: E402,F401
-from . import toy  # noqa: E402,F401
+from . import (
+    check,  # noqa: E402,F401  (registers its command)
+    demo,  # noqa: E402,F401
+    generate,  # noqa: E402,F401
+    report,  # noqa: E402,F401
+    sweep,  # noqa: E402,F401
+    toy,  # noqa: E402,F401
+)

@@ -20,7 +20,8 @@ Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.
 - :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name
 - :func:`apply_adapter` (base, adapter, lora, kind) -> the merged :class:`DigitDenoiser`
 - :func:`save_adapter` / :func:`load_adapter`: an aligned model as a small safetensors file
-  (its adapter, ~0.2-0.3 MB in float32) that rebuilds it on the base
+  (its adapter: ~0.10 MB fixed, ~0.14 MB learned on the shipped base, vs 0.77 MB for
+  the full network) that rebuilds it on the base
 - :data:`ORACLE_WEIGHTS`: the oracles' (legibility, boldness) weights
 """
 
