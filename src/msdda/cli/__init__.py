@@ -18,11 +18,5 @@ def main() -> None:
     """Exact multi-objective alignment of diffusion models at sampling time (MSDDA)."""
 
 
-from . import (
-    check,  # noqa: E402,F401  (registers its command)
-    demo,  # noqa: E402,F401
-    generate,  # noqa: E402,F401
-    report,  # noqa: E402,F401
-    sweep,  # noqa: E402,F401
-    toy,  # noqa: E402,F401
-)
+# Each command module registers itself on `app` when imported.
+from . import check, demo, generate, report, sweep, toy  # noqa: E402,F401
