@@ -18,8 +18,8 @@ error over samples, the spread (std) over training seeds, and the gain ratio
 
 Models of a training seed come from the shipped weights when they hold that seed, else
 from adapters cached under ``--cache`` (trained here on first use, with their time
-reported). Run (2 CPU cores: ~15-25 minutes with the defaults, a second training seed
-included)::
+reported). Run (measured 8-12 minutes on a shared 2-core CPU with the defaults, training
+the 15 models the shipped weights lack: ~4 minutes of it)::
 
     .venv/bin/python benchmarks/digits_quality.py
     .venv/bin/python benchmarks/digits_quality.py --samples 1000 --target-samples 500  # quick look

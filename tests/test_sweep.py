@@ -245,3 +245,23 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
         assert result.exit_code == 2, result.output
         assert needle in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_digits_sweep_and_report_end_to_end(tmp_path):
+    """The default domain: the shipped digits base, experts and oracles, every method."""
+    out = tmp_path / "digits.jsonl"
+    args = ["sweep", str(out), "--prompts", "3", "--images", "2", "--grid", "2", "--seeds", "0"]
+    fast = ["--no-tune", "--code-n", "2", "--code-b", "10", "--target-m", "2", "--threads", "1"]
+    result = CliRunner().invoke(app, args + fast)
+    assert result.exit_code == 0, result.output
+    results = read_results(out)
+    assert results.header["identity"]["domain"] == "digits"
+    assert set(results.header["rewards"]) >= {"legibility", "boldness", "symmetry"}
+    methods = {r["method"] for r in results.rows}
+    assert methods == set(METHODS) - (set() if results.header["oracle_weights"] else {"oracle"})
+    nfe = {r["method"]: r["nfe_per_image"] for r in results.rows if r["weights"] == [0.5, 0.5]}
+    if "msdda" in nfe:
+        assert nfe["msdda"] == 2 * 50 and nfe.get("oracle", 50) == 50
+    report = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 0, report.output
+    assert (tmp_path / "rep" / "pareto.png").exists() and (tmp_path / "rep" / "report.md").exists()

@@ -16,7 +16,6 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,9 +258,3 @@ def open_results(path: str | Path, header: dict) -> tuple[ResultsWriter, Results
     check_same_configuration(existing, header)
     _repair_tail(path, keep=not existing.truncated_tail)
     return ResultsWriter(path, existing.keys()), existing
-
-
-def iter_rows(results: Results, method: str | None = None) -> Iterator[dict]:
-    for r in results.rows:
-        if method is None or r["method"] == method:
-            yield r

@@ -11,6 +11,7 @@ from the method's :class:`SampleGenerators`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -242,7 +243,7 @@ def rgg_policy(
     s_t = 0 take no gradient and are the reference step.
     """
     ctx.require_rewards("rgg")
-    if not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(float(scale))):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     shape_of = guidance_schedule(schedule)
     reward = _weighted_reward(ctx, weights)
