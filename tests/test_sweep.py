@@ -259,9 +259,11 @@ def test_digits_sweep_and_report_end_to_end(tmp_path):
     assert set(results.header["rewards"]) >= {"legibility", "boldness", "symmetry"}
     methods = {r["method"] for r in results.rows}
     assert methods == set(METHODS) - (set() if results.header["oracle_weights"] else {"oracle"})
-    nfe = {r["method"]: r["nfe_per_image"] for r in results.rows if r["weights"] == [0.5, 0.5]}
-    if "msdda" in nfe:
-        assert nfe["msdda"] == 2 * 50 and nfe.get("oracle", 50) == 50
+    for r in results.rows:  # 50 steps; MSDDA evaluates only the experts with a nonzero weight
+        if r["method"] == "msdda":
+            assert r["nfe_per_image"] == (50 if 0.0 in r["weights"] else 100)
+        if r["method"] in ("base", "rs", "oracle"):
+            assert r["nfe_per_image"] == 50
     report = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert report.exit_code == 0, report.output
     assert (tmp_path / "rep" / "pareto.png").exists() and (tmp_path / "rep" / "report.md").exists()
