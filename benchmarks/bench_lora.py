@@ -29,6 +29,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -43,23 +44,17 @@ from msdda.sd.testing import (
     tiny_unet,
 )
 
+_TINY = TinySDConfig(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    sample_size=16,
+)
 SIZES = {
-    "tiny": TinySDConfig(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        sample_size=16,
-    ),
-    "64-128": TinySDConfig(
-        block_out_channels=(64, 128),
-        layers_per_block=2,
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        sample_size=32,
-    ),
+    "tiny": _TINY,
+    "64-128": replace(_TINY, block_out_channels=(64, 128), cross_attention_dim=64, sample_size=32),
 }
 TARGETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),

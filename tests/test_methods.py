@@ -17,6 +17,7 @@ from msdda.methods import (
     MethodSettings,
     NoiseTape,
     SampleGenerators,
+    Search,
     build_policy,
     parameter_soup,
     run_method,
@@ -25,8 +26,11 @@ from msdda.methods import (
 from msdda.testbed import GaussianMixture, QuadraticReward
 from msdda.testbed import testbed_schedule as make_schedule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIM = 4
 STEPS = 20
+SCHEDULE = make_schedule(STEPS)
 SEEDS = list(range(100, 112))
 W = (0.3, 0.7)
 
@@ -39,30 +43,20 @@ def quadratic(curvature: float, goal: float):
     return lambda images, cond=None: r(images)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread (many threads on a shared, busy CPU stall on them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def problem(denoiser_of, rewards, spec: StepSpec = StepSpec()) -> MethodContext:
+    """Reference ``denoiser_of(0)``, experts ``denoiser_of(1)`` and ``denoiser_of(2)``, float64."""
+    ref, *experts = (Expert(denoiser_of(seed), spec, name=f"model{seed}") for seed in (0, 1, 2))
+    return MethodContext(
+        SCHEDULE, ref, tuple(experts), (DIM,), rewards=rewards, dtype=torch.float64
+    )
 
 
 @pytest.fixture(scope="module")
 def testbed() -> MethodContext:
     """Exact mixture denoisers in float64; experts are other mixtures (equal step variances)."""
-    schedule = make_schedule(STEPS)
-    ref = Expert(GaussianMixture.random(DIM, seed=0).denoiser(schedule), name="ref")
-    experts = tuple(
-        Expert(GaussianMixture.random(DIM, seed=s).denoiser(schedule), name=f"e{s}") for s in (1, 2)
-    )
-    return MethodContext(
-        schedule=schedule,
-        reference=ref,
-        experts=experts,
-        sample_shape=(DIM,),
-        rewards=(quadratic(1.0, 1.5), quadratic(0.5, -1.0)),
-        dtype=torch.float64,
+    return problem(
+        lambda seed: GaussianMixture.random(DIM, seed=seed).denoiser(SCHEDULE),
+        (quadratic(1.0, 1.5), quadratic(0.5, -1.0)),
     )
 
 
@@ -86,17 +80,10 @@ class TinyDenoiser(nn.Module):
 
 
 def tiny_context(variance_head: bool = False) -> MethodContext:
-    schedule = make_schedule(STEPS)
-    spec = StepSpec(variance_type="learned_log" if variance_head else "fixed_small")
-    ref = Expert(TinyDenoiser(0, variance_head), spec, name="ref")
-    experts = tuple(Expert(TinyDenoiser(s, variance_head), spec, name=f"e{s}") for s in (1, 2))
-    return MethodContext(
-        schedule=schedule,
-        reference=ref,
-        experts=experts,
-        sample_shape=(DIM,),
-        rewards=(quadratic(1.0, 1.0), quadratic(1.0, -1.0)),
-        dtype=torch.float64,
+    return problem(
+        lambda seed: TinyDenoiser(seed, variance_head),
+        (quadratic(1.0, 1.0), quadratic(1.0, -1.0)),
+        StepSpec(variance_type="learned_log" if variance_head else "fixed_small"),
     )
 
 
@@ -254,9 +241,7 @@ def test_target_samples_the_tilted_reference_step():
     tape = NoiseTape.seeded(seeds)
     for j in range(i):  # bring the tape to step i
         tape(j, x)
-    step = target_policy(
-        ctx, (1.0,), None, noise=tape, rng=SampleGenerators(seeds, "t"), candidates=64
-    )
+    step = target_policy(ctx, (1.0,), None, search=Search(tape, SampleGenerators(seeds, "t"), 64))
     g = build_policy("base", ctx, None, None, seeds=seeds, noise=tape)(x, t)
     got = step(x, t).mean.mean(0)
     abar_prev = float(schedule.alphas_cumprod[t_prev])
@@ -280,6 +265,14 @@ def test_db_ls_draws_one_expert_per_sample_and_step():
 # --- costs -------------------------------------------------------------------------------
 
 
+def code_evaluations(t: int, n: int, b: int) -> int:
+    """Per block of b steps: the reference once at the block's start state, N candidates at each
+    further step, and N Tweedie scorings unless the block ends the chain (a clean sample is
+    scored as it is); a block of the last step alone has nothing to choose."""
+    blocks = [(s, min(s + b, t)) for s in range(0, t, b)]
+    return sum(1 + n * (end - s - 1) + (n if end < t else 0) for s, end in blocks)
+
+
 def test_network_evaluations_per_image(testbed):
     t = STEPS
     n, b, m = 3, 4, 5
@@ -290,7 +283,7 @@ def test_network_evaluations_per_image(testbed):
         "db-ls": t,
         "msdda": 2 * t,
         "rgg": t,
-        "code": n * t + n * (math.ceil(t / b) - 1),  # continuations + scoring at block ends
+        "code": code_evaluations(t, n, b),
         "target": t + m * (t - 1),  # reference step + candidates' Tweedie x0, no choice at the end
     }
     for method, nfe in expected.items():
@@ -298,6 +291,14 @@ def test_network_evaluations_per_image(testbed):
         run = run_method(method, testbed, w, None, SEEDS[:4], settings=settings)
         assert run.nfe_per_image == nfe, method
         assert run.seconds > 0
+
+
+@pytest.mark.parametrize("block", [1, 3, 4, STEPS - 1, STEPS])
+def test_code_evaluations_per_block(testbed, block):
+    settings = MethodSettings(code_candidates=3, code_block=block)
+    run = run_method("code", testbed, W, None, SEEDS[:2], settings=settings)
+    assert run.nfe_per_image == code_evaluations(STEPS, 3, block)
+    assert code_evaluations(STEPS, 3, 1) == STEPS + 3 * (STEPS - 1)  # like target's M = 3
 
 
 def test_counter_counts_rows():

@@ -136,24 +136,24 @@ def test_an_expert_with_another_architecture_is_refused(disk, tmp_path):
         MSDDAStableDiffusionPipeline.from_pretrained(disk["base"], experts={"big": other})
 
 
+def _with_scheduler_changes(pipeline, folder, **changes):
+    """A copy of the pipeline folder ``pipeline`` at ``folder``, its scheduler config changed."""
+    shutil.copytree(pipeline, folder)
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **changes}))
+    return folder
+
+
 def test_an_expert_with_other_noise_tables_is_refused(disk, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(disk["expert"], other)
-    cfg_path = other / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["beta_end"] = 0.02
-    cfg_path.write_text(json.dumps(cfg))
+    other = _with_scheduler_changes(disk["expert"], tmp_path / "other", beta_end=0.02)
     with pytest.raises(ValueError, match=r"expert 'dpo'.*noise tables.*beta_end"):
         MSDDAStableDiffusionPipeline.from_pretrained(disk["base"], experts={"dpo": other})
 
 
 def test_an_expert_keeps_its_own_prediction_type(disk, tmp_path):
-    other = tmp_path / "vpred"
-    shutil.copytree(disk["expert"], other)
-    cfg_path = other / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["prediction_type"] = "v_prediction"
-    cfg_path.write_text(json.dumps(cfg))
+    other = _with_scheduler_changes(
+        disk["expert"], tmp_path / "vpred", prediction_type="v_prediction"
+    )
     pipe = MSDDAStableDiffusionPipeline.from_pretrained(disk["base"], experts={"v": other})
     assert pipe.msdda_experts.get("v").prediction_type == "v_prediction"
 

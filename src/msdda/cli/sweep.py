@@ -78,10 +78,20 @@ def sweep(
     seeds: str = typer.Option("0,1", help="Comma-separated evaluation seeds."),
     images: int = typer.Option(64, help="Images per (prompt, seed) row."),
     tune: bool = typer.Option(True, help="Tune rgg's scale and code's (N, B) on tuning seeds."),
+    tune_rules: str = typer.Option(
+        "reward,matched",
+        help="Tuning rules, one variant of rgg and code each: reward (highest weighted reward: "
+        "rgg, code), matched (drift from base closest to MSDDA's: rgg-matched, code-matched).",
+    ),
     tune_seeds: str = typer.Option("10000", help="Tuning seeds (disjoint from --seeds)."),
     tune_images: int = typer.Option(8, help="Images per (prompt, tuning seed)."),
-    rgg_scales: str = typer.Option("0.03,0.1,0.3,1,3", help="rgg scales tried when tuning."),
-    code_grid: str = typer.Option("2x1,2x5,4x1,4x5,4x10", help="code (N x B) tried when tuning."),
+    rgg_scales: str = typer.Option(
+        "0.05,0.1,0.2,0.3,0.5,1,2,3,5", help="rgg scales tried when tuning."
+    ),
+    code_grid: str = typer.Option(
+        "2x1,2x5,2x10,2x25,4x1,4x5,4x10,4x25,8x1,8x5,8x10,8x25",
+        help="code (N x B) tried when tuning.",
+    ),
     rgg_scale: float = typer.Option(1.0, help="rgg scale when not tuning."),
     rgg_schedule: str = typer.Option("constant", help="rgg step schedule of the scale."),
     code_n: int = typer.Option(4, help="code: candidates N when not tuning."),
@@ -94,8 +104,8 @@ def sweep(
     """Sample every method over preference weights, prompts and seeds; append rows as they finish."""
     import torch
 
-    from ..evaluation import ResultsError, SweepConfig, TuningConfig, run_sweep
-    from ..methods import MethodSettings
+    from ..evaluation import ResultsError, SweepConfig, TuningConfig, method_of, run_sweep
+    from ..methods import METHODS, MethodSettings
 
     if threads:
         torch.set_num_threads(threads)
@@ -109,6 +119,7 @@ def sweep(
             tuning = TuningConfig(
                 seeds=tuple(_ints(tune_seeds, "--tune-seeds")),
                 images_per_prompt=tune_images,
+                rules=tuple(r.strip() for r in tune_rules.split(",") if r.strip()),
                 rgg_scales=tuple(_floats(rgg_scales, "--rgg-scales")),
                 code_grid=tuple(parse_code_grid(code_grid)),
             )
@@ -152,10 +163,15 @@ def sweep(
         show_warnings(caught)
     except (ValueError, TypeError, ResultsError) as err:
         fail(str(err))
+    tuned = {
+        m: {k: getattr(v, k) for k in METHODS[method_of(m)].parameters}
+        for m, v in summary.settings.items()
+        if METHODS[method_of(m)].parameters
+    }
     Console().print(
         f"{summary.path}: {summary.rows_written} row(s) written by {summary.units_run} of "
         f"{summary.units} unit(s), {summary.rows_total} in the file; "
-        f"{summary.seconds:.1f} s; settings {summary.settings.to_dict()}",
+        f"{summary.seconds:.1f} s; settings {tuned}",
         highlight=False,
         soft_wrap=True,
     )

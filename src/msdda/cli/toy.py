@@ -28,6 +28,9 @@ def train(
     threads: int = typer.Option(
         1, min=1, help="torch threads (results depend on it; the shipped weights used 1)."
     ),
+    seeds: list[int] = typer.Option(
+        [0, 1], "--seed", help="Training seeds of the experts and oracles (repeat; first: default)."
+    ),
 ) -> None:
     """Train classifier, base, reward normalisation, experts and oracles (seeded), then publish."""
     from ..digits.pipeline import ToyTrainConfig, train_all
@@ -60,7 +63,8 @@ def train(
             desc = stage if math.isnan(loss) else f"{stage} loss {loss:.4f}"
             bar.update(tasks[stage], completed=step, description=desc)
 
-        manifest = train_all(out, ToyTrainConfig(align=align), progress)
+        cfg = ToyTrainConfig(align=align, align_seeds=tuple(seeds))
+        manifest = train_all(out, cfg, progress)
     elapsed = time.perf_counter() - start
     table = Table(title=f"msdda toy train: {out}")
     table.add_column("stage")
@@ -68,10 +72,30 @@ def train(
     for stage, sec in manifest["timings_s"].items():
         table.add_row(stage, f"{sec:.1f}")
     console.print(table)
+    if manifest["experts"] or manifest["oracles"]:
+        console.print(gains_table(manifest))
     clf = manifest["classifier"]["metrics"]["heldout_accuracy"]
     acc = manifest["base"]["metrics"]["samples"]["prompt_accuracy"]
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     console.print(
         f"classifier held-out accuracy {clf:.3f}; base samples classified as their prompt "
         f"{acc:.3f}; {len(manifest['experts'])} experts, {len(manifest['oracles'])} oracles; "
-        f"total {elapsed / 60:.1f} min"
+        f"{size:.1f} MB; total {elapsed / 60:.1f} min"
     )
+
+
+def gains_table(manifest: dict) -> Table:
+    """Held-out standardised reward gains over the base of every expert and oracle."""
+    names = list(manifest["reward_normalisation"])
+    table = Table(title="held-out gain over base (standardised rewards, same noise)")
+    for col in ("model", "kind", "seed", *names, "accuracy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    rows = [(e["reward"], e) for e in manifest["experts"]]
+    rows += [
+        (",".join(f"{n}={w:g}" for n, w in e["weights"].items()), e) for e in manifest["oracles"]
+    ]
+    for label, e in rows:
+        gains = e.get("metrics", {}).get("reward_gains", {})
+        cells = [f"{gains[n]:+.3f}" if n in gains else "-" for n in (*names, "accuracy")]
+        table.add_row(label, e["kind"], str(e.get("seed", 0)), *cells)
+    return table

@@ -17,7 +17,8 @@ Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.
 - :func:`train_expert` (bundle, reward, kind, ...) -> :class:`AlignedModel`
 - :func:`train_oracle` (bundle, weights, kind, ...) -> :class:`AlignedModel`
 - :func:`train_experts_and_oracles` (bundle, seed, ...) -> every expert and oracle of a seed
-- :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name
+- :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name;
+  :func:`reward_samples` and :func:`reward_gains` for per-sample values and paired gains
 - :func:`apply_adapter` (base, adapter, lora, kind) -> the merged :class:`DigitDenoiser`
 - :func:`save_adapter` / :func:`load_adapter`: an aligned model as a small safetensors file
   (its adapter: ~0.10 MB fixed, ~0.14 MB learned on the shipped base, vs 0.77 MB for
@@ -28,8 +29,6 @@ Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import time
 import weakref
@@ -53,6 +52,16 @@ from ..alignment import (
 from ..experts import Expert
 from .bundle import DigitsBundle, expert_spec
 from .data import IMAGE_SHAPE, NUM_CLASSES, decode
+from .lora import (
+    ADAPTER_FORMAT,
+    LoraAdapter,
+    LoraSettings,
+    adapter_metadata,
+    base_fingerprint,
+    encode_adapter,
+    merged_denoiser,
+    read_adapter_file,
+)
 from .models import DigitDenoiser, GuidedDenoiser
 from .rewards import REWARDS
 from .sampling import sample_expert
@@ -64,12 +73,15 @@ __all__ = [
     "LoraSettings",
     "AlignConfig",
     "AlignedModel",
+    "ADAPTER_FORMAT",
     "collect_digit_pairs",
     "train_expert",
     "train_oracle",
     "train_aligned",
     "train_experts_and_oracles",
     "evaluate_rewards",
+    "reward_samples",
+    "reward_gains",
     "apply_adapter",
     "save_adapter",
     "load_adapter",
@@ -100,26 +112,6 @@ class PairsConfig:
 
 
 @dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA adapter fine-tuned on the base (peft)."""
-
-    rank: int = 8  # r
-    alpha: float = 8.0  # scale alpha / r
-    target_modules: tuple[str, ...] = (  # every linear layer of the DigitDenoiser trunk
-        "time_mlp.0",
-        "time_mlp.2",
-        "inp",
-        "fc1",
-        "emb",
-        "fc2",
-        "out",
-    )
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "target_modules": list(self.target_modules)}
-
-
-@dataclass(frozen=True)
 class AlignConfig:
     """How one expert or oracle is trained (beta on standardised rewards)."""
 
@@ -130,7 +122,7 @@ class AlignConfig:
     variance_lr: float = 1e-3  # learning rate of the variance head ("learned" kind)
     max_grad_norm: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
-    eval_samples: int = 500  # samples (equal per digit) for the reward metrics, 0: none
+    eval_samples: int = 1000  # held-out samples (digits cycling) for the reward metrics, 0: none
 
     def to_dict(self) -> dict:
         return {**asdict(self), "lora": self.lora.to_dict()}
@@ -149,6 +141,12 @@ class AlignedModel:
     base_fingerprint: str  # base_fingerprint(base) of the base it was trained on
     metrics: dict[str, Any]  # held-out numbers (JSON-able)
     training: dict[str, Any]  # settings and seeds (JSON-able)
+
+    @property
+    def lora_adapter(self) -> LoraAdapter:
+        """The adapter with its settings and base: what ``add_expert(..., adapter=)`` stores."""
+        lora = LoraSettings.from_dict(self.training["config"]["lora"])
+        return LoraAdapter(self.adapter, lora, self.base_fingerprint)
 
 
 def _check_kind(kind: str) -> None:
@@ -240,54 +238,24 @@ def _adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
 def apply_adapter(
     base: DigitDenoiser, adapter: Mapping[str, Tensor], lora: LoraSettings | Mapping, kind: str
 ) -> DigitDenoiser:
-    """The merged network base + adapter (as :func:`train_expert` returns it), eval mode."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    """The merged network base + adapter (as :func:`train_expert` returns it), eval mode.
 
+    The merge is :func:`msdda.digits.lora.merged_denoiser` (peft's arithmetic, no peft).
+    """
     _check_kind(kind)
-    if isinstance(lora, Mapping):
-        lora = LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])})
-    peft_model = _lora_model(base, kind, lora)
-    missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(adapter))
-    if missing:
-        raise ValueError(f"adapter does not fit the model: missing keys {missing[:5]}")
-    try:
-        result = set_peft_model_state_dict(peft_model, dict(adapter))
-    except RuntimeError as err:  # shapes differ
-        raise ValueError(f"adapter does not fit the model: {err}") from None
-    if result.unexpected_keys:
-        raise ValueError(
-            f"adapter does not fit the model: unexpected keys {result.unexpected_keys[:5]}"
-        )
-    return peft_model.merge_and_unload().eval()
-
-
-ADAPTER_FORMAT = "msdda-digits-adapter/1"
-
-
-def base_fingerprint(base: nn.Module) -> str:
-    """sha256 of a model's state (names, shapes, values): which base an adapter belongs to."""
-    h = hashlib.sha256()
-    for name, value in base.state_dict().items():
-        t = value.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
+    return merged_denoiser(base, adapter, lora, kind)
 
 
 def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
     """Write ``aligned``'s adapter as safetensors (atomically), with what rebuilds it as metadata."""
-    from safetensors.torch import save
-
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "weights": json.dumps(aligned.weights),
-        "kind": aligned.kind,
-        "kl_coef": repr(aligned.kl_coef),
-        "lora": json.dumps(aligned.training["config"]["lora"]),
-        "seed": str(aligned.training["seed"]),
-        "base": aligned.base_fingerprint,
-    }
-    atomic_write_bytes(Path(path), save(aligned.adapter, metadata=meta))
+    meta = adapter_metadata(
+        aligned.lora_adapter,
+        weights=aligned.weights,
+        kind=aligned.kind,
+        kl_coef=aligned.kl_coef,
+        seed=aligned.training["seed"],
+    )
+    atomic_write_bytes(Path(path), encode_adapter(aligned.adapter, meta))
 
 
 def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, dict[str, Any]]:
@@ -297,46 +265,44 @@ def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, 
         ValueError: naming ``path`` when it is missing, not a safetensors file, not an
             adapter file, or trained on another base.
     """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"adapter file {path} is missing")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            adapter = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"adapter file {path} is not a valid safetensors file: {err}") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"adapter file {path} is not a {ADAPTER_FORMAT} file")
-    if meta.get("base") != base_fingerprint(base):
+    adapter, info = read_adapter_file(path)
+    if info["base"] != base_fingerprint(base):
         raise ValueError(f"adapter file {path} was trained on another base model")
-    info = {
-        "weights": json.loads(meta["weights"]),
-        "kind": meta["kind"],
-        "kl_coef": float(meta["kl_coef"]),
-        "lora": json.loads(meta["lora"]),
-        "seed": int(meta["seed"]),
-    }
     try:
-        model = apply_adapter(base, adapter, info["lora"], info["kind"])
-    except (RuntimeError, KeyError) as err:
+        model = merged_denoiser(base, adapter, info["lora"], info["kind"])
+    except ValueError as err:
         raise ValueError(f"adapter file {path} does not fit the base: {err}") from None
-    return model.requires_grad_(False), info
+    info = {k: v for k, v in info.items() if k != "base"}
+    info["lora"] = info["lora"].to_dict()
+    return model, info
 
 
 _BASE_REWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _base_rewards(bundle: DigitsBundle, num_samples: int) -> dict[str, float]:
+def _base_reward_samples(bundle: DigitsBundle, num_samples: int) -> dict[str, Tensor]:
     cache = _BASE_REWARDS.setdefault(bundle, {})
     if num_samples not in cache:
-        cache[num_samples] = evaluate_rewards(bundle, bundle.reference, num_samples)
+        cache[num_samples] = reward_samples(bundle, bundle.reference, num_samples)
     return cache[num_samples]
 
 
 @torch.no_grad()
+def reward_samples(
+    bundle: DigitsBundle, expert: Expert, num_samples: int = 1000, seed: int = 10_000
+) -> dict[str, Tensor]:
+    """Per-sample standardised rewards (and 0/1 accuracy) of ``expert``: (num_samples,) each.
+
+    Prompts cycle through the digits; ``seed`` seeds the chains' noise, so two models
+    evaluated with the same seed are compared on the same noise (paired).
+    """
+    prompts = torch.arange(num_samples) % NUM_CLASSES
+    images = sample_expert(expert, prompts, bundle.schedule, seed)
+    out = {name: r(images, prompts).double() for name, r in bundle.rewards.items()}
+    out["accuracy"] = (bundle.classifier(images).argmax(1) == prompts).double()
+    return out
+
+
 def evaluate_rewards(
     bundle: DigitsBundle, expert: Expert, num_samples: int = 500, seed: int = 10_000
 ) -> dict[str, float]:
@@ -344,11 +310,21 @@ def evaluate_rewards(
 
     Prompts cycle through the digits; ``seed`` seeds the chains' noise.
     """
-    prompts = torch.arange(num_samples) % NUM_CLASSES
-    images = sample_expert(expert, prompts, bundle.schedule, seed)
-    out = {name: float(r(images, prompts).mean()) for name, r in bundle.rewards.items()}
-    out["accuracy"] = float((bundle.classifier(images).argmax(1) == prompts).float().mean())
-    return out
+    return {
+        k: float(v.mean()) for k, v in reward_samples(bundle, expert, num_samples, seed).items()
+    }
+
+
+def reward_gains(
+    got: Mapping[str, Tensor], base: Mapping[str, Tensor]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Mean paired gains got - base per reward, and their standard errors (same noise)."""
+    means, ses = {}, {}
+    for name, values in got.items():
+        diff = values - base[name]
+        means[name] = float(diff.mean())
+        ses[name] = float(diff.std() / math.sqrt(diff.numel())) if diff.numel() > 1 else 0.0
+    return means, ses
 
 
 @torch.no_grad()
@@ -454,11 +430,15 @@ def train_aligned(
     if kind == "learned":
         metrics["log_variance_offset"] = variance_offsets(expert, pairs)
     if config.eval_samples:
-        got = evaluate_rewards(bundle, expert, config.eval_samples)
-        base = _base_rewards(bundle, config.eval_samples)
-        metrics["rewards"] = got
-        metrics["base_rewards"] = base
-        metrics["weighted_reward_gain"] = sum(w * (got[n] - base[n]) for n, w in weights.items())
+        got = reward_samples(bundle, expert, config.eval_samples)
+        base = _base_reward_samples(bundle, config.eval_samples)
+        gains, gain_se = reward_gains(got, base)
+        metrics["eval_samples"] = config.eval_samples
+        metrics["rewards"] = {k: float(v.mean()) for k, v in got.items()}
+        metrics["base_rewards"] = {k: float(v.mean()) for k, v in base.items()}
+        metrics["reward_gains"] = gains  # held-out, paired with the base on the same noise
+        metrics["reward_gain_se"] = gain_se
+        metrics["weighted_reward_gain"] = sum(w * gains[n] for n, w in weights.items())
     metrics["seconds"] = time.perf_counter() - start
     training = {
         "method": "step-level DPO, soft Bradley-Terry labels",

@@ -7,6 +7,11 @@
 ``(reward, kind)`` with kind ``"fixed"`` or ``"learned"``), ``bundle.oracles`` and
 ``bundle.manifest``. Use :meth:`DigitsBundle.expert` and :meth:`DigitsBundle.oracle`
 to look models up: they say clearly what is missing.
+
+Models of several training seeds may be shipped: ``experts`` and ``oracles`` hold those
+of the default seed (``bundle.default_seed``, 0), ``all_experts`` (by ``(reward, kind,
+seed)``) and ``all_oracles`` every seed's; ``bundle.expert(name, kind, seed=1)`` picks one.
+Experts and oracles stored as LoRA adapters (:mod:`.lora`) are merged into the base here.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from ..experts import Expert
 from ..gaussians import Schedule, StepSpec
 from ..rewards import Reward
+from .lora import base_fingerprint, merged_denoiser, read_adapter_file
 from .models import (
     ClassifierConfig,
     DenoiserConfig,
@@ -50,6 +56,7 @@ class Oracle:
     weights: dict[str, float]  # preference weights by reward name
     kind: str  # "fixed" or "learned"
     expert: Expert  # the model as an msdda Expert (kl_coef = its beta)
+    seed: int = 0  # training seed
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,35 +73,70 @@ class DigitsBundle:
     raw_rewards: dict[str, Reward]  # by name, raw scale
     rewards: dict[str, StandardisedReward]  # by name, standardised on base samples
     experts: dict[tuple[str, str], Expert] = field(default_factory=dict)  # (reward, kind)
-    oracles: tuple[Oracle, ...] = ()
+    oracles: tuple[Oracle, ...] = ()  # the default seed's
+    default_seed: int = 0  # training seed of ``experts`` and ``oracles``
+    all_experts: dict[tuple[str, str, int], Expert] = field(default_factory=dict)  # + seed
+    all_oracles: tuple[Oracle, ...] = ()  # every seed's
 
-    def expert_names(self, kind: str = "fixed") -> tuple[str, ...]:
-        """Rewards that have an expert of ``kind``."""
-        return tuple(name for name, k in self.experts if k == kind)
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Training seeds that have an expert or an oracle here (the default seed first)."""
+        found = {s for _, _, s in self.all_experts} | {o.seed for o in self.all_oracles}
+        if self.experts or self.oracles:
+            found.add(self.default_seed)
+        return tuple(sorted(found, key=lambda s: (s != self.default_seed, s)))
 
-    def expert(self, name: str, kind: str = "fixed") -> Expert:
-        """The expert aligned to reward ``name`` with variance ``kind``; a clear error if absent."""
+    def _experts_of(self, seed: int | None) -> dict[tuple[str, str], Expert]:
+        if seed is None or seed == self.default_seed:
+            return self.experts
+        return {(r, k): e for (r, k, s), e in self.all_experts.items() if s == seed}
+
+    def _oracles_of(self, seed: int | None) -> tuple[Oracle, ...]:
+        if seed is None or seed == self.default_seed:
+            return self.oracles
+        return tuple(o for o in self.all_oracles if o.seed == seed)
+
+    def expert_names(self, kind: str = "fixed", seed: int | None = None) -> tuple[str, ...]:
+        """Rewards that have an expert of ``kind`` (and training ``seed``; None: the default)."""
+        return tuple(name for name, k in self._experts_of(seed) if k == kind)
+
+    def expert(self, name: str, kind: str = "fixed", seed: int | None = None) -> Expert:
+        """The expert aligned to reward ``name`` with variance ``kind``; a clear error if absent.
+
+        ``seed`` is the training seed (None: :attr:`default_seed`).
+        """
         if kind not in EXPERT_KINDS:
             raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
-        if (name, kind) not in self.experts:
-            have = ", ".join(self.expert_names(kind)) or "none"
+        experts = self._experts_of(seed)
+        if (name, kind) not in experts:
+            have = ", ".join(self.expert_names(kind, seed)) or "none"
+            which = "" if seed is None else f" of seed {seed}"
             raise ValueError(
-                f"no {kind!r} expert for reward {name!r} in {self.path} (available {kind} "
-                f"experts: {have}); train them with `msdda toy train`"
+                f"no {kind!r} expert{which} for reward {name!r} in {self.path} (available "
+                f"{kind} experts{which}: {have}; seeds here: {list(self.seeds) or 'none'}); "
+                "train them with `msdda toy train`"
             )
-        return self.experts[(name, kind)]
+        return experts[(name, kind)]
 
-    def oracle(self, weights: Mapping[str, float], kind: str = "fixed") -> Expert:
-        """The oracle trained on exactly these preference weights (zeros may be omitted)."""
+    def oracle(
+        self, weights: Mapping[str, float], kind: str = "fixed", seed: int | None = None
+    ) -> Expert:
+        """The oracle trained on exactly these preference weights (zeros may be omitted).
+
+        ``seed`` is the training seed (None: :attr:`default_seed`).
+        """
         want = {n: float(w) for n, w in weights.items() if float(w) != 0.0}
-        for o in self.oracles:
+        oracles = self._oracles_of(seed)
+        for o in oracles:
             have = {n: w for n, w in o.weights.items() if w != 0.0}
             if o.kind == kind and have.keys() == want.keys():
                 if all(math.isclose(have[n], want[n], abs_tol=1e-6) for n in want):
                     return o.expert
-        known = "; ".join(f"{o.weights} ({o.kind})" for o in self.oracles) or "none"
+        known = "; ".join(f"{o.weights} ({o.kind})" for o in oracles) or "none"
+        which = "" if seed is None else f" of seed {seed}"
         raise ValueError(
-            f"no {kind!r} oracle for weights {dict(weights)} in {self.path} (available: {known})"
+            f"no {kind!r} oracle{which} for weights {dict(weights)} in {self.path} "
+            f"(available{which}: {known})"
         )
 
 
@@ -133,6 +175,56 @@ def _as_expert(model: DigitDenoiser, kind: str, kl_coef: Any, name: str, g: floa
     return Expert(_wrap(model, g), expert_spec(kind), float(kl_coef), name)
 
 
+class _ModelLoader:
+    """Experts and oracles from manifest entries: full networks, or adapters merged into the base."""
+
+    def __init__(self, weights_dir: Path, base: DigitDenoiser, base_file: Path) -> None:
+        self.weights_dir = weights_dir
+        self.base = base
+        self.base_file = base_file
+        self._fingerprint: str | None = None
+        self._starts: dict[str, DigitDenoiser] = {}
+
+    def start(self, kind: str) -> DigitDenoiser:
+        """The network adapters of ``kind`` merge into (built once)."""
+        if kind not in self._starts:
+            self._starts[kind] = self.base.with_variance_head() if kind == "learned" else self.base
+        return self._starts[kind]
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = base_fingerprint(self.base)
+        return self._fingerprint
+
+    def load(self, entry: dict, kind: str, where: str) -> DigitDenoiser:
+        storage = entry.get("storage", "full")
+        if storage == "full":
+            return load_denoiser(self.weights_dir, entry, where)
+        file, sha = _entry_file(self.weights_dir, entry, where)
+        if storage != "lora":
+            raise ValueError(f"manifest entry of {file}: unknown storage {storage!r}")
+        tensors, info = read_adapter_file(file, sha, what="weight file")
+        if info["base"] != self.fingerprint():
+            raise ValueError(
+                f"weight file {file} is an adapter of another base than {self.base_file}"
+            )
+        if info["kind"] != kind:
+            raise ValueError(
+                f"weight file {file} holds a {info['kind']!r} adapter, the manifest says {kind!r}"
+            )
+        try:
+            return merged_denoiser(self.base, tensors, info["lora"], kind, start=self.start(kind))
+        except ValueError as err:
+            raise ValueError(f"weight file {file}: {err}") from None
+
+
+def _seed_of(entry: dict, where: Path, key: str = "seed") -> int:
+    seed = entry.get(key, 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"manifest {where}: {key} must be a non-negative int, got {seed!r}")
+    return seed
+
+
 def _entries(manifest: dict, key: str, where: Path) -> list[dict]:
     entries = manifest.get(key, [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -158,6 +250,7 @@ def load_digits_bundle(
         if key not in manifest:
             raise ValueError(f"manifest {where} has no {key!r}")
     g = float(manifest.get("guidance_scale", 1.0))
+    default_seed = _seed_of(manifest, where, "default_seed")
     schedule = make_schedule(num_inference_steps, manifest.get("scheduler"))
 
     base = load_denoiser(weights_dir, manifest["base"], "base")
@@ -181,20 +274,22 @@ def load_digits_bundle(
         raise ValueError(f"manifest {where}: bad reward_normalisation: {err}") from None
     rewards = standardise(raw, stats)
 
-    experts: dict[tuple[str, str], Expert] = {}
+    loader = _ModelLoader(weights_dir, base, weights_dir / manifest["base"]["file"])
+    all_experts: dict[tuple[str, str, int], Expert] = {}
     for entry in _entries(manifest, "experts", where):
-        reward, kind = entry.get("reward"), entry.get("kind")
+        reward, kind, seed = entry.get("reward"), entry.get("kind"), _seed_of(entry, where)
         if reward not in REWARDS or kind not in EXPERT_KINDS:
             raise ValueError(
                 f"manifest {where}: expert entry with reward {reward!r}, kind {kind!r}"
             )
-        model = load_denoiser(weights_dir, entry, f"expert {reward}/{kind}")
-        experts[(reward, kind)] = _as_expert(
-            model, kind, entry.get("kl_coef"), f"{reward}/{kind}", g
-        )
-    oracles = []
+        if (reward, kind, seed) in all_experts:
+            raise ValueError(f"manifest {where}: two experts {reward}/{kind} of seed {seed}")
+        name = f"{reward}/{kind}" + ("" if seed == default_seed else f"/seed{seed}")
+        model = loader.load(entry, kind, f"expert {name}")
+        all_experts[(reward, kind, seed)] = _as_expert(model, kind, entry.get("kl_coef"), name, g)
+    all_oracles: list[Oracle] = []
     for entry in _entries(manifest, "oracles", where):
-        weights, kind = entry.get("weights"), entry.get("kind")
+        weights, kind, seed = entry.get("weights"), entry.get("kind"), _seed_of(entry, where)
         if not isinstance(weights, dict) or kind not in EXPERT_KINDS:
             raise ValueError(
                 f"manifest {where}: oracle entry with weights {weights!r}, kind {kind!r}"
@@ -205,11 +300,10 @@ def load_digits_bundle(
             raise ValueError(
                 f"manifest {where}: oracle weights {weights!r} are not numbers"
             ) from None
-        name = f"oracle {weights}/{kind}"
-        model = load_denoiser(weights_dir, entry, name)
-        oracles.append(
-            Oracle(weights, kind, _as_expert(model, kind, entry.get("kl_coef"), name, g))
-        )
+        name = f"oracle {weights}/{kind}" + ("" if seed == default_seed else f"/seed{seed}")
+        model = loader.load(entry, kind, name)
+        expert = _as_expert(model, kind, entry.get("kl_coef"), name, g)
+        all_oracles.append(Oracle(weights, kind, expert, seed))
 
     return DigitsBundle(
         path=weights_dir,
@@ -221,6 +315,9 @@ def load_digits_bundle(
         classifier=classifier,
         raw_rewards=raw,
         rewards=rewards,
-        experts=experts,
-        oracles=tuple(oracles),
+        experts={(r, k): e for (r, k, s), e in all_experts.items() if s == default_seed},
+        oracles=tuple(o for o in all_oracles if o.seed == default_seed),
+        default_seed=default_seed,
+        all_experts=all_experts,
+        all_oracles=tuple(all_oracles),
     )

@@ -2,9 +2,11 @@
 
 Stages, in order, all seeded: the classifier, the base denoiser, the reward
 normalisation (raw rewards on base samples), then, through :mod:`msdda.digits.align`,
-one set of reference pairs and the single-objective experts and oracles. Everything is
-written to a staging folder beside the target and moved in only when the run has
-finished, so a failed or interrupted run leaves the previous weights untouched.
+for every training seed: one set of reference pairs, the single-objective experts (every
+reward, fixed and learned variance) and the oracles (every oracle weight, both kinds),
+stored as LoRA adapters of the base. Everything is written to a staging folder beside
+the target and moved in only when the run has finished, so a failed or interrupted run
+leaves the previous weights untouched.
 """
 
 from __future__ import annotations
@@ -48,14 +50,13 @@ __all__ = [
 ]
 
 #: ``progress(stage, step, total, loss)``: stage is "classifier", "base", "normalisation",
-#: "pairs", "expert <reward>/<kind>" or "oracle <weights>/<kind>"; loss may be NaN.
+#: "pairs seed <s>", "expert <reward>/<kind> seed <s>" or "oracle <weights>/<kind> seed <s>";
+#: loss may be NaN.
 StageProgress = Callable[[str, int, int, float], None]
 
-DEFAULT_EXPERTS: tuple[tuple[str, str], ...] = (
-    ("legibility", "fixed"),
-    ("boldness", "fixed"),
-    ("legibility", "learned"),
-    ("boldness", "learned"),
+#: Every reward with fixed and learned variance.
+DEFAULT_EXPERTS: tuple[tuple[str, str], ...] = tuple(
+    (reward, kind) for kind in EXPERT_KINDS for reward in ("legibility", "boldness", "symmetry")
 )
 
 
@@ -70,9 +71,12 @@ class ToyTrainConfig:
     normalisation_samples_per_prompt: int = 100  # base samples per digit for reward mean/std
     normalisation_seed: int = 1  # noise of those base samples
     align: bool = True  # train experts and oracles (msdda.digits.align)
-    align_seed: int = 0  # seeds the reference pairs and every expert/oracle
-    experts: tuple[tuple[str, str], ...] = DEFAULT_EXPERTS  # (reward, kind)
-    oracle_kind: str = "fixed"  # oracles at msdda.digits.align.ORACLE_WEIGHTS
+    align_seeds: tuple[int, ...] = (
+        0,
+        1,
+    )  # training seeds (pairs, LoRA init, batches); first: default
+    experts: tuple[tuple[str, str], ...] = DEFAULT_EXPERTS  # (reward, kind), each seed
+    oracle_kinds: tuple[str, ...] = EXPERT_KINDS  # kinds of the oracles, each seed
     oracle_weights: tuple[tuple[tuple[str, float], ...], ...] | None = None  # None: ORACLE_WEIGHTS
     align_config: Any = None  # msdda.digits.align.AlignConfig (None: its defaults)
     pairs_config: Any = None  # msdda.digits.align.PairsConfig (None: its defaults)
@@ -85,8 +89,15 @@ class ToyTrainConfig:
                 raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
             if kind not in EXPERT_KINDS:
                 raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
-        if self.oracle_kind not in EXPERT_KINDS:
-            raise ValueError(f"oracle_kind must be one of {EXPERT_KINDS}, got {self.oracle_kind!r}")
+        for kind in self.oracle_kinds:
+            if kind not in EXPERT_KINDS:
+                raise ValueError(f"oracle kinds must be in {EXPERT_KINDS}, got {kind!r}")
+        seeds = self.align_seeds
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"align_seeds must be distinct seeds, at least one, got {seeds!r}")
+        for seed in seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+                raise ValueError(f"align_seeds must be non-negative ints, got {seed!r}")
         if not self.legibility_temperature > 0:
             raise ValueError("legibility_temperature must be positive")
         if self.normalisation_samples_per_prompt < 2:
@@ -101,6 +112,8 @@ class ToyTrainConfig:
         d["classifier"] = self.classifier.to_dict()
         d["base"] = self.base.to_dict()
         d["experts"] = [list(e) for e in self.experts]
+        d["oracle_kinds"] = list(self.oracle_kinds)
+        d["align_seeds"] = list(self.align_seeds)
         if self.oracle_weights is not None:
             d["oracle_weights"] = [dict(w) for w in self.oracle_weights]
         for k in ("align_config", "pairs_config"):
@@ -115,6 +128,13 @@ def _versions() -> dict[str, str]:
     import safetensors
     import sklearn
 
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:  # only the aligner needs it
+        peft_version = "not installed"
+
     from .. import __version__
 
     return {
@@ -125,6 +145,7 @@ def _versions() -> dict[str, str]:
         "safetensors": safetensors.__version__,
         "numpy": numpy.__version__,
         "scikit-learn": sklearn.__version__,
+        "peft": peft_version,
     }
 
 
@@ -204,9 +225,10 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
                 "classifier": cfg.classifier.seed,
                 "base": cfg.base.seed,
                 "normalisation": cfg.normalisation_seed,
-                "align": cfg.align_seed,
+                "align": list(cfg.align_seeds) if cfg.align else [],
                 "data_split": 0,
             },
+            "default_seed": cfg.align_seeds[0],
             "timings_s": timings,
             "toy_train_config": cfg.to_dict(),
         },
@@ -279,73 +301,62 @@ def write_domain_folder(
 
 
 def _align(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict[str, float]:
-    """Experts and oracles via :mod:`msdda.digits.align`, recorded in the staged manifest."""
+    """Experts and oracles of every seed via :mod:`msdda.digits.align`, stored as adapters.
+
+    Returns the seconds of every stage (pairs and each model, by stage name).
+    """
     from . import align
     from .bundle import load_digits_bundle
     from .store import add_expert, add_oracle
 
     timings: dict[str, float] = {}
     bundle = load_digits_bundle(stage_dir)
-    t0 = time.perf_counter()
-    progress("pairs", 0, 1, float("nan"))
     align_config = cfg.align_config or align.AlignConfig()
     pairs_config = cfg.pairs_config or align.PairsConfig()
-    pairs = align.collect_digit_pairs(bundle, pairs_config, cfg.align_seed)
-    progress("pairs", 1, 1, float("nan"))
-    timings["pairs"] = time.perf_counter() - t0
-    for reward, kind in cfg.experts:
-        t0 = time.perf_counter()
-        stage = f"expert {reward}/{kind}"
-        m = align.train_expert(
-            bundle,
-            reward,
-            kind,
-            pairs=pairs,
-            config=align_config,
-            pairs_config=pairs_config,
-            seed=cfg.align_seed,
-            progress=_stage_progress(progress, stage),
-        )
-        add_expert(
-            stage_dir,
-            m.model,
-            reward=reward,
-            kind=kind,
-            kl_coef=m.kl_coef,
-            metrics=m.metrics,
-            training=m.training,
-        )
-        timings[stage] = time.perf_counter() - t0
     oracle_weights = (
         align.ORACLE_WEIGHTS
         if cfg.oracle_weights is None
         else tuple(dict(w) for w in cfg.oracle_weights)
     )
-    for weights in oracle_weights:
+    jobs = [(f"expert {r}/{k}", {r: 1.0}, k) for r, k in cfg.experts]
+    jobs += [
+        ("oracle " + ",".join(f"{n}={w:g}" for n, w in weights.items()) + f"/{k}", weights, k)
+        for k in cfg.oracle_kinds
+        for weights in oracle_weights
+    ]
+    for seed in cfg.align_seeds:
         t0 = time.perf_counter()
-        stage = (
-            "oracle " + ",".join(f"{k}={v:g}" for k, v in weights.items()) + f"/{cfg.oracle_kind}"
-        )
-        m = align.train_oracle(
-            bundle,
-            weights,
-            cfg.oracle_kind,
-            pairs=pairs,
-            config=align_config,
-            pairs_config=pairs_config,
-            seed=cfg.align_seed,
-            progress=_stage_progress(progress, stage),
-        )
-        add_oracle(
-            stage_dir,
-            m.model,
-            weights=m.weights,
-            kind=cfg.oracle_kind,
-            kl_coef=m.kl_coef,
-            metrics=m.metrics,
-            training=m.training,
-        )
+        stage = f"pairs seed {seed}"
+        progress(stage, 0, 1, float("nan"))
+        pairs = align.collect_digit_pairs(bundle, pairs_config, seed)
+        progress(stage, 1, 1, float("nan"))
         timings[stage] = time.perf_counter() - t0
+        for label, weights, kind in jobs:
+            t0 = time.perf_counter()
+            stage = f"{label} seed {seed}"
+            m = align.train_aligned(
+                bundle,
+                weights,
+                kind,
+                pairs=pairs,
+                config=align_config,
+                pairs_config=pairs_config,
+                seed=seed,
+                progress=_stage_progress(progress, stage),
+            )
+            record = dict(
+                kind=kind,
+                kl_coef=m.kl_coef,
+                seed=seed,
+                adapter=m.lora_adapter,
+                metrics=m.metrics,
+                training=m.training,
+            )
+            if label.startswith("expert"):
+                add_expert(stage_dir, m.model, reward=next(iter(weights)), **record)
+            else:
+                add_oracle(stage_dir, m.model, weights=m.weights, **record)
+            timings[stage] = time.perf_counter() - t0
     return timings
 
 

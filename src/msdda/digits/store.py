@@ -4,10 +4,16 @@ A weights folder (the shipped one is ``msdda/digits/weights/``) holds
 
 - ``manifest.json``: format tag, versions, seeds, scheduler config, model configs,
   held-out metrics, reward temperature and normalisation, and one entry per model
-  file (``file``, ``sha256``, ``config``, plus ``reward``/``kind``/``kl_coef`` for
-  experts and ``weights``/``kind``/``kl_coef`` for oracles);
+  file (``file``, ``sha256``, ``config``, ``storage``, plus ``reward``/``kind``/
+  ``kl_coef``/``seed`` for experts and ``weights``/``kind``/``kl_coef``/``seed`` for
+  oracles);
 - ``classifier.safetensors``, ``base.safetensors``, ``expert-<reward>-<kind>.safetensors``,
-  ``oracle-<tag>-<kind>.safetensors``.
+  ``oracle-<tag>-<kind>.safetensors`` (training seed 0; ``...-seed<k>.safetensors`` for
+  seed k).
+
+An expert or oracle is stored either in full (``"storage": "full"``, the network's state
+dict) or, as the shipped ones are, as a LoRA adapter of the base (``"storage": "lora"``,
+:mod:`msdda.digits.lora`, ~0.1 MB instead of 0.8 MB), merged into the base at load time.
 
 Every file is written to a temporary name and renamed, so a failure leaves nothing
 half-written. Loading checks existence, the recorded sha256, the safetensors
@@ -46,6 +52,8 @@ __all__ = [
     "add_expert",
     "add_oracle",
     "oracle_tag",
+    "model_file_name",
+    "entry_seed",
 ]
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -187,9 +195,76 @@ def _check_kl_coef(kl_coef: float) -> float:
     return float(kl_coef)
 
 
-def _model_entry(weights_dir: Path, file: str, model: nn.Module, **fields: Any) -> dict:
-    sha = save_module(Path(weights_dir) / file, model)
-    return {"file": file, "sha256": sha, "config": model.config.to_dict(), **fields}
+def _check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    return seed
+
+
+def entry_seed(entry: Mapping[str, Any]) -> int:
+    """The training seed of a manifest entry (0 for entries written before seeds were kept)."""
+    return int(entry.get("seed", 0))
+
+
+def model_file_name(prefix: str, tag: str, kind: str, seed: int = 0) -> str:
+    """``<prefix>-<tag>-<kind>.safetensors`` for seed 0, ``...-<kind>-seed<k>.safetensors`` else."""
+    return f"{prefix}-{tag}-{kind}{'' if seed == 0 else f'-seed{seed}'}.safetensors"
+
+
+def _check_adapter(weights_dir: Path, model: nn.Module, adapter: Any, kind: str) -> None:
+    """Refuse an adapter of another base, or one that does not rebuild ``model``."""
+    from .bundle import load_denoiser
+    from .lora import LoraAdapter, base_fingerprint, merged_denoiser
+
+    if not isinstance(adapter, LoraAdapter):
+        raise TypeError(f"adapter must be a LoraAdapter, got {type(adapter).__name__}")
+    manifest = read_manifest(weights_dir)
+    base = load_denoiser(weights_dir, manifest["base"], "base")
+    if adapter.base_fingerprint != base_fingerprint(base):
+        raise ValueError(
+            f"the adapter was trained on another base than {Path(weights_dir) / manifest['base']['file']}"
+        )
+    merged = merged_denoiser(base, adapter.tensors, adapter.lora, kind)
+    want = model.state_dict()
+    for key, value in merged.state_dict().items():
+        if not torch.allclose(value, want[key].to(value), rtol=1e-5, atol=1e-6):
+            raise ValueError(f"the adapter does not rebuild the model: {key} differs")
+
+
+def _model_entry(
+    weights_dir: Path,
+    file: str,
+    model: nn.Module,
+    adapter: Any,
+    *,
+    weights: Mapping[str, float],
+    kind: str,
+    kl_coef: float,
+    seed: int,
+) -> dict:
+    """Write the model's file (full, or its LoRA adapter) and return its manifest fields."""
+    entry: dict[str, Any] = {"file": file}
+    if adapter is None:
+        entry["sha256"] = save_module(Path(weights_dir) / file, model)
+        entry["storage"] = "full"
+    else:
+        from .lora import adapter_metadata, encode_adapter
+
+        _check_adapter(weights_dir, model, adapter, kind)
+        meta = adapter_metadata(adapter, weights=weights, kind=kind, kl_coef=kl_coef, seed=seed)
+        data = encode_adapter(adapter.tensors, meta)
+        atomic_write_bytes(Path(weights_dir) / file, data)
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+        entry["storage"] = "lora"
+        entry["lora"] = adapter.lora.to_dict()
+        entry["base_fingerprint"] = adapter.base_fingerprint
+    return {
+        **entry,
+        "config": model.config.to_dict(),
+        "kind": kind,
+        "kl_coef": kl_coef,
+        "seed": seed,
+    }
 
 
 def add_expert(
@@ -199,6 +274,8 @@ def add_expert(
     reward: str,
     kind: str,
     kl_coef: float,
+    seed: int = 0,
+    adapter: Any = None,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> dict:
@@ -208,27 +285,36 @@ def add_expert(
         reward: the reward it was aligned to (a name of :data:`~msdda.digits.rewards.REWARDS`).
         kind: ``"fixed"`` (no variance head) or ``"learned"`` (variance head, learned_log).
         kl_coef: the beta it was aligned with (on the standardised reward).
+        seed: its training seed (the bundle's default seed is 0).
+        adapter: a :class:`~msdda.digits.lora.LoraAdapter` of the folder's base that
+            rebuilds ``model``: stored instead of the full network (checked on writing).
         metrics, training: free-form JSON-able records (held-out numbers, settings, seeds).
 
-    Replaces an earlier expert of the same reward and kind. Returns the manifest entry.
+    Replaces an earlier expert of the same reward, kind and seed. Returns the manifest entry.
     """
     from .rewards import REWARDS
 
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
     _check_kind(kind, model)
+    seed = _check_seed(seed)
     manifest = read_manifest(weights_dir)
     entry = _model_entry(
         weights_dir,
-        f"expert-{reward}-{kind}.safetensors",
+        model_file_name("expert", reward, kind, seed),
         model,
-        reward=reward,
+        adapter,
+        weights={reward: 1.0},
         kind=kind,
         kl_coef=_check_kl_coef(kl_coef),
-        metrics=dict(metrics or {}),
-        training=dict(training or {}),
+        seed=seed,
     )
-    experts = [e for e in manifest.get("experts", []) if (e["reward"], e["kind"]) != (reward, kind)]
+    entry = {**entry, "reward": reward, "metrics": dict(metrics or {})}
+    entry["training"] = dict(training or {})
+    key = (reward, kind, seed)
+    experts = [
+        e for e in manifest.get("experts", []) if (e["reward"], e["kind"], entry_seed(e)) != key
+    ]
     manifest["experts"] = [*experts, entry]
     write_manifest(weights_dir, manifest)
     return entry
@@ -246,14 +332,17 @@ def add_oracle(
     weights: Mapping[str, float],
     kind: str,
     kl_coef: float,
+    seed: int = 0,
+    adapter: Any = None,
     metrics: Mapping[str, Any] | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> dict:
     """Save an oracle (fine-tuned on sum_i w_i r_i) and record it in the manifest.
 
     ``weights`` maps reward names to preference weights, e.g.
-    ``{"legibility": 0.3, "boldness": 0.7}``. Replaces an earlier oracle with the same
-    weights and kind. Returns the manifest entry.
+    ``{"legibility": 0.3, "boldness": 0.7}``; the other arguments are as for
+    :func:`add_expert`. Replaces an earlier oracle with the same weights, kind and seed.
+    Returns the manifest entry.
     """
     from .rewards import REWARDS
 
@@ -269,19 +358,25 @@ def add_oracle(
         ):
             raise ValueError(f"weight of {name!r} must be a non-negative number, got {w!r}")
     _check_kind(kind, model)
+    seed = _check_seed(seed)
     manifest = read_manifest(weights_dir)
     clean = {name: float(w) for name, w in weights.items()}
     entry = _model_entry(
         weights_dir,
-        f"oracle-{oracle_tag(clean)}-{kind}.safetensors",
+        model_file_name("oracle", oracle_tag(clean), kind, seed),
         model,
+        adapter,
         weights=clean,
         kind=kind,
         kl_coef=_check_kl_coef(kl_coef),
-        metrics=dict(metrics or {}),
-        training=dict(training or {}),
+        seed=seed,
     )
-    oracles = [e for e in manifest.get("oracles", []) if (e["weights"], e["kind"]) != (clean, kind)]
+    entry = {**entry, "weights": clean, "metrics": dict(metrics or {})}
+    entry["training"] = dict(training or {})
+    key = (clean, kind, seed)
+    oracles = [
+        e for e in manifest.get("oracles", []) if (e["weights"], e["kind"], entry_seed(e)) != key
+    ]
     manifest["oracles"] = [*oracles, entry]
     write_manifest(weights_dir, manifest)
     return entry

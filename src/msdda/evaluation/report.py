@@ -17,15 +17,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..methods import METHODS, weight_key
+from ..methods import METHODS, MethodInfo, weight_key
 from .hypervolume import default_reference_point, hypervolume_2d
 from .results import Results
+from .tuning import method_of, rule_of
 
 __all__ = [
+    "DRIFT_FLAG",
     "MethodPoint",
     "MethodSummary",
     "Report",
+    "Standing",
     "build_report",
+    "standings",
     "plot_pareto",
     "write_markdown",
 ]
@@ -122,6 +126,22 @@ def aggregate(results: Results) -> list[MethodPoint]:
     return points
 
 
+def _info(name: str) -> MethodInfo | None:
+    """The sampling method behind a results' method name ('rgg-matched': rgg), None if unknown."""
+    try:
+        return METHODS[method_of(name)]
+    except ValueError:
+        return None
+
+
+def _rule(name: str) -> str | None:
+    """The tuning rule of a results' method name, None if untuned or unknown."""
+    try:
+        return rule_of(name)
+    except ValueError:
+        return None
+
+
 def _weighted(point: MethodPoint, objectives, weights) -> list[float]:
     cols = [point.per_image.get(n, []) for n in objectives]
     if not cols or any(len(c) != len(cols[0]) for c in cols) or not cols[0]:
@@ -129,6 +149,20 @@ def _weighted(point: MethodPoint, objectives, weights) -> list[float]:
     return [
         math.fsum(w * c[i] for w, c in zip(weights, cols, strict=True)) for i in range(len(cols[0]))
     ]
+
+
+def paired_difference(
+    a: MethodPoint, b: MethodPoint, names: Sequence[str], weights: Sequence[float]
+) -> tuple[float, float] | None:
+    """Mean and standard error over images of sum_i w_i r_i of ``a`` minus that of ``b``.
+
+    Paired image by image (same prompts, seeds and noise); None without per-image values.
+    """
+    xs, ys = _weighted(a, names, weights), _weighted(b, names, weights)
+    if not xs or len(xs) != len(ys):
+        return None
+    diffs = [x - y for x, y in zip(xs, ys, strict=True)]
+    return _mean(diffs), _se(diffs)
 
 
 def _at(points: Sequence[MethodPoint], weights) -> MethodPoint | None:
@@ -169,7 +203,6 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
         ref_point = tuple(reference) if reference is not None else default_reference_point(xy)
     base = by_method.get("base", [None])[0]
     msdda_half = _at(by_method.get("msdda", []), half)
-    msdda_values = _weighted(msdda_half, objectives, half) if msdda_half else []
     summaries = []
     for m in order:
         pts = sorted(by_method[m], key=lambda p: p.weights or (-1.0,))
@@ -180,9 +213,8 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
         at_half = _at(pts, half)
         values = _weighted(at_half, objectives, half) if at_half else []
         gain = gain_se = None
-        if values and msdda_values and len(values) == len(msdda_values) and m != "msdda":
-            diffs = [a - b for a, b in zip(msdda_values, values, strict=True)]
-            gain, gain_se = _mean(diffs), _se(diffs)
+        if msdda_half is not None and at_half is not None and m != "msdda":
+            gain, gain_se = paired_difference(msdda_half, at_half, objectives, half) or (None, None)
         sec = _mean([p.seconds_per_image for p in pts])
         nfe = _mean([p.nfe_per_image for p in pts])
         summaries.append(
@@ -225,7 +257,10 @@ def _draw_fronts(ax, report: Report, summaries, a: str, b: str, reference: bool)
         i = [x.method for x in report.summaries].index(s.method)
         xs = [p.rewards[a] for p in s.points]
         ys = [p.rewards[b] for p in s.points]
-        style = {"marker": markers[i % len(markers)], "label": s.method, "color": f"C{i}"}
+        color = f"C{i % 10}"
+        style = {"marker": markers[i % len(markers)], "label": s.method, "color": color}
+        if _rule(s.method) == "matched":
+            style["linestyle"] = "--"
         if s.method == "base":
             ax.scatter(xs, ys, s=160, zorder=5, **{**style, "color": "black"})
         elif s.method == "oracle":
@@ -246,7 +281,8 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     """The Pareto plot (first two objectives) as a PNG, written atomically.
 
     Left: every method. Right: a zoom on the methods that never read a reward while
-    sampling, with ``target`` (the exact step-level optimum they aim at) and ``base``.
+    sampling, with ``target`` (the exact step-level optimum they aim at), ``base`` and
+    the baselines tuned to MSDDA's drift (``-matched``).
     """
     import matplotlib
 
@@ -261,13 +297,15 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     zoom = [
         s
         for s in report.summaries
-        if s.method == "target" or (s.method in METHODS and not METHODS[s.method].needs_rewards)
+        if s.method == "target"
+        or _rule(s.method) == "matched"
+        or ((info := _info(s.method)) is not None and not info.needs_rewards)
     ]
     _draw_fronts(right, report, zoom, a, b, reference=False)
     weights = report.header.get("weights") or report.header.get("config", {}).get("weights", [])
     domain = report.header.get("config", {}).get("domain", "?")
     left.set_title(f"{domain}: every method over {len(weights)} weights")
-    right.set_title("zoom: methods without reward access, target and base")
+    right.set_title("zoom: no reward access, drift-matched baselines, target, base")
     fig.tight_layout()
     tmp = _atomic_target(path)
     try:

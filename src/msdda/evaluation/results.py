@@ -32,7 +32,7 @@ __all__ = [
     "check_same_configuration",
 ]
 
-FORMAT = "msdda-sweep/1"
+FORMAT = "msdda-sweep/2"  # 2: settings per method name, tuning rules
 ROW_FIELDS = (
     "method",
     "weights",

@@ -21,8 +21,15 @@ import torch
 
 from ..methods import METHODS, MethodSettings, check_method, derive_seed, run_method, weight_key
 from .domains import SweepDomain, load_domain
-from .results import check_same_configuration, open_results, read_results, row_key
-from .tuning import TuningConfig, tune_settings
+from .results import (
+    Results,
+    ResultsError,
+    check_same_configuration,
+    open_results,
+    read_results,
+    row_key,
+)
+from .tuning import TuningConfig, method_of, sweep_methods, tune_settings
 
 __all__ = [
     "SweepConfig",
@@ -83,6 +90,7 @@ class SweepConfig:
     images_per_prompt: int = 64  # images per (prompt, seed) row
     settings: MethodSettings = field(default_factory=MethodSettings)  # untuned defaults
     tuning: TuningConfig | None = field(default_factory=TuningConfig)  # None: no tuning
+    # a method tuned by several rules runs once per rule: "rgg" (reward), "rgg-matched", ...
 
     def __post_init__(self) -> None:
         methods = tuple(self.methods)
@@ -110,6 +118,11 @@ class SweepConfig:
                     f"tuning seeds {sorted(clash)} are also evaluation seeds: tune on separate seeds"
                 )
 
+    @property
+    def sweep_methods(self) -> tuple[str, ...]:
+        """The method names of the results: each tuned method once per tuning rule."""
+        return sweep_methods(self.methods, self.tuning)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["domain_options"] = dict(self.domain_options)
@@ -125,7 +138,7 @@ def sample_seeds(seed: int, prompt: Any, images: int) -> list[int]:
 class SweepUnit:
     """One batch of the sweep: a method at one weight (None: weight-free) for one seed."""
 
-    method: str
+    method: str  # a sweep method name ("rgg-matched" samples with rgg)
     weights: tuple[float, ...] | None
     seed: int
 
@@ -145,14 +158,15 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
     ``base`` runs once per seed; ``oracle`` only at weights with a trained oracle.
     """
     have_oracle = {weight_key(k) for k in domain.context.oracles}
+    methods = config.sweep_methods
     units = []
     for seed in config.seeds:
-        for m in config.methods:
-            if not METHODS[m].uses_weights:
+        for m in methods:
+            if not METHODS[method_of(m)].uses_weights:
                 units.append(SweepUnit(m, None, seed))
         for w in sweep_weights(config, domain):
-            for m in config.methods:
-                info = METHODS[m]
+            for m in methods:
+                info = METHODS[method_of(m)]
                 if not info.uses_weights or (
                     info.needs_oracle and weight_key(w) not in have_oracle
                 ):
@@ -224,10 +238,11 @@ def run_unit(
     per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
     cond = domain.condition(per_sample_prompts)
+    method = method_of(unit.method)
     base = None
-    if companion and unit.method != "base":
+    if companion and method != "base":
         base = run_method("base", domain.context, None, cond, seeds, settings=settings)
-    run = run_method(unit.method, domain.context, unit.weights, cond, seeds, settings=settings)
+    run = run_method(method, domain.context, unit.weights, cond, seeds, settings=settings)
     if companion and base is None:
         base = run
     rewards = evaluate_rewards(domain, run.samples, cond)
@@ -251,7 +266,7 @@ class SweepSummary:
     rows_written: int  # rows appended by this call
     rows_total: int  # rows in the file now
     seconds: float
-    settings: MethodSettings  # the hyperparameters used (tuned or given)
+    settings: dict[str, MethodSettings]  # the hyperparameters used per method (tuned or given)
 
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -265,6 +280,7 @@ def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
         "rewards": list(domain.eval_rewards),
         "prompts": list(prompts),
         "oracle_weights": sorted(list(weight_key(k)) for k in domain.context.oracles),
+        "methods": list(config.sweep_methods),
         "weights": [list(w) for w in sweep_weights(config, domain)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
@@ -295,17 +311,19 @@ def run_sweep(
         )
     prompts = tuple(domain.check_prompt(p) for p in (config.prompts or domain.prompts))
     header = _header(config, domain, prompts)
-    settings, record = config.settings, None
     if path.exists() and path.stat().st_size > 0:  # resume: the header's tuned settings
         existing = read_results(path, warn=False)
         check_same_configuration(existing, header)
-        settings = MethodSettings(**existing.header["settings"])
-        record = existing.header.get("tuning")
-    elif config.tuning is not None:
-        settings, record = tune_settings(
-            domain, config.tuning, config.methods, prompts, config.settings, progress=progress
-        )
-    header.update(settings=settings.to_dict(), tuning=record)
+        settings, record = _settings_in(existing), existing.header.get("tuning")
+    else:
+        settings = {m: config.settings for m in config.sweep_methods}
+        record = None
+        if config.tuning is not None:
+            tuned, record = tune_settings(
+                domain, config.tuning, config.methods, prompts, config.settings, progress=progress
+            )
+            settings.update(tuned)
+    header.update(settings={m: v.to_dict() for m, v in settings.items()}, tuning=record)
     writer, _ = open_results(path, header)
     units = plan_units(config, domain)
     units_run = written = 0
@@ -316,7 +334,12 @@ def run_sweep(
             if unit_keys(unit, prompts) <= writer.done:
                 continue
             rows = run_unit(
-                unit, domain, prompts, config.images_per_prompt, settings, companion=True
+                unit,
+                domain,
+                prompts,
+                config.images_per_prompt,
+                settings[unit.method],
+                companion=True,
             )
             units_run += 1
             written += sum(writer.append(r) for r in rows)
@@ -326,6 +349,17 @@ def run_sweep(
     return SweepSummary(
         path, len(units), units_run, written, total, time.perf_counter() - start, settings
     )
+
+
+def _settings_in(results: Results) -> dict[str, MethodSettings]:
+    """The hyperparameters per method recorded in a results header."""
+    recorded = results.header.get("settings")
+    methods = results.header.get("methods") or results.config.get("methods", [])
+    if not isinstance(recorded, dict) or any(
+        not isinstance(recorded.get(m), dict) for m in methods
+    ):
+        raise ResultsError(f"{results.path}: the header does not record the settings of {methods}")
+    return {m: MethodSettings(**recorded[m]) for m in methods}
 
 
 def _fmt(weights) -> str:

@@ -1,35 +1,105 @@
-"""Fair hyperparameters: rgg's scale and code's (N, B) picked on tuning seeds only.
+"""Fair hyperparameters: rgg's scale and code's (N, B) picked on tuning seeds only, by a rule.
 
 Each candidate setting samples every prompt on the tuning seeds (disjoint from the
 evaluation seeds, checked by :class:`~msdda.evaluation.sweep.SweepConfig`) at the
-tuning weights; the one with the highest mean weighted reward sum_i w_i r_i wins.
-The scores and the choice go into the results header.
+tuning weights, and is measured twice: its mean weighted reward sum_i w_i r_i, and its
+mean drift from the base (RMS image difference from the base's image of the same
+noise). A tuning rule then picks one candidate per method:
+
+- ``reward``: the highest mean weighted reward. Nothing holds the method near the
+  base, so it can buy reward by leaving the KL-regularised objective that MSDDA, the
+  experts and the oracle solve (reward hacking).
+- ``matched``: the drift closest to MSDDA's drift at the same weights and seeds, a
+  proxy for an equal KL budget: the comparison at matched deviation from the base.
+
+Every rule of :attr:`TuningConfig.rules` gives the tuned methods a variant of their
+own in the sweep: ``rgg`` / ``code`` for ``reward``, ``rgg-matched`` / ``code-matched``
+for ``matched``. The measurements and the choices go into the results header.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..methods import MethodSettings
+from ..methods import METHODS, MethodSettings, check_method
 
 if TYPE_CHECKING:
     from .domains import SweepDomain
 
-__all__ = ["TuningConfig", "tune_settings", "weighted_score"]
+__all__ = [
+    "TUNED",
+    "TUNING_RULES",
+    "TuningConfig",
+    "choose",
+    "method_of",
+    "sweep_methods",
+    "tune_settings",
+    "variant_name",
+    "weighted_score",
+]
+
+#: rule -> what it picks (see the module docstring)
+TUNING_RULES: dict[str, str] = {
+    "reward": "the highest mean weighted reward on the tuning seeds",
+    "matched": "the mean drift from the base closest to the match method's (MSDDA's)",
+}
+
+#: method -> the MethodSettings fields tuning picks for it
+TUNED: dict[str, tuple[str, ...]] = {
+    "rgg": ("rgg_scale",),
+    "code": ("code_candidates", "code_block"),
+}
+
+
+def check_rule(rule: str) -> str:
+    if rule not in TUNING_RULES:
+        known = "; ".join(f"{r} ({what})" for r, what in TUNING_RULES.items())
+        raise ValueError(f"unknown tuning rule {rule!r}; known: {known}")
+    return rule
+
+
+def variant_name(method: str, rule: str) -> str:
+    """The sweep's name for ``method`` tuned by ``rule``: 'rgg' (reward) or 'rgg-matched'."""
+    return method if check_rule(rule) == "reward" else f"{method}-{rule}"
+
+
+def method_of(name: str) -> str:
+    """The sampling method behind a sweep method name: 'rgg-matched' -> 'rgg'."""
+    if name in METHODS:
+        return name
+    method, _, rule = name.rpartition("-")
+    if method in TUNED and rule in TUNING_RULES and rule != "reward":
+        return method
+    if method in TUNED:
+        check_rule(rule)
+    variants = [variant_name(m, r) for m in TUNED for r in TUNING_RULES if r != "reward"]
+    raise ValueError(f"unknown method {name!r}; known: {', '.join([*METHODS, *variants])}")
+
+
+def rule_of(name: str) -> str | None:
+    """The tuning rule of a sweep method name ('rgg' -> 'reward'), None for untuned methods."""
+    method = method_of(name)
+    if method not in TUNED:
+        return None
+    return "reward" if name == method else name.rpartition("-")[2]
 
 
 @dataclass(frozen=True)
 class TuningConfig:
-    """Grids and data of the tuning step."""
+    """Grids, rules and data of the tuning step."""
 
     seeds: tuple[int, ...] = (10_000,)  # tuning seeds, never evaluation seeds
     weights: tuple[tuple[float, ...], ...] | None = None  # None: equal weights 1/K
     images_per_prompt: int = 8  # images per (prompt, tuning seed)
-    rgg_scales: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)  # candidate rgg scales
-    code_grid: tuple[tuple[int, int], ...] = ((2, 1), (2, 5), (4, 1), (4, 5), (4, 10))  # (N, B)
+    rules: tuple[str, ...] = ("reward", "matched")  # one variant of each tuned method per rule
+    match_method: str = "msdda"  # whose drift the "matched" rule matches
+    rgg_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)
+    code_grid: tuple[tuple[int, int], ...] = tuple(
+        (n, b) for n in (2, 4, 8) for b in (1, 5, 10, 25)
+    )  # candidate (N, B) of code
 
     def __post_init__(self) -> None:
         seeds = tuple(self.seeds)
@@ -43,6 +113,17 @@ class TuningConfig:
         n = self.images_per_prompt
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"tuning images_per_prompt must be a positive int, got {n!r}")
+        rules = tuple(self.rules)
+        if not rules or len(set(rules)) != len(rules):
+            raise ValueError(f"tuning rules must be a non-empty list without repeats, got {rules}")
+        for rule in rules:
+            check_rule(rule)
+        object.__setattr__(self, "rules", rules)
+        check_method(self.match_method)
+        if self.match_method in TUNED:
+            raise ValueError(
+                f"match_method must be a method without tuning, got {self.match_method!r}"
+            )
         scales = tuple(float(s) for s in self.rgg_scales)
         if not scales or not all(math.isfinite(s) and s >= 0 for s in scales):
             raise ValueError(f"rgg_scales must be non-negative numbers, got {list(scales)}")
@@ -55,6 +136,23 @@ class TuningConfig:
     def tuning_weights(self, k: int) -> tuple[tuple[float, ...], ...]:
         return self.weights if self.weights is not None else ((1.0 / k,) * k,)
 
+    def candidates(self, method: str) -> list[dict[str, Any]]:
+        """The settings tried for a tuned method, as MethodSettings field values."""
+        if method == "rgg":
+            return [{"rgg_scale": s} for s in self.rgg_scales]
+        return [{"code_candidates": n, "code_block": b} for n, b in self.code_grid]
+
+
+def sweep_methods(methods: Sequence[str], tuning: TuningConfig | None) -> tuple[str, ...]:
+    """The sweep's method names: a tuned method once per tuning rule, the others as given."""
+    out: list[str] = []
+    for m in methods:
+        if m in TUNED and tuning is not None:
+            out += [variant_name(m, rule) for rule in tuning.rules]
+        else:
+            out.append(m)
+    return tuple(out)
+
 
 def weighted_score(
     rows: Sequence[dict], objectives: Sequence[str], weights: Sequence[float]
@@ -65,13 +163,59 @@ def weighted_score(
     ) / len(rows)
 
 
-def _candidates(tuning: TuningConfig, methods: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
-    out = {}
-    if "rgg" in methods:
-        out["rgg"] = [{"rgg_scale": s} for s in tuning.rgg_scales]
-    if "code" in methods:
-        out["code"] = [{"code_candidates": n, "code_block": b} for n, b in tuning.code_grid]
-    return out
+def choose(
+    measured: Sequence[Mapping[str, Any]], rule: str, target_drift: float | None = None
+) -> Mapping[str, Any]:
+    """The candidate ``rule`` picks from measured candidates (each with "score" and "drift").
+
+    ``reward``: the highest score; ``matched``: the drift closest to ``target_drift``.
+    Ties go to the earlier candidate.
+    """
+    check_rule(rule)
+    if not measured:
+        raise ValueError("no measured candidates to choose from")
+    if rule == "reward":
+        return max(measured, key=lambda c: c["score"])
+    if target_drift is None or not math.isfinite(target_drift):
+        raise ValueError(f"the 'matched' rule needs a finite target drift, got {target_drift!r}")
+    return min(measured, key=lambda c: abs(c["drift"] - target_drift))
+
+
+def at_grid_edge(chosen: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The fields whose chosen value is the smallest or largest of the (varied) grid."""
+    edge = []
+    for key in chosen:
+        values = {c[key] for c in candidates}
+        if len(values) > 1 and chosen[key] in (min(values), max(values)):
+            edge.append(key)
+    return edge
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def _measure(
+    method: str,
+    settings: MethodSettings,
+    domain: SweepDomain,
+    tuning: TuningConfig,
+    prompts: Sequence[Any],
+) -> dict[str, float]:
+    """Mean weighted reward and mean drift from the base over the tuning weights and seeds."""
+    from .sweep import SweepUnit, run_unit
+
+    weights = tuning.tuning_weights(domain.context.num_objectives)
+    score = drift = 0.0
+    for w in weights:
+        for seed in tuning.seeds:
+            unit = SweepUnit(method, w, seed)
+            rows = run_unit(
+                unit, domain, prompts, tuning.images_per_prompt, settings, companion=True
+            )
+            score += weighted_score(rows, domain.objectives, w)
+            drift += math.fsum(r["drift_from_base"] for r in rows) / len(rows)
+    n = len(weights) * len(tuning.seeds)
+    return {"score": score / n, "drift": drift / n}
 
 
 def tune_settings(
@@ -81,41 +225,61 @@ def tune_settings(
     prompts: Sequence[Any],
     settings: MethodSettings,
     *,
-    progress: Callable[[str, int, int], None] | None = None,
-) -> tuple[MethodSettings, dict]:
-    """Tune the hyperparameters of the ``methods`` that have any; returns (settings, record)."""
-    from .sweep import SweepUnit, run_unit
+    progress: Progress | None = None,
+) -> tuple[dict[str, MethodSettings], dict]:
+    """Tune the ``methods`` that have hyperparameters, once per rule.
 
+    Returns the settings of every tuned variant by sweep name ('rgg', 'rgg-matched',
+    ...) and the record for the results header: each candidate's score and drift, the
+    match method's, and per variant its rule, choice and whether it sits at the edge
+    of its grid.
+    """
     k = domain.context.num_objectives
     tune_weights = tuning.tuning_weights(k)
     for w in tune_weights:
         if len(w) != k or any(x < 0 for x in w) or abs(sum(w) - 1) > 1e-6:
             raise ValueError(f"tuning weights {list(w)} must be K = {k} weights on the simplex")
-    record: dict[str, Any] = {**asdict(tuning), "weights": [list(w) for w in tune_weights]}
-    jobs = _candidates(tuning, methods)
-    total = sum(len(c) for c in jobs.values())
+    tuned = [m for m in methods if m in TUNED]
+    record: dict[str, Any] = {
+        **asdict(tuning),
+        "weights": [list(w) for w in tune_weights],
+        "candidates": {},
+        "chosen": {},
+    }
+    total = sum(len(tuning.candidates(m)) for m in tuned) + int("matched" in tuning.rules)
     done = 0
-    for method, candidates in jobs.items():
-        scores = []
-        for cand in candidates:
-            if progress:
-                progress(f"tuning {method} {cand}", done, total)
+
+    def step(what: str) -> None:
+        nonlocal done
+        if progress:
+            progress(f"tuning {what}", done, total)
+        done += 1
+
+    target = None
+    if tuned and "matched" in tuning.rules:
+        step(f"{tuning.match_method} (drift to match)")
+        match = _measure(tuning.match_method, settings, domain, tuning, prompts)
+        record["match"] = {"method": tuning.match_method, **match}
+        target = match["drift"]
+    out: dict[str, MethodSettings] = {}
+    for method in tuned:
+        measured = []
+        for cand in tuning.candidates(method):
+            step(f"{method} {cand}")
             trial = replace(settings, **cand)
-            score = 0.0
-            for w in tune_weights:
-                for seed in tuning.seeds:
-                    unit = SweepUnit(method, w, seed)
-                    rows = run_unit(unit, domain, prompts, tuning.images_per_prompt, trial)
-                    score += weighted_score(rows, domain.objectives, w)
-            scores.append({**cand, "score": score / (len(tune_weights) * len(tuning.seeds))})
-            done += 1
-        best = max(scores, key=lambda s: s["score"])
-        chosen = {key: best[key] for key in candidates[0]}
-        settings = replace(settings, **chosen)
-        edge = [
-            key for key in chosen
-            if chosen[key] in (min(c[key] for c in candidates), max(c[key] for c in candidates))
-            and len({c[key] for c in candidates}) > 1
-        ]  # fmt: skip
-        record[method] = {"scores": scores, "chosen": chosen, "at_grid_edge": edge}
-    return settings, record
+            measured.append({**cand, **_measure(method, trial, domain, tuning, prompts)})
+        record["candidates"][method] = measured
+        for rule in tuning.rules:
+            best = choose(measured, rule, target)
+            picked = {key: best[key] for key in TUNED[method]}
+            name = variant_name(method, rule)
+            out[name] = replace(settings, **picked)
+            record["chosen"][name] = {
+                "rule": rule,
+                "settings": picked,
+                "score": best["score"],
+                "drift": best["drift"],
+                "target_drift": target if rule == "matched" else None,
+                "at_grid_edge": at_grid_edge(picked, measured),
+            }
+    return out, record

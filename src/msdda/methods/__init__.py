@@ -29,6 +29,7 @@ from .registry import (
 from .soup import parameter_soup
 from .strategies import (
     GUIDANCE_SCHEDULES,
+    Search,
     base_policy,
     code_policy,
     db_ls_policy,
@@ -52,6 +53,7 @@ __all__ = [
     "MethodSettings",
     "NoiseTape",
     "SampleGenerators",
+    "Search",
     "base_policy",
     "build_policy",
     "check_method",

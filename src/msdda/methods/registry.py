@@ -56,6 +56,7 @@ class MethodInfo:
     uses_weights: bool = True  # False: one run serves every weight (base)
     needs_rewards: bool = False  # reads reward values or gradients at sampling time
     needs_oracle: bool = False  # runs only at weights with a trained oracle
+    parameters: tuple[str, ...] = ()  # the MethodSettings fields it reads
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -65,12 +66,23 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("rs", "rewarded soups: parameters sum_i w_i theta_i"),
         MethodInfo("db", "Diffusion Blend: experts' epsilons mixed, variances ignored"),
         MethodInfo("db-ls", "Diffusion Blend, one expert drawn per step with probability w_i"),
-        MethodInfo("rgg", "reward gradient guidance on the reference", needs_rewards=True),
         MethodInfo(
-            "code", "blockwise controlled decoding: best of N every B steps", needs_rewards=True
+            "rgg",
+            "reward gradient guidance on the reference",
+            needs_rewards=True,
+            parameters=("rgg_scale", "rgg_schedule"),
         ),
         MethodInfo(
-            "target", "exact step-level optimum by importance resampling", needs_rewards=True
+            "code",
+            "blockwise controlled decoding: best of N every B steps",
+            needs_rewards=True,
+            parameters=("code_candidates", "code_block"),
+        ),
+        MethodInfo(
+            "target",
+            "exact step-level optimum by importance resampling",
+            needs_rewards=True,
+            parameters=("target_candidates",),
         ),
         MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
         MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
@@ -82,6 +94,40 @@ def check_method(method: str) -> MethodInfo:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     return METHODS[method]
+
+
+@dataclass(frozen=True, eq=False)
+class _Draws:
+    """Where a method's randomness comes from: the loop's tape and its own seeded stream."""
+
+    seeds: int | Sequence[int]
+    noise: NoiseTape
+
+    def rng(self, method: str) -> SampleGenerators:
+        return SampleGenerators(self.seeds, method)
+
+    def search(self, method: str, candidates: int) -> s.Search:
+        return s.Search(self.noise, self.rng(method), candidates)
+
+
+#: method -> (context, weights, condition, draws, settings) -> step policy
+_BUILDERS: dict[str, Callable[..., StepPolicy]] = {
+    "base": lambda ctx, w, cond, draws, cfg: s.base_policy(ctx, cond),
+    "rs": lambda ctx, w, cond, draws, cfg: s.rs_policy(ctx, w, cond),
+    "db": lambda ctx, w, cond, draws, cfg: s.db_policy(ctx, w, cond),
+    "db-ls": lambda ctx, w, cond, draws, cfg: s.db_ls_policy(ctx, w, cond, rng=draws.rng("db-ls")),
+    "rgg": lambda ctx, w, cond, draws, cfg: s.rgg_policy(
+        ctx, w, cond, scale=cfg.rgg_scale, schedule=cfg.rgg_schedule
+    ),
+    "code": lambda ctx, w, cond, draws, cfg: s.code_policy(
+        ctx, w, cond, search=draws.search("code", cfg.code_candidates), block=cfg.code_block
+    ),
+    "target": lambda ctx, w, cond, draws, cfg: s.target_policy(
+        ctx, w, cond, search=draws.search("target", cfg.target_candidates)
+    ),
+    "msdda": lambda ctx, w, cond, draws, cfg: s.msdda_policy(ctx, w, cond),
+    "oracle": lambda ctx, w, cond, draws, cfg: s.oracle_policy(ctx, w, cond),
+}
 
 
 def build_policy(
@@ -101,43 +147,10 @@ def build_policy(
     be the tape the sampling loop reads.
     """
     info = check_method(method)
-    settings = settings or MethodSettings()
     if info.uses_weights or weights is not None:
         weights = check_weights(weights, ctx.num_objectives)
-    if method == "base":
-        return s.base_policy(ctx, cond)
-    if method == "rs":
-        return s.rs_policy(ctx, weights, cond)
-    if method == "db":
-        return s.db_policy(ctx, weights, cond)
-    if method == "db-ls":
-        return s.db_ls_policy(ctx, weights, cond, rng=SampleGenerators(seeds, "db-ls"))
-    if method == "rgg":
-        return s.rgg_policy(
-            ctx, weights, cond, scale=settings.rgg_scale, schedule=settings.rgg_schedule
-        )
-    if method == "code":
-        return s.code_policy(
-            ctx,
-            weights,
-            cond,
-            noise=noise,
-            rng=SampleGenerators(seeds, "code"),
-            candidates=settings.code_candidates,
-            block=settings.code_block,
-        )
-    if method == "target":
-        return s.target_policy(
-            ctx,
-            weights,
-            cond,
-            noise=noise,
-            rng=SampleGenerators(seeds, "target"),
-            candidates=settings.target_candidates,
-        )
-    if method == "msdda":
-        return s.msdda_policy(ctx, weights, cond)
-    return s.oracle_policy(ctx, weights, cond)
+    draws = _Draws(seeds, noise)
+    return _BUILDERS[method](ctx, weights, cond, draws, settings or MethodSettings())
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ __all__ = [
     "db_policy",
     "db_ls_policy",
     "rgg_policy",
+    "Search",
     "code_policy",
     "target_policy",
     "msdda_policy",
@@ -273,12 +274,28 @@ def _check_count(value: int, name: str) -> int:
     return value
 
 
-def _candidates_noise(noise: NoiseTape, rng: SampleGenerators, i: int, x: Tensor, n: int) -> Tensor:
-    """(n B, ...) noise: the loop's own for candidate 0, the method's for the others."""
-    z0 = noise(i, x)
-    if n == 1:
-        return z0
-    return torch.cat([z0, rng.randn(n - 1, x).flatten(0, 1)])
+@dataclass(frozen=True, eq=False)
+class Search:
+    """The candidates of a search method (``code``, ``target``) and where their noise comes from.
+
+    Candidate 0 takes the sampling loop's own noise (read from the shared tape), so a
+    search over one candidate is the base sampler exactly; candidates 1..N-1 take the
+    method's own draws.
+    """
+
+    noise: NoiseTape  # the tape the sampling loop reads
+    rng: SampleGenerators  # the method's own randomness
+    candidates: int  # N >= 1 continuations
+
+    def __post_init__(self) -> None:
+        _check_count(self.candidates, "candidates")
+
+    def step_noise(self, i: int, x: Tensor) -> Tensor:
+        """(N B, ...) noise of step ``i`` for the N candidates of ``x`` (B, ...), candidate-major."""
+        z0 = self.noise(i, x)
+        if self.candidates == 1:
+            return z0
+        return torch.cat([z0, self.rng.randn(self.candidates - 1, x).flatten(0, 1)])
 
 
 def _take(stacked: Tensor, n: int, pick: Tensor) -> Tensor:
@@ -287,53 +304,55 @@ def _take(stacked: Tensor, n: int, pick: Tensor) -> Tensor:
     return per[pick.to(per.device), torch.arange(per.shape[1], device=per.device)]
 
 
-def code_policy(
-    ctx: MethodContext,
-    weights,
-    cond: Any = None,
-    *,
-    noise: NoiseTape,
-    rng: SampleGenerators,
-    candidates: int,
-    block: int,
-) -> StepPolicy:
-    """Blockwise controlled decoding (CoDe): best of N reference continuations every B steps.
+#: ``scores (N, B) -> (B,)``: the candidate each sample keeps.
+Choice = Callable[[Tensor], Tensor]
 
-    At a block's first step, N continuations of B reference steps (fewer at the end)
-    are drawn; each sample keeps the one whose x0_hat at the block's end scores best on
-    sum_i w_i r_i; the block's steps then follow it as point masses.
+
+def _blockwise_search(
+    ctx: MethodContext, weights, cond: Any, search: Search, block: int, choose: Choice
+) -> StepPolicy:
+    """Every ``block`` steps, N reference continuations of the block; each sample keeps one.
+
+    The candidates are scored by sum_i w_i r_i of their Tweedie x0 where the block
+    lands (:func:`weighted_step_reward`); the block's steps then follow the kept one as
+    point masses. A block of the last step alone has nothing to choose (no noise).
     """
-    n = _check_count(candidates, "candidates (N)")
-    b = _check_count(block, "block (B)")
+    n = search.candidates
     score = weighted_step_reward(ctx, weights) if n > 1 else None
     ts, prev = ctx.schedule.timesteps, ctx.schedule.prev_timesteps
     last = len(ts) - 1
     index = _step_index(ctx)
+    reference = base_policy(ctx, cond)
     ref_many = expert_policy(ctx.reference, ctx.schedule, repeat_cond(cond, n))
     chosen: dict[int, Tensor] = {}
 
-    def run_block(x_t: Tensor, start: int) -> None:
-        end = min(start + b, len(ts))
-        xs = torch.cat([x_t] * n) if n > 1 else x_t
+    def continuations(x_t: Tensor, start: int, end: int) -> list[Tensor]:
+        """(N B, ...) states of the N candidates after each step start..end-1."""
+        g = reference(x_t, ts[start])  # every candidate starts at x_t: one evaluation
+        mean, var = (torch.cat([v.expand_as(x_t)] * n) for v in (g.mean, g.variance))
         path = []
         for j in range(start, end):
-            g = ref_many(xs, ts[j])
-            if j < last:
-                xs = g.mean + g.variance.clamp_min(0).sqrt() * _candidates_noise(
-                    noise, rng, j, x_t, n
-                )
-            else:
-                xs = g.mean
-            path.append(xs)
+            if j > start:
+                g = ref_many(path[-1], ts[j])
+                mean, var = g.mean, g.variance
+            noise = search.step_noise(j, x_t) if j < last else 0.0
+            path.append(mean + var.clamp_min(0).sqrt() * noise)
+        return path
+
+    def run_block(x_t: Tensor, start: int) -> None:
+        end = min(start + block, len(ts))
+        path = continuations(x_t, start, end)
         if n > 1:
-            r = score(xs, prev[end - 1], repeat_cond(cond, n)).reshape(n, -1)
-            pick = r.argmax(dim=0)
+            r = score(path[-1], prev[end - 1], repeat_cond(cond, n)).reshape(n, -1)
+            pick = choose(r)
             path = [_take(p, n, pick) for p in path]
         chosen.clear()
-        chosen.update({j: p for j, p in zip(range(start, end), path, strict=True)})
+        chosen.update(zip(range(start, end), path, strict=True))
 
     def step(x_t: Tensor, t: int) -> Gaussian:
         i = index(t)
+        if i == last and i not in chosen:
+            return point_mass(reference(x_t, t).mean)
         if i not in chosen:
             run_block(x_t, i)
         return point_mass(chosen.pop(i))
@@ -341,46 +360,34 @@ def code_policy(
     return step
 
 
-def target_policy(
-    ctx: MethodContext,
-    weights,
-    cond: Any = None,
-    *,
-    noise: NoiseTape,
-    rng: SampleGenerators,
-    candidates: int,
+def code_policy(
+    ctx: MethodContext, weights, cond: Any = None, *, search: Search, block: int
 ) -> StepPolicy:
+    """Blockwise controlled decoding (CoDe): best of N reference continuations every B steps.
+
+    At a block's first step, N continuations of B reference steps (fewer at the end)
+    are drawn; each sample keeps the one whose x0_hat at the block's end scores best on
+    sum_i w_i r_i; the block's steps then follow it as point masses.
+    """
+    block = _check_count(block, "block (B)")
+    return _blockwise_search(ctx, weights, cond, search, block, lambda r: r.argmax(dim=0))
+
+
+def target_policy(ctx: MethodContext, weights, cond: Any = None, *, search: Search) -> StepPolicy:
     """The exact step-level optimum of sum_i w_i r_i, by per-step importance resampling.
 
     M candidates x_{t-1} from the reference step are resampled with probabilities
     softmax(sum_i w_i r_i(x_{t-1}) / beta), the step reward being
     :func:`msdda.rewards.tweedie_step_reward` at the landing timestep and beta the
-    target KL coefficient. As M grows this samples p_ref exp(r / beta) exactly.
+    target KL coefficient: a one-step block search that samples its choice. As M grows
+    this samples p_ref exp(r / beta) exactly.
     """
-    m = _check_count(candidates, "candidates (M)")
     beta = ctx.target_kl_coef()
-    score = weighted_step_reward(ctx, weights) if m > 1 else None
-    reference = base_policy(ctx, cond)
-    index = _step_index(ctx)
-    prev = ctx.schedule.prev_timesteps
-    last = len(ctx.schedule.timesteps) - 1
-    cond_m = repeat_cond(cond, m)
 
-    def step(x_t: Tensor, t: int) -> Gaussian:
-        i = index(t)
-        g = reference(x_t, t)
-        if i == last:  # no noise after the last step: every candidate is the mean
-            return point_mass(g.mean)
-        z = _candidates_noise(noise, rng, i, x_t, m)
-        if m == 1:
-            return point_mass(g.mean + g.variance.clamp_min(0).sqrt() * z)
-        mean, std = torch.cat([g.mean] * m), torch.cat([g.variance.clamp_min(0).sqrt()] * m)
-        xs = mean + std * z
-        logits = score(xs, prev[i], cond_m).reshape(m, -1).to(torch.float64) / beta
-        pick = rng.categorical(torch.softmax(logits, dim=0).T)
-        return point_mass(_take(xs, m, pick))
+    def resample(r: Tensor) -> Tensor:
+        return search.rng.categorical(torch.softmax(r.to(torch.float64) / beta, dim=0).T)
 
-    return step
+    return _blockwise_search(ctx, weights, cond, search, 1, resample)
 
 
 def msdda_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:

@@ -142,6 +142,20 @@ def _unet_weights_variant(folder: Path, name: str) -> str | None:
     )
 
 
+def _unet_source(name: str, unet: Path, given: str) -> ExpertSource:
+    """A full-UNet expert in folder ``unet``, with the scheduler config of its pipeline
+    folder (``unet/../scheduler/scheduler_config.json``) when there is one."""
+    sched = unet.parent / "scheduler" / "scheduler_config.json"
+    return ExpertSource(
+        name,
+        "unet",
+        unet,
+        given,
+        scheduler_config=sched if sched.is_file() else None,
+        variant=_unet_weights_variant(unet, name),
+    )
+
+
 def _classify_folder(name: str, folder: Path, given: str) -> ExpertSource:
     if (folder / "adapter_config.json").is_file():
         weights = folder / "adapter_model.safetensors"
@@ -152,16 +166,7 @@ def _classify_folder(name: str, folder: Path, given: str) -> ExpertSource:
             )
         return ExpertSource(name, "lora", folder, given, lora_format="peft")
     if (folder / "unet" / "config.json").is_file():
-        unet = folder / "unet"
-        sched = folder / "scheduler" / "scheduler_config.json"
-        return ExpertSource(
-            name,
-            "unet",
-            unet,
-            given,
-            scheduler_config=sched if sched.is_file() else None,
-            variant=_unet_weights_variant(unet, name),
-        )
+        return _unet_source(name, folder / "unet", given)
     config = folder / "config.json"
     if config.is_file():
         cls = json.loads(config.read_text()).get("_class_name", "")
@@ -170,15 +175,7 @@ def _classify_folder(name: str, folder: Path, given: str) -> ExpertSource:
                 f"expert {name!r}: {folder} holds a {cls or 'non-diffusers'} model, not a "
                 "UNet2DConditionModel"
             )
-        sched = folder.parent / "scheduler" / "scheduler_config.json"
-        return ExpertSource(
-            name,
-            "unet",
-            folder,
-            given,
-            scheduler_config=sched if sched.is_file() else None,
-            variant=_unet_weights_variant(folder, name),
-        )
+        return _unet_source(name, folder, given)
     lora = folder / "pytorch_lora_weights.safetensors"
     if lora.is_file():
         return ExpertSource(name, "lora", lora, given, lora_format="diffusers")

@@ -134,11 +134,38 @@ class _Route:
         self.slots: tuple[int, ...] | None = None  # None: no adapter anywhere (plain base)
 
 
-class _LinearHook:
+class _GroupHook:
+    """A forward hook adding each batch group's adapter update to a layer's output.
+
+    While a route is set, the layer's batch is ``len(route.slots)`` contiguous equal
+    groups and group j gets the update of adapter slot ``route.slots[j]``; with no route
+    the hook leaves the output alone. Subclasses compute the update in :meth:`update`.
+    """
+
+    def __init__(self, route: _Route) -> None:
+        self.route = route
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        slots = self.route.slots
+        if slots is None:
+            return None
+        x = args[0]
+        if x.shape[0] % len(slots):
+            raise ValueError(
+                f"a batch of {x.shape[0]} does not split into {len(slots)} expert groups"
+            )
+        return self.update(slots, x, output)
+
+    def update(self, slots: tuple[int, ...], x: Tensor, output: Tensor) -> Tensor:
+        """``output`` (B, ...) plus group j's update for slot ``slots[j]``, from input ``x``."""
+        raise NotImplementedError
+
+
+class _LinearHook(_GroupHook):
     """Adds s_k B_k A_k x to group k of a Linear layer's output, as two grouped matmuls."""
 
     def __init__(self, route: _Route, down_t: Tensor, up_t: Tensor) -> None:
-        self.route = route
+        super().__init__(route)
         self.down_t = down_t  # (E + 1, in, r_max), scale folded into up_t
         self.up_t = up_t  # (E + 1, r_max, out)
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
@@ -161,14 +188,8 @@ class _LinearHook:
     def clear(self) -> None:
         self._cache.clear()
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        slots = self.route.slots
-        if slots is None:
-            return None
-        x = args[0]
+    def update(self, slots: tuple[int, ...], x: Tensor, output: Tensor) -> Tensor:
         k = len(slots)
-        if x.shape[0] % k:
-            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
         down, up = self._factors(slots, x)
         h = torch.bmm(x.reshape(k, -1, x.shape[-1]), down)  # (K, M, r)
         out = output.view(k, -1, output.shape[-1])
@@ -185,14 +206,8 @@ class _PointwiseConvHook(_LinearHook):
     the channel matmuls broadcast over each group's samples and pixels without copies.
     """
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        slots = self.route.slots
-        if slots is None:
-            return None
-        x = args[0]
+    def update(self, slots: tuple[int, ...], x: Tensor, output: Tensor) -> Tensor:
         k = len(slots)
-        if x.shape[0] % k:
-            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
         down, up = self._factors(slots, x)
         xs = x.reshape(k, x.shape[0] // k, x.shape[1], -1)  # (K, G, C_in, HW)
         h = torch.matmul(down.transpose(1, 2).unsqueeze(1), xs)  # (K, G, r, HW)
@@ -213,22 +228,15 @@ def _is_pointwise(f: LoRAFactors) -> bool:
     )
 
 
-class _ConvHook:
+class _ConvHook(_GroupHook):
     """Adds the 1x1-conv(up) . conv(down) update of each group to a Conv2d layer's output."""
 
     def __init__(self, route: _Route, factors: Sequence[LoRAFactors | None]) -> None:
-        self.route = route
+        super().__init__(route)
         self.factors = list(factors)  # per expert slot; None: not adapted by that expert
 
-    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-        slots = self.route.slots
-        if slots is None:
-            return None
-        x = args[0]
-        k = len(slots)
-        if x.shape[0] % k:
-            raise ValueError(f"a batch of {x.shape[0]} does not split into {k} expert groups")
-        g = x.shape[0] // k
+    def update(self, slots: tuple[int, ...], x: Tensor, output: Tensor) -> Tensor:
+        g = x.shape[0] // len(slots)
         parts = []
         for j, slot in enumerate(slots):
             out_j = output[j * g : (j + 1) * g]
@@ -270,7 +278,7 @@ class LoRABank:
         self.names = list(names)
         self._route = _Route()
         self._handles: list = []
-        self._hooks: list[_LinearHook | _ConvHook] = []
+        self._hooks: list[_GroupHook] = []
         self.num_layers = 0
         modules = dict(model.named_modules())
         paths = sorted({p for fs in factors for p in fs})

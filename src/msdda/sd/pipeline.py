@@ -65,6 +65,20 @@ __all__ = [
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
+#: The ``__call__`` arguments, common to both pipelines, that choose the fusion: those of
+#: ``_MSDDAMixin._fusion_plan``.
+_FUSION_ARGS = (
+    "weights",
+    "num_inference_steps",
+    "guidance_scale",
+    "eta",
+    "kl_coefs",
+    "kl_coef",
+    "reference",
+    "expert_etas",
+    "expert_guidance_scales",
+)
+
 #: diffusers' DDPM variance types as the core names them.
 _DDPM_VARIANCE = {
     "fixed_small": "fixed_small",
@@ -111,6 +125,7 @@ class _FusionPlan:
     contributors: tuple[str, ...]  # active experts' names, then "base" when need_ref
     specs: dict[str, StepSpec]  # each contributor's step (prediction type, eta)
     guidance: dict[str, float]  # classifier-free guidance scale per model
+    num_inference_steps: int  # reverse steps of the scheduler
 
     @property
     def cfg(self) -> bool:
@@ -505,22 +520,31 @@ class _MSDDAMixin:
             )
             for m in contributors
         }
-        return _FusionPlan(w, betas, kl_coef, active, need_ref, contributors, specs, guidance)
+        return _FusionPlan(
+            w, betas, kl_coef, active, need_ref, contributors, specs, guidance, num_inference_steps
+        )
 
-    def _msdda_latents(
+    def _plan_call(self, call_args: Mapping[str, Any]) -> _FusionPlan:
+        """:meth:`_fusion_plan` of a ``__call__``'s arguments, read by name from its ``locals()``."""
+        return self._fusion_plan(**{k: call_args[k] for k in _FUSION_ARGS})
+
+    def _run_chain(
         self,
-        *,
+        plan: _FusionPlan,
         x_T: Tensor,
         encode: Callable[[], UNetConditioning],
-        plan: _FusionPlan,
-        num_inference_steps: int,
         generator,
         guidance_rescale: float,
         callback: Callable[[int, int, Tensor], None] | None,
     ) -> Tensor:
-        """The fused reverse chain from ``x_T``; returns the final latents (float32)."""
+        """The fused reverse chain from ``x_T`` (B, C, h, w), with a progress bar.
+
+        ``encode()`` gives the prompt's conditioning through the text encoders as they
+        stand (called once per distinct set of text adapters). Returns the final latents
+        (B, C, h, w), float32.
+        """
         names = self.expert_names
-        schedule = Schedule.from_scheduler(self.scheduler, num_inference_steps)
+        schedule = Schedule.from_scheduler(self.scheduler, plan.num_inference_steps)
         cache: dict[str, UNetConditioning] = {}
         conds = {m: self._conditioning_for(m, encode, cache) for m in plan.contributors}
         ref_tail = [REFERENCE] if plan.need_ref else []
@@ -561,8 +585,9 @@ class _MSDDAMixin:
                 num_experts=len(names),
             )
         noise = GeneratorNoise(generator, x_T.device, self.unet.dtype)
-        with torch.no_grad():
-            return sample_chain(policy, x_T.float(), schedule.timesteps, noise, callback=callback)
+        bar, step_done = self._progress(plan.num_inference_steps, callback)
+        with bar, torch.no_grad():
+            return sample_chain(policy, x_T.float(), schedule.timesteps, noise, callback=step_done)
 
     def _check_common(self, output_type: str) -> None:
         if output_type not in OUTPUT_TYPES:
@@ -571,14 +596,25 @@ class _MSDDAMixin:
             raise ValueError("guidance-distilled UNets (time_cond_proj_dim) are not supported")
 
     def _progress(self, n: int, callback):
+        """A progress bar over ``n`` steps, and a step callback that advances it, then calls
+        ``callback`` (if any)."""
         bar = self.progress_bar(total=n)
 
-        def cb(i: int, t: int, x: Tensor) -> None:
+        def step_done(i: int, t: int, x: Tensor) -> None:
             bar.update()
             if callback is not None:
                 callback(i, t, x)
 
-        return bar, cb
+        return bar, step_done
+
+    @staticmethod
+    def _batch_size(prompt: str | list[str] | None, prompt_embeds: Tensor | None) -> int:
+        """Prompts in the call: one string, a list, or the rows of ``prompt_embeds``."""
+        if isinstance(prompt, str):
+            return 1
+        if prompt is not None:
+            return len(prompt)
+        return prompt_embeds.shape[0]
 
 
 class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
@@ -652,24 +688,9 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
         self.check_inputs(
             prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds
         )
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None:
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        num_images = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
-        plan = self._fusion_plan(
-            weights=weights,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            kl_coefs=kl_coefs,
-            kl_coef=kl_coef,
-            reference=reference,
-            expert_etas=expert_etas,
-            expert_guidance_scales=expert_guidance_scales,
-        )
+        plan = self._plan_call(locals())
         cfg = plan.cfg
 
         def encode() -> UNetConditioning:
@@ -686,7 +707,7 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
             return UNetConditioning(torch.cat([neg, pos]) if cfg else pos, None, cfg)
 
         x_T = self.prepare_latents(
-            batch_size * num_images_per_prompt,
+            num_images,
             self.unet.config.in_channels,
             height,
             width,
@@ -695,17 +716,7 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
             generator,
             latents,
         )
-        bar, cb = self._progress(num_inference_steps, callback)
-        with bar:
-            x0 = self._msdda_latents(
-                x_T=x_T,
-                encode=encode,
-                plan=plan,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                guidance_rescale=guidance_rescale,
-                callback=cb,
-            )
+        x0 = self._run_chain(plan, x_T, encode, generator, guidance_rescale, callback)
         if output_type == "latent":
             image, nsfw = x0, None
         else:
@@ -791,26 +802,10 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
             pooled_prompt_embeds,
             negative_pooled_prompt_embeds,
         )
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None:
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        num_images = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
-        plan = self._fusion_plan(
-            weights=weights,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            kl_coefs=kl_coefs,
-            kl_coef=kl_coef,
-            reference=reference,
-            expert_etas=expert_etas,
-            expert_guidance_scales=expert_guidance_scales,
-        )
+        plan = self._plan_call(locals())
         cfg = plan.cfg
-        n = batch_size * num_images_per_prompt
 
         def encode() -> UNetConditioning:
             pos, neg, pooled, neg_pooled = self.encode_prompt(
@@ -843,11 +838,14 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
                 pos = torch.cat([neg, pos])
                 pooled = torch.cat([neg_pooled, pooled])
                 time_ids = torch.cat([time_ids, time_ids])
-            added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device).repeat(n, 1)}
+            added = {
+                "text_embeds": pooled.to(device),
+                "time_ids": time_ids.to(device).repeat(num_images, 1),
+            }
             return UNetConditioning(pos.to(device), added, cfg)
 
         x_T = self.prepare_latents(
-            n,
+            num_images,
             self.unet.config.in_channels,
             height,
             width,
@@ -856,17 +854,7 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
             generator,
             latents,
         )
-        bar, cb = self._progress(num_inference_steps, callback)
-        with bar:
-            x0 = self._msdda_latents(
-                x_T=x_T,
-                encode=encode,
-                plan=plan,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                guidance_rescale=guidance_rescale,
-                callback=cb,
-            )
+        x0 = self._run_chain(plan, x_T, encode, generator, guidance_rescale, callback)
         if output_type == "latent":
             image = x0
         else:

@@ -1,0 +1,285 @@
+"""LoRA adapters of the digits base: the merge and the adapter file, without peft.
+
+The aligner (:mod:`msdda.digits.align`) fine-tunes the base with peft; what it keeps is
+peft's adapter state dict (``get_peft_model_state_dict``), with keys
+
+- ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r)
+  for every target linear layer ``<module>`` of the :class:`DigitDenoiser`;
+- ``base_model.model.var_out.weight`` (64, hidden) and ``...var_out.bias`` (64,) for the
+  ``"learned"`` kind: the whole variance head (peft's ``modules_to_save``).
+
+Merging is peft's for a plain ``nn.Linear``: ``W' = W + (alpha / r) * B @ A``, biases
+unchanged. Done here on state dicts, it costs a few small matrix products, so the
+shipped experts and oracles are stored as adapters (~0.1 MB each) and merged at load.
+
+An adapter file is safetensors with string metadata: the format tag, the LoRA settings,
+the fingerprint of the base it was trained on (:func:`base_fingerprint`), and what the
+model is (kind, preference weights, beta, training seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .models import DigitDenoiser
+
+__all__ = [
+    "ADAPTER_FORMAT",
+    "PEFT_PREFIX",
+    "LoraSettings",
+    "LoraAdapter",
+    "lora_delta",
+    "adapter_keys",
+    "merge_lora_state",
+    "merged_denoiser",
+    "base_fingerprint",
+    "adapter_metadata",
+    "encode_adapter",
+    "read_adapter_file",
+]
+
+ADAPTER_FORMAT = "msdda-digits-adapter/1"
+PEFT_PREFIX = "base_model.model."
+#: The variance head, trained in full for the "learned" kind (peft's modules_to_save).
+VARIANCE_HEAD = "var_out"
+_KINDS = ("fixed", "learned")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter fine-tuned on the base (peft)."""
+
+    rank: int = 8  # r
+    alpha: float = 8.0  # scale alpha / r
+    target_modules: tuple[str, ...] = (  # every linear layer of the DigitDenoiser trunk
+        "time_mlp.0",
+        "time_mlp.2",
+        "inp",
+        "fc1",
+        "emb",
+        "fc2",
+        "out",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraSettings.rank must be a positive int, got {self.rank!r}")
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
+            raise ValueError(f"LoraSettings.alpha must be a finite number, got {self.alpha!r}")
+        if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
+            raise ValueError("LoraSettings.target_modules must be a non-empty tuple of names")
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r: the factor of B @ A in the merged weight."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LoraSettings:
+        """Settings from :meth:`to_dict`'s output (a ValueError if it does not fit)."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"LoRA settings must be a mapping, got {type(raw).__name__}")
+        try:
+            return cls(**{**raw, "target_modules": tuple(raw["target_modules"])})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"bad LoRA settings {dict(raw)}: {err}") from None
+
+
+@dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """An adapter's tensors, its settings and the base it belongs to."""
+
+    tensors: dict[str, Tensor]  # peft adapter state dict (see the module docstring)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    base_fingerprint: str = ""  # base_fingerprint(base) of the base it was trained on
+
+
+def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
+    """The weight update of one LoRA layer: scaling * B @ A, (out, r) @ (r, in) -> (out, in)."""
+    return (lora_b @ lora_a) * scaling
+
+
+def _targeted(name: str, targets: tuple[str, ...]) -> bool:
+    """peft's rule: a module is targeted when its name is, or ends with ".", a target."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def adapter_keys(base: nn.Module, lora: LoraSettings, kind: str) -> dict[str, tuple[int, ...]]:
+    """The adapter keys (peft naming) of ``kind`` on ``base``, with their shapes."""
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    keys: dict[str, tuple[int, ...]] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, nn.Linear) and _targeted(name, lora.target_modules):
+            if name == VARIANCE_HEAD:
+                continue  # the head is trained in full, never as LoRA
+            keys[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (lora.rank, module.in_features)
+            keys[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (module.out_features, lora.rank)
+    if kind == "learned":
+        hidden, pixels = base.inp.out_features, base.out.out_features
+        keys[f"{PEFT_PREFIX}{VARIANCE_HEAD}.weight"] = (pixels, hidden)
+        keys[f"{PEFT_PREFIX}{VARIANCE_HEAD}.bias"] = (pixels,)
+    return keys
+
+
+def _check_fit(adapter: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
+    missing = sorted(set(expected) - set(adapter))
+    unexpected = sorted(set(adapter) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"adapter does not fit the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    for key, shape in expected.items():
+        got = tuple(adapter[key].shape)
+        if got != shape:
+            raise ValueError(
+                f"adapter does not fit the model: {key} has shape {got}, expected {shape}"
+            )
+        if not adapter[key].is_floating_point() or not bool(torch.isfinite(adapter[key]).all()):
+            raise ValueError(f"adapter does not fit the model: {key} is not finite floats")
+
+
+def merge_lora_state(
+    base_state: Mapping[str, Tensor], adapter: Mapping[str, Tensor], scaling: float
+) -> dict[str, Tensor]:
+    """The merged state dict: W + scaling * B @ A per adapted layer, the head replaced.
+
+    ``base_state`` is the state dict of the model to merge into (with a variance head for
+    the learned kind); ``adapter`` holds checked peft keys. Pure: nothing is modified.
+    """
+    merged = dict(base_state)
+    for key, value in adapter.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith(".lora_A.weight"):
+            module = name.removesuffix(".lora_A.weight")
+            b = adapter[f"{PEFT_PREFIX}{module}.lora_B.weight"]
+            weight = base_state[f"{module}.weight"]
+            merged[f"{module}.weight"] = weight + lora_delta(
+                value.to(weight), b.to(weight), scaling
+            )
+        elif not name.endswith(".lora_B.weight"):
+            merged[name] = value.to(base_state[name])
+    return merged
+
+
+def merged_denoiser(
+    base: DigitDenoiser,
+    adapter: Mapping[str, Tensor],
+    lora: LoraSettings | Mapping[str, Any],
+    kind: str,
+    *,
+    start: DigitDenoiser | None = None,
+) -> DigitDenoiser:
+    """A new :class:`DigitDenoiser`, ``base`` + ``adapter`` merged, in eval mode, no grads.
+
+    ``kind`` is ``"fixed"`` (same shape as the base) or ``"learned"`` (with the variance
+    head the adapter carries). ``start`` may pass ``base`` (fixed) or
+    ``base.with_variance_head()`` (learned), built once for many adapters.
+
+    Raises:
+        ValueError: when the adapter's keys or shapes do not fit ``base`` and ``kind``.
+    """
+    lora = lora if isinstance(lora, LoraSettings) else LoraSettings.from_dict(lora)
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    if start is None:
+        start = base.with_variance_head() if kind == "learned" else base
+    if start.config.variance_head != (kind == "learned"):
+        raise ValueError(f"start must {'' if kind == 'learned' else 'not '}have a variance head")
+    _check_fit(adapter, adapter_keys(start, lora, kind))
+    with torch.no_grad():
+        state = merge_lora_state(start.state_dict(), adapter, lora.scaling)
+    model = DigitDenoiser(start.config)
+    model.load_state_dict(state)
+    return model.to(next(start.parameters()).device).eval().requires_grad_(False)
+
+
+def base_fingerprint(base: nn.Module) -> str:
+    """sha256 of a model's state (names, shapes, values): which base an adapter belongs to."""
+    h = hashlib.sha256()
+    for name, value in base.state_dict().items():
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_metadata(
+    adapter: LoraAdapter, *, weights: Mapping[str, float], kind: str, kl_coef: float, seed: int
+) -> dict[str, str]:
+    """The string metadata of an adapter file (what :func:`read_adapter_file` returns)."""
+    return {
+        "format": ADAPTER_FORMAT,
+        "weights": json.dumps({str(n): float(w) for n, w in weights.items()}),
+        "kind": kind,
+        "kl_coef": repr(float(kl_coef)),
+        "lora": json.dumps(adapter.lora.to_dict()),
+        "seed": str(int(seed)),
+        "base": adapter.base_fingerprint,
+    }
+
+
+def encode_adapter(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> bytes:
+    """An adapter file's bytes: ``tensors`` as safetensors with string metadata ``meta``."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return save(state, metadata=dict(meta))
+
+
+def read_adapter_file(
+    path: str | Path, sha256: str | None = None, what: str = "adapter file"
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors of an adapter file and its decoded metadata.
+
+    Metadata: ``weights`` (dict), ``kind``, ``kl_coef`` (float), ``lora``
+    (:class:`LoraSettings`), ``seed`` (int), ``base`` (fingerprint).
+
+    Raises:
+        ValueError: naming ``path`` (as ``what``) when it is missing, does not match
+            ``sha256``, is not safetensors, or is not an adapter file.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is missing")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{what} {path} is corrupt: its sha256 differs from the manifest's")
+    try:
+        tensors = load(data)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} {path} is not a valid safetensors file: {err}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{what} {path} is not a {ADAPTER_FORMAT} file")
+    try:
+        info = {
+            "weights": {str(n): float(w) for n, w in json.loads(meta["weights"]).items()},
+            "kind": meta["kind"],
+            "kl_coef": float(meta["kl_coef"]),
+            "lora": LoraSettings.from_dict(json.loads(meta["lora"])),
+            "seed": int(meta["seed"]),
+            "base": meta["base"],
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{what} {path} has bad metadata: {err}") from None
+    if info["kind"] not in _KINDS:
+        raise ValueError(f"{what} {path} has bad metadata: kind {info['kind']!r}")
+    return tensors, info
