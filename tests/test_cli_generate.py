@@ -69,9 +69,6 @@ def test_kl_coef_and_learned_experts(tmp_path: Path) -> None:
 def test_refusals(tmp_path: Path) -> None:
     out = ["--out", str(tmp_path / "x.png")]
     _refused(["--prompt", "7", "--weight", "beauty=1", *out], "unknown reward 'beauty'")
-    _refused(
-        ["--prompt", "7", "--weight", "symmetry=1", *out], "no 'fixed' expert for reward 'symmetry'"
-    )
     _refused(["--prompt", "12", "--weight", "boldness=1", *out], "--prompt must be a digit 0-9")
     _refused(["--prompt", "seven", "--weight", "boldness=1", *out], "--prompt must be a digit 0-9")
     _refused(["--prompt", "7", "--weight", "boldness", *out], "--weight must look like NAME=VALUE")

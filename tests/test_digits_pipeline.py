@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from msdda.cli.toy import gains_table
 from msdda.digits import load_digits_bundle
 from msdda.digits.align import AlignConfig, PairsConfig
 from msdda.digits.pipeline import ToyTrainConfig, train_all
@@ -59,23 +61,47 @@ def test_a_failed_run_leaves_the_old_folder_untouched(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
-def test_train_all_runs_the_aligner_and_records_experts(tmp_path: Path) -> None:
+def test_train_all_trains_every_expert_and_oracle_of_every_seed_as_adapters(
+    tmp_path: Path,
+) -> None:
     cfg = ToyTrainConfig(
         classifier=TINY.classifier,
         base=TINY.base,
         normalisation_samples_per_prompt=3,
         experts=(("boldness", "fixed"), ("legibility", "learned")),
         oracle_weights=((("legibility", 0.5), ("boldness", 0.5)),),
-        align_config=AlignConfig(num_steps=2, batch_size=16, eval_samples=0),
+        align_seeds=(0, 3),
+        align_config=AlignConfig(num_steps=2, batch_size=16, eval_samples=20),
         pairs_config=PairsConfig(num_chains=10, batch_size=10),
     )
-    manifest = train_all(tmp_path / "w", cfg)
-    assert [(e["reward"], e["kind"]) for e in manifest["experts"]] == list(cfg.experts)
+    stages: list[str] = []
+    manifest = train_all(tmp_path / "w", cfg, lambda s, i, n, loss: stages.append(s))
+    expected = [(r, k, s) for s in (0, 3) for r, k in cfg.experts]
+    assert [(e["reward"], e["kind"], e["seed"]) for e in manifest["experts"]] == expected
+    assert [(e["kind"], e["seed"]) for e in manifest["oracles"]] == [
+        (k, s) for s in (0, 3) for k in ("fixed", "learned")
+    ]
+    assert manifest["seeds"]["align"] == [0, 3] and manifest["default_seed"] == 0
+    assert "peft" in manifest["versions"]
+    for e in manifest["experts"] + manifest["oracles"]:
+        assert e["storage"] == "lora" and e["training"]["seed"] == e["seed"]
+        metrics = e["metrics"]
+        assert set(metrics["reward_gains"]) == {"legibility", "boldness", "symmetry", "accuracy"}
+        gains = metrics["reward_gains"]
+        rewards, base = metrics["rewards"], metrics["base_rewards"]
+        assert gains["boldness"] == pytest.approx(rewards["boldness"] - base["boldness"])
+    assert {"pairs seed 0", "pairs seed 3", "expert boldness/fixed seed 3"} <= set(stages)
     bundle = load_digits_bundle(tmp_path / "w")
-    assert bundle.expert("legibility", "learned").spec.variance_type == "learned_log"
-    assert bundle.oracle({"legibility": 0.5, "boldness": 0.5}).kl_coef == 1.0
+    assert bundle.seeds == (0, 3)
+    assert bundle.expert("legibility", "learned", seed=3).spec.variance_type == "learned_log"
+    assert bundle.oracle({"legibility": 0.5, "boldness": 0.5}, "learned", seed=3).kl_coef == 1.0
     on_disk = json.loads((tmp_path / "w" / "manifest.json").read_text())
-    assert "expert boldness/fixed" in on_disk["timings_s"] and on_disk["timings_s"]["total"] > 0
+    timings = on_disk["timings_s"]
+    assert timings["expert boldness/fixed seed 3"] > 0 and timings["total"] > 0
+    table = Console(record=True, width=200)
+    table.print(gains_table(on_disk))
+    text = table.export_text()
+    assert text.count("boldness ") >= 2 and "legibility=0.5,boldness=0.5" in text
 
 
 def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
@@ -86,6 +112,12 @@ def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
         train_all(tmp_path / "no" / "w", TINY)
     with pytest.raises(ValueError, match="unknown reward 'beauty'"):
         ToyTrainConfig(experts=(("beauty", "fixed"),))
+    with pytest.raises(ValueError, match="align_seeds must be distinct"):
+        ToyTrainConfig(align_seeds=(1, 1))
+    with pytest.raises(ValueError, match="align_seeds must be non-negative ints"):
+        ToyTrainConfig(align_seeds=(0, -1))
+    with pytest.raises(ValueError, match="oracle kinds must be in"):
+        ToyTrainConfig(oracle_kinds=("wide",))
 
 
 def test_toy_train_cli_refusals(tmp_path: Path, monkeypatch) -> None:
@@ -98,6 +130,7 @@ def test_toy_train_cli_refusals(tmp_path: Path, monkeypatch) -> None:
     for args, message in [
         (["--out", str(tmp_path / "f")], "exists and is not a folder"),
         (["--out", str(tmp_path / "no" / "w")], "does not exist"),
+        (["--out", str(tmp_path / "w"), "--seed", "2", "--seed", "2"], "must be distinct"),
     ]:
         result = runner.invoke(app, ["toy", "train", *args])
         assert result.exit_code != 0 and message in result.output.replace("\n", " ")

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from msdda.cli import app
 from msdda.evaluation.hypervolume import default_reference_point, hypervolume_2d, pareto_front
-from msdda.evaluation.report import build_report, markdown
+from msdda.evaluation.report import DRIFT_FLAG, build_report, markdown, standings
 from msdda.evaluation.results import FORMAT, read_results
 
 # --- hypervolume -------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def row(method, weights, a, b, seconds, nfe, seed=0, prompt=0, per_image=None):
     }
 
 
-def write_results(path: Path, rows, extra_lines=()) -> Path:
+def write_results(path: Path, rows, extra_lines=(), **header_changes) -> Path:
     header = {
         "kind": "header",
         "format": FORMAT,
@@ -82,6 +82,7 @@ def write_results(path: Path, rows, extra_lines=()) -> Path:
         "prompts": [0],
         "settings": {},
     }
+    header.update(header_changes)
     lines = [json.dumps(header)] + [json.dumps(r) for r in rows] + list(extra_lines)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -163,3 +164,77 @@ def test_report_cli_refuses_bad_input_in_one_line(tmp_path):
     assert result.exit_code == 2 and "no result rows" in result.output
     result = runner.invoke(app, ["report", str(only_header), "--reference", "1,2,3"])
     assert result.exit_code == 2 and "two numbers" in result.output
+
+
+# --- where MSDDA stands: a baseline against MSDDA at equal weights ------------------------------
+
+
+def half_row(method, r_a, r_b, r_c, drift, seconds=0.02, weights=(0.5, 0.5)):
+    """A row at equal weights with per-image rewards (two images), its drift and base time."""
+    per_image = {"r_a": r_a, "r_b": r_b, "r_c": r_c}
+    out = row(method, None if weights is None else list(weights), 0, 0, seconds, 50)
+    out["per_image"] = per_image
+    out["rewards"] = {n: sum(v) / len(v) for n, v in per_image.items()}
+    out["drift_from_base"] = drift
+    out["base_seconds_per_image"] = 0.01
+    return out
+
+
+STANDING_ROWS = [
+    half_row("base", [1, 1], [1, 1], [1, 1], 0.0, seconds=0.01, weights=None),
+    half_row("rgg", [5, 7], [4, 4], [0, 0.5], 0.20),  # reward hacking: 4x MSDDA's drift
+    half_row("rgg-matched", [2, 4], [2, 4], [1, 1], 0.06),
+    half_row("msdda", [2, 4], [3, 3], [1, 1], 0.05),
+]
+
+
+def settings(scale):
+    return {"rgg_scale": scale, "rgg_schedule": "constant", "code_candidates": 4, "code_block": 5}
+
+
+def standing_report(tmp_path):
+    path = write_results(
+        tmp_path / "s.jsonl",
+        STANDING_ROWS,
+        rewards=["r_a", "r_b", "r_c"],
+        settings={"rgg": settings(3.0), "rgg-matched": settings(0.3)},
+    )
+    return build_report(read_results(path), reference=(0, 0))
+
+
+def test_where_msdda_stands_against_each_baseline(tmp_path):
+    by = {st.method: st for st in standings(standing_report(tmp_path))}
+    assert list(by) == ["base", "rgg", "rgg-matched"]
+    rgg, matched, base = by["rgg"], by["rgg-matched"], by["base"]
+    # weighted at (0.5, 0.5): msdda (2.5, 3.5), rgg (4.5, 5.5), rgg-matched (2, 4), base (1, 1)
+    assert (rgg.gain, rgg.gain_se) == pytest.approx((-2.0, 0.0))
+    assert (matched.gain, matched.gain_se) == pytest.approx((0.0, 0.5))
+    assert (base.gain, base.gain_se) == pytest.approx((2.0, 0.5))
+    # held out r_c: msdda (1, 1) - rgg (0, 0.5) = (1, 0.5)
+    assert rgg.held_out["r_c"] == pytest.approx((0.75, 0.25))
+    assert matched.held_out["r_c"] == pytest.approx((0.0, 0.0))
+    assert rgg.drift_ratio == pytest.approx(4.0) and rgg.flagged
+    assert matched.drift_ratio == pytest.approx(1.2) and not matched.flagged
+    assert base.drift_ratio == 0.0 and not base.flagged
+    assert 1.2 < DRIFT_FLAG < 4.0
+    assert rgg.rule == "reward" and matched.rule == "matched" and base.rule is None
+    assert rgg.hyperparameters == {"rgg_scale": 3.0, "rgg_schedule": "constant"}
+    assert rgg.time_vs_base == pytest.approx(2.0)
+    assert rgg.hypervolume == pytest.approx(6 * 4)  # the single point (6, 4) from (0, 0)
+
+
+def test_the_markdown_states_where_msdda_stands_and_flags_drift(tmp_path):
+    text = markdown(standing_report(tmp_path))
+    section = text[text.index("## Where MSDDA stands") : text.index("## Every method")]
+    assert "| rgg | rgg_scale = 3.0, rgg_schedule = constant (reward) |" in section
+    assert "| -2.000 ± 0.000 (baseline higher) | +0.750 ± 0.250 | **4.00x** (flagged) |" in section
+    assert "| rgg-matched | rgg_scale = 0.3, rgg_schedule = constant (matched) |" in section
+    assert "| +0.000 ± 0.500 (no clear difference) | +0.000 ± 0.000 | 1.20x | 2.00 |" in section
+    assert "- **rgg** drifts 4.0x as far from the base as MSDDA (0.2000 vs 0.0500)" in section
+    assert "**rgg-matched** drifts" not in section
+
+
+def test_without_msdda_there_is_no_standing_section(tmp_path):
+    rows = [r for r in STANDING_ROWS if r["method"] != "msdda"]
+    rep = build_report(read_results(write_results(tmp_path / "n.jsonl", rows)))
+    assert standings(rep) == [] and "Where MSDDA stands" not in markdown(rep)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from msdda.cli import app
@@ -20,6 +20,8 @@ from msdda.evaluation import (
     ResultsError,
     SweepConfig,
     TuningConfig,
+    choose,
+    method_of,
     plan_units,
     read_results,
     row_key,
@@ -29,18 +31,11 @@ from msdda.evaluation import (
 )
 from msdda.methods import METHODS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 FAST_TUNING = TuningConfig(
     seeds=(900,), images_per_prompt=4, rgg_scales=(0.1, 1.0), code_grid=((2, 1), (2, 5))
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one torch thread (many threads on a shared, busy CPU stall on them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +85,18 @@ def test_sweep_writes_one_row_per_method_weight_prompt_and_seed(complete, toy):
     results = read_results(path)
     units = plan_units(small_config(), toy)
     # per seed: base once; the grid (3 weights) plus the toy oracles' other weights (0.25, 0.75)
-    # and (0.75, 0.25): 5 weights for the 7 weighted methods, and the oracle at its 3 weights
-    assert len(units) == 2 * (1 + 5 * (len(METHODS) - 2) + 3)
+    # and (0.75, 0.25): 5 weights for the 7 weighted methods and the 2 drift-matched variants
+    # (rgg-matched, code-matched), and the oracle at its 3 weights
+    weighted = len(METHODS) - 2 + 2
+    assert len(units) == 2 * (1 + 5 * weighted + 3)
+    assert {u.method for u in units} == set(METHODS) | {"rgg-matched", "code-matched"}
     assert {u.weights for u in units if u.method == "oracle"} == {
         (0.25, 0.75),
         (0.5, 0.5),
         (0.75, 0.25),
     }
     grid_only = plan_units(small_config(oracle_weights=False), toy)
-    assert len(grid_only) == 2 * (1 + 3 * (len(METHODS) - 2) + 1)
+    assert len(grid_only) == 2 * (1 + 3 * weighted + 1)
     assert len(results.rows) == len(units) == summary.rows_total == summary.rows_written
     assert len(results.keys()) == len(results.rows)
     row = results.rows[0]
@@ -127,17 +125,96 @@ def test_every_method_sees_the_same_noise(complete):
 def test_tuning_uses_only_tuning_seeds_and_is_recorded(complete, tmp_path, toy):
     header = read_results(complete[0]).header
     tuning = header["tuning"]
-    assert tuning["seeds"] == [900]
-    assert [s["rgg_scale"] for s in tuning["rgg"]["scores"]] == [0.1, 1.0]
-    best = max(tuning["rgg"]["scores"], key=lambda s: s["score"])["rgg_scale"]
-    assert header["settings"]["rgg_scale"] == best == tuning["rgg"]["chosen"]["rgg_scale"]
-    assert (header["settings"]["code_candidates"], header["settings"]["code_block"]) in [
+    assert tuning["seeds"] == [900] and tuning["rules"] == ["reward", "matched"]
+    measured = tuning["candidates"]["rgg"]
+    assert [c["rgg_scale"] for c in measured] == [0.1, 1.0]
+    assert [(c["code_candidates"], c["code_block"]) for c in tuning["candidates"]["code"]] == [
         (2, 1),
         (2, 5),
     ]
-    other = tmp_path / "other.jsonl"  # other evaluation seeds, same tuning: same scores
+    best = max(measured, key=lambda c: c["score"])["rgg_scale"]
+    assert header["settings"]["rgg"]["rgg_scale"] == best
+    assert tuning["chosen"]["rgg"] == {
+        "rule": "reward",
+        "settings": {"rgg_scale": best},
+        "score": max(c["score"] for c in measured),
+        "drift": next(c["drift"] for c in measured if c["rgg_scale"] == best),
+        "target_drift": None,
+        "at_grid_edge": ["rgg_scale"],
+    }
+    other = tmp_path / "other.jsonl"  # other evaluation seeds, same tuning: same measurements
     run_sweep(small_config(seeds=(5,), methods=("base", "rgg")), other, domain=toy)
-    assert read_results(other).header["tuning"]["rgg"] == tuning["rgg"]
+    again = read_results(other).header["tuning"]
+    assert again["candidates"]["rgg"] == measured and again["match"] == tuning["match"]
+
+
+def test_matched_variants_take_the_drift_closest_to_msdda(complete):
+    """The header records each variant's rule; 'matched' picks the candidate whose drift from
+    the base on the tuning seeds is closest to MSDDA's, and its rows sample with that choice."""
+    results = read_results(complete[0])
+    header = results.header
+    tuning = header["tuning"]
+    target = tuning["match"]["drift"]
+    assert tuning["match"]["method"] == "msdda" and target > 0
+    for method, fields in (("rgg", ["rgg_scale"]), ("code", ["code_candidates", "code_block"])):
+        chosen = tuning["chosen"][f"{method}-matched"]
+        assert chosen["rule"] == "matched" and chosen["target_drift"] == target
+        closest = min(tuning["candidates"][method], key=lambda c: abs(c["drift"] - target))
+        assert chosen["settings"] == {f: closest[f] for f in fields}
+        settings = header["settings"][f"{method}-matched"]
+        assert {f: settings[f] for f in fields} == chosen["settings"]
+    rows = {row_key(r): r for r in results.rows}
+    assert header["settings"]["code"] != header["settings"]["code-matched"]  # on the toy
+    for method in ("rgg", "code"):
+        same = header["settings"][method] == header["settings"][f"{method}-matched"]
+        for w in ((0.0, 1.0), (0.5, 0.5)):
+            a, b = rows[(method, w, "0", 0)], rows[(f"{method}-matched", w, "0", 0)]
+            assert (a["per_image"] == b["per_image"]) == same
+
+
+HAND_MEASURED = [  # a hand-made tuning table: score rises with the scale, so does the drift
+    {"rgg_scale": 0.1, "score": 0.10, "drift": 0.010},
+    {"rgg_scale": 0.3, "score": 0.40, "drift": 0.031},
+    {"rgg_scale": 1.0, "score": 0.90, "drift": 0.080},
+    {"rgg_scale": 3.0, "score": 1.50, "drift": 0.250},
+]
+
+
+def test_the_reward_rule_takes_the_highest_score_and_matched_the_closest_drift():
+    assert choose(HAND_MEASURED, "reward")["rgg_scale"] == 3.0
+    assert choose(HAND_MEASURED, "matched", target_drift=0.034)["rgg_scale"] == 0.3
+    assert choose(HAND_MEASURED, "matched", target_drift=0.06)["rgg_scale"] == 1.0
+    assert choose(HAND_MEASURED, "matched", target_drift=0.0)["rgg_scale"] == 0.1
+    assert choose(HAND_MEASURED, "matched", target_drift=9.0)["rgg_scale"] == 3.0
+    assert choose(HAND_MEASURED, "reward", target_drift=0.034)["rgg_scale"] == 3.0  # ignored
+
+
+def test_an_unknown_tuning_rule_is_refused_clearly():
+    with pytest.raises(ValueError, match="unknown tuning rule 'closest'; known: reward"):
+        TuningConfig(rules=("reward", "closest"))
+    with pytest.raises(ValueError, match="unknown tuning rule 'closest'"):
+        choose(HAND_MEASURED, "closest")
+    with pytest.raises(ValueError, match="unknown tuning rule 'closest'"):
+        method_of("rgg-closest")
+    with pytest.raises(ValueError, match="needs a finite target drift"):
+        choose(HAND_MEASURED, "matched")
+    with pytest.raises(ValueError, match="without repeats"):
+        TuningConfig(rules=("matched", "matched"))
+    with pytest.raises(ValueError, match="match_method must be a method without tuning"):
+        TuningConfig(match_method="rgg")
+    assert method_of("rgg-matched") == "rgg" and method_of("db-ls") == "db-ls"
+    with pytest.raises(ValueError, match="unknown method 'rgg-reward'"):
+        method_of("rgg-reward")  # the reward-tuned variant is plain 'rgg'
+
+
+def test_resuming_with_another_tuning_rule_is_refused(complete, tmp_path, toy):
+    path = tmp_path / "mine.jsonl"
+    path.write_bytes(complete[0].read_bytes())
+    before = path.read_bytes()
+    reward_only = dataclasses.replace(FAST_TUNING, rules=("reward",))
+    with pytest.raises(ResultsError, match=r"another configuration .*tuning\.rules"):
+        run_sweep(small_config(tuning=reward_only), path, domain=toy)
+    assert path.read_bytes() == before
 
 
 # --- resumption ------------------------------------------------------------------------------
@@ -219,6 +296,8 @@ def test_a_results_file_from_another_configuration_is_refused(complete, tmp_path
 def test_bad_sweep_configurations_are_refused(toy, tmp_path):
     with pytest.raises(ValueError, match="unknown method 'dpo'"):
         small_config(methods=("base", "dpo"))
+    with pytest.raises(ValueError, match="'rgg-matched' is 'rgg' tuned by the 'matched' rule"):
+        small_config(methods=("base", "rgg-matched"))
     with pytest.raises(ValueError, match="outside the simplex"):
         small_config(weights=((0.5, 0.6),))
     with pytest.raises(ValueError, match="outside the simplex"):
@@ -236,6 +315,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     runner = CliRunner()
     out = tmp_path / "x.jsonl"
     for args, needle in (
+        (["--tune-rules", "reward,closest"], "unknown tuning rule 'closest'"),
         (["--methods", "base,dpo"], "unknown method 'dpo'"),
         (["--weights", "0.5,0.6"], "outside the simplex"),
         (["--seeds", "10000"], "separate seeds"),

@@ -84,7 +84,8 @@ def demo(
             compare=compare,
         )
         bundle = load_digits_bundle(weights_dir)
-        runs = len(weight_grid(num_weights)) + (1 + len(bundle.oracles) if compare else 0)
+        oracles = [o for o in bundle.oracles if o.kind == expert_kind]
+        runs = len(weight_grid(num_weights)) + (1 + len(oracles) if compare else 0)
         steps = len(bundle.schedule.timesteps)
         with progress_bar(console) as bar:
             task = bar.add_task("sampling", total=runs * steps)

@@ -24,7 +24,7 @@ def report(
     ),
 ) -> None:
     """Write pareto.png and report.md for RESULTS and print the summary table."""
-    from ..evaluation.report import build_report, plot_pareto, write_markdown
+    from ..evaluation.report import build_report, plot_pareto, standings, write_markdown
     from ..evaluation.results import ResultsError, read_results
 
     out = out or results.with_name(results.stem + "-report")
@@ -77,4 +77,12 @@ def report(
         console.print(
             f"hypervolume reference point: ({rep.reference[0]:.4f}, {rep.reference[1]:.4f})"
         )
+    for st in standings(rep):
+        if st.flagged:
+            console.print(
+                f"[yellow]note:[/] {st.method} drifts {st.drift_ratio:.1f}x as far from the base "
+                "as MSDDA at equal weights: reward hacking, not comparable at equal KL",
+                highlight=False,
+                soft_wrap=True,
+            )
     console.print(f"wrote {png} and {md}", highlight=False, soft_wrap=True)

@@ -11,9 +11,10 @@ The prompt is a digit 0-9. Data (``sklearn.datasets.load_digits``) lives in mode
   steps, 50 strided DDPM sampling steps: :func:`make_schedule`.
 - Rewards (:mod:`.rewards`): ``legibility``, ``boldness``, ``symmetry``,
   ``(images in [0, 1], prompts) -> (B,)``, raw in :data:`REWARDS`, standardised in a bundle.
-- Weights (:mod:`.store`, :mod:`.bundle`): safetensors + ``manifest.json``;
-  :func:`load_digits_bundle` loads everything; :func:`add_expert` / :func:`add_oracle`
-  record newly trained models.
+- Weights (:mod:`.store`, :mod:`.bundle`, :mod:`.lora`): safetensors + ``manifest.json``;
+  experts and oracles are LoRA adapters of the base (two training seeds shipped), merged
+  at load; :func:`load_digits_bundle` loads everything (``bundle.expert(name, kind,
+  seed=0)``); :func:`add_expert` / :func:`add_oracle` record newly trained models.
 - Sampling (:mod:`.sampling`): :func:`generate` (MSDDA for one prompt), :func:`sample_msdda`,
   :func:`sample_expert`, :func:`msdda_policy`.
 - Training (:mod:`.train`, :mod:`.pipeline`): :func:`train_all` reproduces the shipped weights.

@@ -480,7 +480,8 @@ def train_expert(
     """A single-objective expert for the standardised reward ``reward`` (see :func:`train_aligned`).
 
     Save it with ``msdda.digits.add_expert(folder, m.model, reward=reward, kind=kind,
-    kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)``.
+    kl_coef=m.kl_coef, seed=seed, adapter=m.lora_adapter, metrics=m.metrics,
+    training=m.training)`` (``adapter=None`` stores the full network instead).
     """
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
@@ -510,7 +511,8 @@ def train_oracle(
     """An oracle for sum_i w_i r_i, e.g. ``{"legibility": 0.25, "boldness": 0.75}``.
 
     Save it with ``msdda.digits.add_oracle(folder, m.model, weights=m.weights, kind=kind,
-    kl_coef=m.kl_coef, metrics=m.metrics, training=m.training)``.
+    kl_coef=m.kl_coef, seed=seed, adapter=m.lora_adapter, metrics=m.metrics,
+    training=m.training)``.
     """
     return train_aligned(
         bundle,

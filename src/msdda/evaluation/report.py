@@ -20,7 +20,7 @@ from pathlib import Path
 from ..methods import METHODS, MethodInfo, weight_key
 from .hypervolume import default_reference_point, hypervolume_2d
 from .results import Results
-from .tuning import method_of, rule_of
+from .tuning import TUNING_RULES, method_of, rule_of
 
 __all__ = [
     "DRIFT_FLAG",
@@ -195,7 +195,8 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
     by_method: dict[str, list[MethodPoint]] = defaultdict(list)
     for p in points:
         by_method[p.method].append(p)
-    order = [m for m in header.get("config", {}).get("methods", []) if m in by_method]
+    listed = header.get("methods") or header.get("config", {}).get("methods", [])
+    order = [m for m in listed if m in by_method]
     order += [m for m in by_method if m not in order]
     ref_point = None
     if k == 2:
@@ -243,6 +244,66 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
         tuple(summaries),
         len(results.skipped),
     )
+
+
+#: a baseline drifting from the base more than this many times MSDDA's drift is flagged
+DRIFT_FLAG = 2.0
+
+
+@dataclass(frozen=True)
+class Standing:
+    """MSDDA against one baseline, computed from the results."""
+
+    method: str
+    rule: str | None  # tuning rule of the baseline (None: untuned)
+    hyperparameters: dict  # the settings fields the baseline reads
+    hypervolume: float | None
+    gain: float | None  # paired MSDDA - baseline, weighted reward at equal weights
+    gain_se: float | None
+    held_out: dict[str, tuple[float, float]]  # reward not optimised -> paired (mean, se)
+    drift: float | None  # drift from the base at equal weights
+    drift_ratio: float | None  # drift / MSDDA's drift at equal weights
+    time_vs_base: float | None
+    flagged: bool  # drift_ratio > DRIFT_FLAG: not comparable at equal KL
+
+
+def standings(report: Report) -> list[Standing]:
+    """MSDDA against every other method of ``report`` (empty without MSDDA at equal weights)."""
+    by_method = {s.method: s for s in report.summaries}
+    msdda = by_method.get("msdda")
+    msdda_half = _at(msdda.points, report.half) if msdda else None
+    if msdda_half is None:
+        return []
+    held_out = [n for n in report.rewards if n not in report.objectives]
+    out = []
+    for s in report.summaries:
+        if s.method == "msdda":
+            continue
+        at_half = _at(s.points, report.half)
+        pairs = {}
+        for n in held_out:
+            d = paired_difference(msdda_half, at_half, [n], [1.0]) if at_half else None
+            if d is not None:
+                pairs[n] = d
+        ratio = None
+        if s.drift_half is not None and msdda.drift_half:
+            ratio = s.drift_half / msdda.drift_half
+        out.append(
+            Standing(
+                method=s.method,
+                rule=_rule(s.method),
+                hyperparameters=_hyperparameters(report.header, s.method),
+                hypervolume=s.hypervolume,
+                gain=s.msdda_gain,
+                gain_se=s.msdda_gain_se,
+                held_out=pairs,
+                drift=s.drift_half,
+                drift_ratio=ratio,
+                time_vs_base=s.time_vs_base,
+                flagged=ratio is not None and ratio > DRIFT_FLAG,
+            )
+        )
+    return out
 
 
 def _atomic_target(path: Path):
@@ -331,12 +392,51 @@ def _weights(w) -> str:
     return "-" if w is None else "(" + ", ".join(f"{x:.2f}" for x in w) + ")"
 
 
-def markdown(report: Report, plot_name: str | None = None) -> str:
-    """The markdown summary of ``report``."""
+def _hyperparameters(header: dict, method: str) -> dict:
+    """The settings fields ``method`` reads, as recorded in the results header."""
+    info, recorded = _info(method), header.get("settings") or {}
+    settings = recorded.get(method) if isinstance(recorded.get(method), dict) else {}
+    return {k: settings[k] for k in (info.parameters if info else ()) if k in settings}
+
+
+def _tuning_lines(tuning: dict) -> list[str]:
+    chosen = tuning.get("chosen") or {}
+    if not chosen:
+        return []
+    lines = [
+        f"- tuned on seeds {tuning.get('seeds')} (disjoint from evaluation seeds) at weights "
+        f"{tuning.get('weights')}, by rule: "
+        + "; ".join(f"{r} = {TUNING_RULES.get(r, '?')}" for r in tuning.get("rules", []))
+    ]
+    match = tuning.get("match")
+    if match:
+        lines.append(
+            f"- {match['method']} on the tuning seeds: weighted reward {match['score']:.3f}, "
+            f"drift from base {match['drift']:.4f} (the drift the matched rule matches)"
+        )
+    for name, c in chosen.items():
+        picked = ", ".join(f"{k} = {v}" for k, v in c["settings"].items())
+        line = (
+            f"- {name} ({c['rule']}): {picked}; tuning weighted reward {c['score']:.3f}, "
+            f"drift {c['drift']:.4f}"
+        )
+        if c.get("target_drift") is not None:
+            line += f" (target {c['target_drift']:.4f})"
+        if c.get("at_grid_edge"):
+            line += f"; note: {', '.join(c['at_grid_edge'])} at the edge of its grid" + (
+                ": the weighted reward was still rising there"
+                if c["rule"] == "reward"
+                else ": the grid holds no closer drift"
+            )
+        lines.append(line)
+    return lines
+
+
+def _header_lines(report: Report) -> list[str]:
     h, cfg = report.header, report.header.get("config", {})
-    lines = [f"# Sweep report: {cfg.get('domain', '?')}", ""]
     images = sorted({p.images for s in report.summaries for p in s.points})
-    lines += [
+    used = {s.method: _hyperparameters(h, s.method) for s in report.summaries}
+    lines = [
         f"- results: `{report.path}` ({sum(len(s.points) for s in report.summaries)} points"
         + (f", {report.skipped_lines} line(s) skipped" if report.skipped_lines else "")
         + ")",
@@ -344,39 +444,98 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         f"- weights: {len(h.get('weights') or cfg.get('weights', []))} points; "
         f"prompts: {h.get('prompts')}; "
         f"seeds: {cfg.get('seeds')}; images per point: {images}",
-        f"- hyperparameters used: {h.get('settings')}",
+        f"- hyperparameters used: { ({m: v for m, v in used.items() if v}) }",
     ]
-    tuning = h.get("tuning")
-    if tuning:
-        chosen = {m: tuning[m]["chosen"] for m in ("rgg", "code") if m in tuning}
-        lines.append(
-            f"- tuned on seeds {tuning.get('seeds')} (disjoint from evaluation seeds) at weights "
-            f"{tuning.get('weights')} by mean weighted reward: {chosen}"
-        )
-        for m in ("rgg", "code"):
-            edge = tuning.get(m, {}).get("at_grid_edge")
-            if edge:
-                lines.append(
-                    f"- note: {m}'s {', '.join(edge)} was chosen at the edge of its grid "
-                    f"(scores {[round(s['score'], 3) for s in tuning[m]['scores']]}): the weighted "
-                    "reward was still rising there"
-                )
+    lines += _tuning_lines(h.get("tuning") or {})
     if report.reference is not None:
         lines.append(
             f"- hypervolume reference point ({report.objectives[0]}, {report.objectives[1]}) = "
             f"({report.reference[0]:.4f}, {report.reference[1]:.4f})"
         )
-    lines += [
+    lines.append(
         f"- threads: {h.get('threads')}, torch {h.get('torch')}; time per image is wall time of "
         "the whole batch's chain over its size, and time / base its ratio to a base chain run "
-        "on the same batch just before (same machine load); NFE counts denoiser rows (rgg's backward pass "
-        "is not counted); drift is the RMS difference of each image from the base's image of "
-        "the same noise (all methods share prompts, x_T and step noise)",
+        "on the same batch just before (same machine load); NFE counts denoiser rows (rgg's "
+        "backward pass is not counted); drift is the RMS difference of each image from the "
+        "base's image of the same noise (all methods share prompts, x_T and step noise)"
+    )
+    return lines
+
+
+def _verdict(gain: float | None, se: float | None) -> str:
+    if gain is None or se is None or math.isnan(se):
+        return ""
+    if abs(gain) <= 2 * se:
+        return "no clear difference"
+    return "MSDDA higher" if gain > 0 else "baseline higher"
+
+
+def _standing_lines(report: Report) -> list[str]:
+    table = standings(report)
+    if not table:
+        return []
+    msdda = next(s for s in report.summaries if s.method == "msdda")
+    held_out = [n for n in report.rewards if n not in report.objectives]
+    w = _weights(report.half)
+    lines = [
+        "## Where MSDDA stands",
         "",
+        "MSDDA, the experts and the oracle solve the KL-regularised objective "
+        "max E[sum_i w_i r_i] - beta KL(p || p_ref) at the experts' beta; reward-tuned "
+        "baselines are held to no such budget. Drift from the base (same noise) stands in for "
+        "the KL spent: a baseline drifting more than "
+        f"{DRIFT_FLAG:g}x as far as MSDDA at w = {w} is flagged (it buys reward by leaving the "
+        "base: reward hacking, not comparable at equal KL). `-matched` baselines were tuned to "
+        "MSDDA's drift instead of to reward. Differences are MSDDA - baseline, paired image by "
+        "image, ± one standard error.",
+        "",
+        f"| baseline | hyperparameters | hypervolume (MSDDA {_fmt(msdda.hypervolume, '.3f')}) "
+        f"| weighted reward at w = {w} "
+        + "".join(f"| {n} (held out) " for n in held_out)
+        + f"| drift / MSDDA's ({_fmt(msdda.drift_half, '.4f')}) "
+        f"| time / base (MSDDA {_fmt(msdda.time_vs_base, '.2f')}) |",
+        "|---|---|---|---|" + "---|" * len(held_out) + "---|---|",
     ]
+    for st in table:
+        params = ", ".join(f"{k} = {v}" for k, v in st.hyperparameters.items()) or "-"
+        if st.rule:
+            params += f" ({st.rule})"
+        verdict = _verdict(st.gain, st.gain_se)
+        held = "".join(
+            f"| {_fmt(st.held_out[n][0], '+.3f', st.held_out[n][1]) if n in st.held_out else 'n/a'} "
+            for n in held_out
+        )
+        drift = _fmt(st.drift_ratio, ".2f") + "x" if st.drift_ratio is not None else "n/a"
+        if st.flagged:
+            drift = f"**{drift}** (flagged)"
+        lines.append(
+            f"| {st.method} | {params} | {_fmt(st.hypervolume, '.3f')} "
+            f"| {_fmt(st.gain, '+.3f', st.gain_se)}{f' ({verdict})' if verdict else ''} "
+            f"{held}| {drift} | {_fmt(st.time_vs_base, '.2f')} |"
+        )
+    flagged = [st for st in table if st.flagged]
+    lines.append("")
+    for st in flagged:
+        lines.append(
+            f"- **{st.method}** drifts {st.drift_ratio:.1f}x as far from the base as MSDDA "
+            f"({st.drift:.4f} vs {msdda.drift_half:.4f}): its reward is bought outside the "
+            "KL budget (reward hacking); not comparable at equal KL."
+        )
+    if not flagged:
+        lines.append(f"- no baseline drifts more than {DRIFT_FLAG:g}x as far as MSDDA.")
+    lines.append("")
+    return lines
+
+
+def markdown(report: Report, plot_name: str | None = None) -> str:
+    """The markdown summary of ``report``."""
+    lines = [f"# Sweep report: {report.header.get('config', {}).get('domain', '?')}", ""]
+    lines += _header_lines(report) + [""]
     if plot_name:
         lines += [f"![Pareto fronts]({plot_name})", ""]
+    lines += _standing_lines(report)
     w = _weights(report.half)
+    lines += ["## Every method", ""]
     lines += [
         f"| method | weights | hypervolume | weighted reward at w = {w} | MSDDA - method at {w} "
         f"(paired) | drift from base at {w} | ms / image | time / base | NFE / image | NFE / base "
@@ -384,7 +543,7 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.summaries:
-        info = METHODS.get(s.method)
+        info = _info(s.method)
         reads = "?" if info is None else ("yes" if info.needs_rewards else "no")
         lines.append(
             f"| {s.method} | {len(s.points)} | {_fmt(s.hypervolume, '.4f')} "

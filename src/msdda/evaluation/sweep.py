@@ -97,6 +97,11 @@ class SweepConfig:
         if not methods:
             raise ValueError("methods is empty")
         for m in methods:
+            if m not in METHODS and method_of(m) != m:  # a variant name, e.g. "rgg-matched"
+                raise ValueError(
+                    f"{m!r} is {method_of(m)!r} tuned by the {m.rpartition('-')[2]!r} rule: list "
+                    f"{method_of(m)!r} in methods and the rule in the tuning rules"
+                )
             check_method(m)
         if len(set(methods)) != len(methods):
             raise ValueError(f"methods repeats a method: {list(methods)}")

@@ -9,11 +9,13 @@ network evaluations.
 
 from .common import (
     EvalCounter,
+    KLMeter,
     MethodContext,
     NoiseTape,
     SampleGenerators,
     check_weights,
     derive_seed,
+    gaussian_kl,
     point_mass,
     weight_key,
 )
@@ -31,6 +33,7 @@ from .strategies import (
     GUIDANCE_SCHEDULES,
     Search,
     base_policy,
+    best_of_n_kl,
     code_policy,
     db_ls_policy,
     db_policy,
@@ -45,6 +48,7 @@ from .strategies import (
 
 __all__ = [
     "EvalCounter",
+    "KLMeter",
     "GUIDANCE_SCHEDULES",
     "METHODS",
     "MethodContext",
@@ -55,6 +59,7 @@ __all__ = [
     "SampleGenerators",
     "Search",
     "base_policy",
+    "best_of_n_kl",
     "build_policy",
     "check_method",
     "check_weights",
@@ -62,6 +67,7 @@ __all__ = [
     "db_ls_policy",
     "db_policy",
     "derive_seed",
+    "gaussian_kl",
     "guidance_schedule",
     "msdda_policy",
     "oracle_policy",

@@ -11,9 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..fusion import Gaussian
 from ..sampling import StepPolicy, sample_chain
 from . import strategies as s
-from .common import EvalCounter, MethodContext, NoiseTape, SampleGenerators, check_weights
+from .common import (
+    EvalCounter,
+    KLMeter,
+    MethodContext,
+    NoiseTape,
+    SampleGenerators,
+    check_weights,
+    gaussian_kl,
+)
 
 __all__ = [
     "MethodSettings",
@@ -57,6 +66,7 @@ class MethodInfo:
     needs_rewards: bool = False  # reads reward values or gradients at sampling time
     needs_oracle: bool = False  # runs only at weights with a trained oracle
     parameters: tuple[str, ...] = ()  # the MethodSettings fields it reads
+    search: bool = False  # picks x_{t-1} among candidates (point masses; meters its own KL)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -77,12 +87,14 @@ METHODS: dict[str, MethodInfo] = {
             "blockwise controlled decoding: best of N every B steps",
             needs_rewards=True,
             parameters=("code_candidates", "code_block"),
+            search=True,
         ),
         MethodInfo(
             "target",
             "exact step-level optimum by importance resampling",
             needs_rewards=True,
             parameters=("target_candidates",),
+            search=True,
         ),
         MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
         MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
@@ -102,12 +114,13 @@ class _Draws:
 
     seeds: int | Sequence[int]
     noise: NoiseTape
+    kl: KLMeter | None = None  # a search method's choices add their KL here
 
     def rng(self, method: str) -> SampleGenerators:
         return SampleGenerators(self.seeds, method)
 
     def search(self, method: str, candidates: int) -> s.Search:
-        return s.Search(self.noise, self.rng(method), candidates)
+        return s.Search(self.noise, self.rng(method), candidates, kl=self.kl)
 
 
 #: method -> (context, weights, condition, draws, settings) -> step policy
@@ -139,17 +152,18 @@ def build_policy(
     seeds: int | Sequence[int],
     noise: NoiseTape,
     settings: MethodSettings | None = None,
+    kl: KLMeter | None = None,
 ) -> StepPolicy:
     """The step policy of ``method`` for these weights and this condition.
 
     ``weights`` may be None for a method that does not use them (``base``); ``seeds``
     seed the method's own randomness (stream named after the method); ``noise`` must
-    be the tape the sampling loop reads.
+    be the tape the sampling loop reads; a search method adds its choices' KL to ``kl``.
     """
     info = check_method(method)
     if info.uses_weights or weights is not None:
         weights = check_weights(weights, ctx.num_objectives)
-    draws = _Draws(seeds, noise)
+    draws = _Draws(seeds, noise, kl)
     return _BUILDERS[method](ctx, weights, cond, draws, settings or MethodSettings())
 
 
@@ -161,6 +175,7 @@ class MethodRun:
     seconds: float  # wall time of the chain
     denoiser_rows: int  # rows through any denoiser (network evaluations)
     reward_rows: int  # rows through any reward
+    kl: Tensor | None = None  # (B,) path KL to the base per image (nats), when measured
 
     @property
     def images(self) -> int:
@@ -175,6 +190,27 @@ class MethodRun:
         return self.seconds / self.images
 
 
+def metered(policy: StepPolicy, reference: StepPolicy, schedule, meter: KLMeter) -> StepPolicy:
+    """``policy``, adding KL(step || reference step) per sample to ``meter`` at every step.
+
+    The last step adds no noise (x_0 is a function of x_1), so it adds no KL. For a
+    policy that draws a component per step (``db-ls``), the drawn step's KL bounds the
+    KL of the mixture from above. The reference evaluations and their time are the
+    meter's, not the method's.
+    """
+    last = int(schedule.timesteps[-1])
+
+    def step(x_t: Tensor, t: int) -> Gaussian:
+        g = policy(x_t, t)
+        if int(t) != last:
+            start = time.perf_counter()
+            meter.add(gaussian_kl(g, reference(x_t, t)))
+            meter.seconds += time.perf_counter() - start
+        return g
+
+    return step
+
+
 def run_method(
     method: str,
     ctx: MethodContext,
@@ -184,23 +220,39 @@ def run_method(
     *,
     settings: MethodSettings | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
+    measure_kl: bool = False,
 ) -> MethodRun:
     """Sample ``len(seeds)`` images with ``method``; sample b's noise comes from ``seeds[b]``.
 
     Every method run with equal seeds starts from equal x_T and sees equal step noise
-    (``SeededNoise`` with per-sample seeds, read through one :class:`NoiseTape`).
+    (``SeededNoise`` with per-sample seeds, read through one :class:`NoiseTape`). With
+    ``measure_kl`` the run also measures each image's path KL to the base (nats): exact
+    for Gaussian steps (the reference is evaluated again, uncounted and untimed), the
+    choices' KL for search methods (exact for ``code``, an upper bound for ``target``).
     """
     if isinstance(seeds, int) or not isinstance(seeds, Sequence) or not seeds:
         raise TypeError("seeds must be a non-empty sequence of per-sample ints")
+    info = check_method(method)
     counter = EvalCounter()
     counted = ctx.counted(counter)
     tape = NoiseTape.seeded(list(seeds))
     x_T = tape.initial((len(seeds), *ctx.sample_shape)).to(ctx.dtype)
+    meter = KLMeter(len(seeds)) if measure_kl else None
     with torch.no_grad():
         start = time.perf_counter()
         policy = build_policy(
-            method, counted, weights, cond, seeds=list(seeds), noise=tape, settings=settings
+            method,
+            counted,
+            weights,
+            cond,
+            seeds=list(seeds),
+            noise=tape,
+            settings=settings,
+            kl=meter,
         )
+        if meter is not None and not info.search and method != "base":
+            policy = metered(policy, s.base_policy(ctx, cond), ctx.schedule, meter)
         x0 = sample_chain(policy, x_T, ctx.schedule.timesteps, tape, callback=callback)
-        seconds = time.perf_counter() - start
-    return MethodRun(x0, seconds, counter.denoiser_rows, counter.reward_rows)
+        seconds = time.perf_counter() - start - (meter.seconds if meter else 0.0)
+    kl = meter.total if meter is not None else None
+    return MethodRun(x0, seconds, counter.denoiser_rows, counter.reward_rows, kl)

@@ -26,6 +26,7 @@ from ..rewards import StepReward, tweedie_step_reward
 from ..sampling import StepPolicy
 from .common import (
     EvalCounter,
+    KLMeter,
     MethodContext,
     NoiseTape,
     SampleGenerators,
@@ -47,6 +48,7 @@ __all__ = [
     "db_ls_policy",
     "rgg_policy",
     "Search",
+    "best_of_n_kl",
     "code_policy",
     "target_policy",
     "msdda_policy",
@@ -286,6 +288,7 @@ class Search:
     noise: NoiseTape  # the tape the sampling loop reads
     rng: SampleGenerators  # the method's own randomness
     candidates: int  # N >= 1 continuations
+    kl: KLMeter | None = None  # where each choice's KL to the base is added, if measured
 
     def __post_init__(self) -> None:
         _check_count(self.candidates, "candidates")
@@ -304,8 +307,9 @@ def _take(stacked: Tensor, n: int, pick: Tensor) -> Tensor:
     return per[pick.to(per.device), torch.arange(per.shape[1], device=per.device)]
 
 
-#: ``scores (N, B) -> (B,)``: the candidate each sample keeps.
-Choice = Callable[[Tensor], Tensor]
+#: ``scores (N, B) -> (pick (B,), kl (B,))``: the candidate each sample keeps, and the KL
+#: (nats) of that choice against keeping a reference draw (an upper bound where not exact).
+Choice = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def _blockwise_search(
@@ -316,6 +320,8 @@ def _blockwise_search(
     The candidates are scored by sum_i w_i r_i of their Tweedie x0 where the block
     lands (:func:`weighted_step_reward`); the block's steps then follow the kept one as
     point masses. A block of the last step alone has nothing to choose (no noise).
+    The choices' KL goes to ``search.kl``: the continuations themselves are reference
+    steps, so the choices are the path's only departure from the base.
     """
     n = search.candidates
     score = weighted_step_reward(ctx, weights) if n > 1 else None
@@ -344,8 +350,10 @@ def _blockwise_search(
         path = continuations(x_t, start, end)
         if n > 1:
             r = score(path[-1], prev[end - 1], repeat_cond(cond, n)).reshape(n, -1)
-            pick = choose(r)
+            pick, kl = choose(r)
             path = [_take(p, n, pick) for p in path]
+            if search.kl is not None:
+                search.kl.add(kl)
         chosen.clear()
         chosen.update(zip(range(start, end), path, strict=True))
 
@@ -360,6 +368,11 @@ def _blockwise_search(
     return step
 
 
+def best_of_n_kl(n: int) -> float:
+    """KL (nats) of the best of n i.i.d. draws (continuous scores) to one draw: log n - (n-1)/n."""
+    return math.log(n) - (n - 1) / n
+
+
 def code_policy(
     ctx: MethodContext, weights, cond: Any = None, *, search: Search, block: int
 ) -> StepPolicy:
@@ -370,7 +383,13 @@ def code_policy(
     sum_i w_i r_i; the block's steps then follow it as point masses.
     """
     block = _check_count(block, "block (B)")
-    return _blockwise_search(ctx, weights, cond, search, block, lambda r: r.argmax(dim=0))
+    n = search.candidates
+    kl = best_of_n_kl(n)
+
+    def best(r: Tensor) -> tuple[Tensor, Tensor]:
+        return r.argmax(dim=0), torch.full((r.shape[1],), kl, dtype=torch.float64)
+
+    return _blockwise_search(ctx, weights, cond, search, block, best)
 
 
 def target_policy(ctx: MethodContext, weights, cond: Any = None, *, search: Search) -> StepPolicy:
@@ -383,9 +402,12 @@ def target_policy(ctx: MethodContext, weights, cond: Any = None, *, search: Sear
     this samples p_ref exp(r / beta) exactly.
     """
     beta = ctx.target_kl_coef()
+    m = search.candidates
 
-    def resample(r: Tensor) -> Tensor:
-        return search.rng.categorical(torch.softmax(r.to(torch.float64) / beta, dim=0).T)
+    def resample(r: Tensor) -> tuple[Tensor, Tensor]:
+        probs = torch.softmax(r.to(torch.float64) / beta, dim=0)  # (M, B)
+        kl = torch.xlogy(probs, probs * m).sum(dim=0)  # KL(probs || uniform) >= the step's KL
+        return search.rng.categorical(probs.T), kl
 
     return _blockwise_search(ctx, weights, cond, search, 1, resample)
 
