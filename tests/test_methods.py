@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from msdda import Expert, StepSpec
+from msdda import Expert, Gaussian, StepSpec
 from msdda.gaussians import step_gaussian
 from msdda.methods import (
     EvalCounter,
@@ -18,7 +18,9 @@ from msdda.methods import (
     NoiseTape,
     SampleGenerators,
     Search,
+    best_of_n_kl,
     build_policy,
+    gaussian_kl,
     parameter_soup,
     run_method,
     target_policy,
@@ -307,6 +309,60 @@ def test_counter_counts_rows():
     f(torch.zeros(5, 2), torch.zeros(5))
     f(torch.zeros(3, 2), torch.zeros(3))
     assert counter.denoiser_rows == 8
+
+
+# --- KL to the base --------------------------------------------------------------------------
+
+
+def test_gaussian_kl_of_hand_checkable_gaussians():
+    p = Gaussian(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 2.0]]))
+    q = Gaussian(torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 2.0]]))
+    # dim 0: 1/2 (log 2 + (1 + 1) / 2 - 1) = log(2) / 2; dim 1: equal Gaussians, 0
+    assert gaussian_kl(p, q).tolist() == pytest.approx([math.log(2) / 2])
+    assert gaussian_kl(q, q).tolist() == [0.0]
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+
+
+def test_measuring_kl_changes_neither_samples_nor_costs(testbed):
+    settings = MethodSettings(code_candidates=3, code_block=4, target_candidates=3, rgg_scale=0.5)
+    for method in ("db-ls", "rgg", "code", "target", "msdda"):
+        plain = run_method(method, testbed, W, None, SEEDS[:4], settings=settings)
+        kl = run_method(method, testbed, W, None, SEEDS[:4], settings=settings, measure_kl=True)
+        assert torch.equal(plain.samples, kl.samples), method
+        assert (plain.denoiser_rows, plain.reward_rows) == (kl.denoiser_rows, kl.reward_rows)
+        assert plain.kl is None and kl.kl.shape == (4,) and (kl.kl >= 0).all(), method
+
+
+def kl_of(method, ctx, weights=W, **settings):
+    run = run_method(
+        method, ctx, weights, None, SEEDS[:4], settings=MethodSettings(**settings), measure_kl=True
+    )
+    return run.kl
+
+
+def test_kl_to_the_base_is_zero_for_the_base_and_for_what_reduces_to_it(testbed):
+    assert torch.equal(kl_of("base", testbed, None), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(kl_of("rgg", testbed, rgg_scale=0.0), torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(
+        kl_of("code", testbed, code_candidates=1), torch.zeros(4, dtype=torch.float64)
+    )
+    expert = alone(testbed, testbed.experts[0])  # the first expert is the base here
+    assert torch.allclose(kl_of("msdda", expert, (1.0, 0.0)), torch.zeros(4, dtype=torch.float64))
+    assert (kl_of("msdda", expert, (0.0, 1.0)) > 0.1).all()
+    assert (kl_of("rgg", testbed, rgg_scale=0.5) > 0).all()
+
+
+@pytest.mark.parametrize("block", [1, 4, STEPS - 1])
+def test_code_kl_is_best_of_n_per_choice(testbed, block):
+    """Each block that has noise to choose over adds log N - (N - 1) / N (best of N draws)."""
+    choices = len([s for s in range(0, STEPS, block) if s < STEPS - 1])
+    kl = kl_of("code", testbed, code_candidates=3, code_block=block)
+    assert torch.allclose(kl, torch.full((4,), choices * best_of_n_kl(3), dtype=torch.float64))
+
+
+def test_target_kl_is_at_most_log_m_per_noisy_step(testbed):
+    kl = kl_of("target", testbed, target_candidates=4)
+    assert (kl > 0).all() and (kl <= (STEPS - 1) * math.log(4)).all()
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -169,43 +169,46 @@ def test_report_cli_refuses_bad_input_in_one_line(tmp_path):
 # --- where MSDDA stands: a baseline against MSDDA at equal weights ------------------------------
 
 
-def half_row(method, r_a, r_b, r_c, drift, seconds=0.02, weights=(0.5, 0.5)):
-    """A row at equal weights with per-image rewards (two images), its drift and base time."""
+def half_row(method, r_a, r_b, r_c, kl, drift, seconds=0.02, weights=(0.5, 0.5)):
+    """A row at equal weights with per-image rewards (two images), its KL, drift and base time."""
     per_image = {"r_a": r_a, "r_b": r_b, "r_c": r_c}
     out = row(method, None if weights is None else list(weights), 0, 0, seconds, 50)
     out["per_image"] = per_image
     out["rewards"] = {n: sum(v) / len(v) for n, v in per_image.items()}
+    out["kl_from_base"] = kl
     out["drift_from_base"] = drift
     out["base_seconds_per_image"] = 0.01
     return out
 
 
 STANDING_ROWS = [
-    half_row("base", [1, 1], [1, 1], [1, 1], 0.0, seconds=0.01, weights=None),
-    half_row("rgg", [5, 7], [4, 4], [0, 0.5], 0.20),  # reward hacking: 4x MSDDA's drift
-    half_row("rgg-matched", [2, 4], [2, 4], [1, 1], 0.06),
-    half_row("msdda", [2, 4], [3, 3], [1, 1], 0.05),
+    half_row("base", [1, 1], [1, 1], [1, 1], 0.0, 0.0, seconds=0.01, weights=None),
+    half_row("rgg", [5, 7], [4, 4], [0, 0.5], 2.0, 0.10),  # reward hacking: 4x MSDDA's KL
+    half_row("rgg-matched", [2, 4], [2, 4], [1, 1], 0.6, 0.06),
+    half_row("code-matched", [2, 4], [3, 3], [1, 1], 0.4, 0.15),  # far in drift, not in KL
+    half_row("msdda", [2, 4], [3, 3], [1, 1], 0.5, 0.05),
 ]
 
 
 def settings(scale):
-    return {"rgg_scale": scale, "rgg_schedule": "constant", "code_candidates": 4, "code_block": 5}
+    return {"rgg_scale": scale, "rgg_schedule": "constant", "code_candidates": 2, "code_block": 50}
 
 
-def standing_report(tmp_path):
+def standing_report(tmp_path, rows=STANDING_ROWS):
     path = write_results(
         tmp_path / "s.jsonl",
-        STANDING_ROWS,
+        rows,
         rewards=["r_a", "r_b", "r_c"],
         settings={"rgg": settings(3.0), "rgg-matched": settings(0.3)},
+        kl_coef=1.0,
     )
     return build_report(read_results(path), reference=(0, 0))
 
 
 def test_where_msdda_stands_against_each_baseline(tmp_path):
     by = {st.method: st for st in standings(standing_report(tmp_path))}
-    assert list(by) == ["base", "rgg", "rgg-matched"]
-    rgg, matched, base = by["rgg"], by["rgg-matched"], by["base"]
+    assert list(by) == ["base", "rgg", "rgg-matched", "code-matched"]
+    rgg, matched, base, code = by["rgg"], by["rgg-matched"], by["base"], by["code-matched"]
     # weighted at (0.5, 0.5): msdda (2.5, 3.5), rgg (4.5, 5.5), rgg-matched (2, 4), base (1, 1)
     assert (rgg.gain, rgg.gain_se) == pytest.approx((-2.0, 0.0))
     assert (matched.gain, matched.gain_se) == pytest.approx((0.0, 0.5))
@@ -213,25 +216,40 @@ def test_where_msdda_stands_against_each_baseline(tmp_path):
     # held out r_c: msdda (1, 1) - rgg (0, 0.5) = (1, 0.5)
     assert rgg.held_out["r_c"] == pytest.approx((0.75, 0.25))
     assert matched.held_out["r_c"] == pytest.approx((0.0, 0.0))
-    assert rgg.drift_ratio == pytest.approx(4.0) and rgg.flagged
-    assert matched.drift_ratio == pytest.approx(1.2) and not matched.flagged
-    assert base.drift_ratio == 0.0 and not base.flagged
-    assert 1.2 < DRIFT_FLAG < 4.0
+    # flags go by KL: rgg 4x MSDDA's; code-matched drifts 3x as far but has 0.8x the KL
+    assert rgg.kl_ratio == pytest.approx(4.0) and rgg.flagged
+    assert matched.kl_ratio == pytest.approx(1.2) and not matched.flagged
+    assert code.drift_ratio == pytest.approx(3.0) and code.kl_ratio == pytest.approx(0.8)
+    assert not code.flagged and not base.flagged
+    assert 1.2 < DRIFT_FLAG < 3.0
+    # weighted reward - beta KL, beta = 1: rgg 5 - 2, rgg-matched 3 - 0.6
+    assert rgg.regularised == pytest.approx(3.0) and matched.regularised == pytest.approx(2.4)
     assert rgg.rule == "reward" and matched.rule == "matched" and base.rule is None
     assert rgg.hyperparameters == {"rgg_scale": 3.0, "rgg_schedule": "constant"}
     assert rgg.time_vs_base == pytest.approx(2.0)
     assert rgg.hypervolume == pytest.approx(6 * 4)  # the single point (6, 4) from (0, 0)
 
 
-def test_the_markdown_states_where_msdda_stands_and_flags_drift(tmp_path):
+def test_the_markdown_states_where_msdda_stands_and_flags_reward_hacking(tmp_path):
     text = markdown(standing_report(tmp_path))
     section = text[text.index("## Where MSDDA stands") : text.index("## Every method")]
+    assert "reward - beta KL (MSDDA 2.500)" in section
     assert "| rgg | rgg_scale = 3.0, rgg_schedule = constant (reward) |" in section
-    assert "| -2.000 ± 0.000 (baseline higher) | +0.750 ± 0.250 | **4.00x** (flagged) |" in section
+    assert (
+        "| -2.000 ± 0.000 (baseline higher) | +0.750 ± 0.250 | **4.00x** (flagged) | 2.00x "
+        "| 3.000 | 2.00 |" in section
+    )
     assert "| rgg-matched | rgg_scale = 0.3, rgg_schedule = constant (matched) |" in section
-    assert "| +0.000 ± 0.500 (no clear difference) | +0.000 ± 0.000 | 1.20x | 2.00 |" in section
-    assert "- **rgg** drifts 4.0x as far from the base as MSDDA (0.2000 vs 0.0500)" in section
-    assert "**rgg-matched** drifts" not in section
+    assert "| +0.000 ± 0.500 (no clear difference) | +0.000 ± 0.000 | 1.20x | 1.20x |" in section
+    assert "- **rgg** has 4.0x MSDDA's KL to the base (2.0000 vs 0.5000)" in section
+    assert "**rgg-matched** has" not in section and "**code-matched** has" not in section
+
+
+def test_without_kl_in_the_rows_the_flags_go_by_drift(tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "kl_from_base"} for r in STANDING_ROWS]
+    by = {st.method: st for st in standings(standing_report(tmp_path, rows))}
+    assert by["code-matched"].flagged and by["rgg"].flagged is False  # 3x and 2x the drift
+    assert by["rgg"].kl is None and by["rgg"].regularised is None
 
 
 def test_without_msdda_there_is_no_standing_section(tmp_path):

@@ -138,8 +138,9 @@ def test_tuning_uses_only_tuning_seeds_and_is_recorded(complete, tmp_path, toy):
         "rule": "reward",
         "settings": {"rgg_scale": best},
         "score": max(c["score"] for c in measured),
+        "kl": next(c["kl"] for c in measured if c["rgg_scale"] == best),
         "drift": next(c["drift"] for c in measured if c["rgg_scale"] == best),
-        "target_drift": None,
+        "target_kl": None,
         "at_grid_edge": ["rgg_scale"],
     }
     other = tmp_path / "other.jsonl"  # other evaluation seeds, same tuning: same measurements
@@ -148,18 +149,18 @@ def test_tuning_uses_only_tuning_seeds_and_is_recorded(complete, tmp_path, toy):
     assert again["candidates"]["rgg"] == measured and again["match"] == tuning["match"]
 
 
-def test_matched_variants_take_the_drift_closest_to_msdda(complete):
-    """The header records each variant's rule; 'matched' picks the candidate whose drift from
-    the base on the tuning seeds is closest to MSDDA's, and its rows sample with that choice."""
+def test_matched_variants_take_the_kl_closest_to_msdda(complete):
+    """The header records each variant's rule; 'matched' picks the candidate whose KL to the
+    base on the tuning seeds is closest to MSDDA's, and its rows sample with that choice."""
     results = read_results(complete[0])
     header = results.header
     tuning = header["tuning"]
-    target = tuning["match"]["drift"]
+    target = tuning["match"]["kl"]
     assert tuning["match"]["method"] == "msdda" and target > 0
     for method, fields in (("rgg", ["rgg_scale"]), ("code", ["code_candidates", "code_block"])):
         chosen = tuning["chosen"][f"{method}-matched"]
-        assert chosen["rule"] == "matched" and chosen["target_drift"] == target
-        closest = min(tuning["candidates"][method], key=lambda c: abs(c["drift"] - target))
+        assert chosen["rule"] == "matched" and chosen["target_kl"] == target
+        closest = min(tuning["candidates"][method], key=lambda c: abs(c["kl"] - target))
         assert chosen["settings"] == {f: closest[f] for f in fields}
         settings = header["settings"][f"{method}-matched"]
         assert {f: settings[f] for f in fields} == chosen["settings"]
@@ -172,21 +173,38 @@ def test_matched_variants_take_the_drift_closest_to_msdda(complete):
             assert (a["per_image"] == b["per_image"]) == same
 
 
-HAND_MEASURED = [  # a hand-made tuning table: score rises with the scale, so does the drift
-    {"rgg_scale": 0.1, "score": 0.10, "drift": 0.010},
-    {"rgg_scale": 0.3, "score": 0.40, "drift": 0.031},
-    {"rgg_scale": 1.0, "score": 0.90, "drift": 0.080},
-    {"rgg_scale": 3.0, "score": 1.50, "drift": 0.250},
+HAND_MEASURED = [  # a hand-made tuning table: score rises with the scale, and so does the KL
+    {"rgg_scale": 0.1, "score": 0.10, "kl": 0.01, "drift": 0.010},
+    {"rgg_scale": 0.3, "score": 0.40, "kl": 0.10, "drift": 0.031},
+    {"rgg_scale": 1.0, "score": 0.90, "kl": 0.60, "drift": 0.080},
+    {"rgg_scale": 3.0, "score": 1.50, "kl": 5.00, "drift": 0.250},
 ]
 
 
-def test_the_reward_rule_takes_the_highest_score_and_matched_the_closest_drift():
+def test_each_rule_picks_its_candidate_from_a_hand_made_table():
     assert choose(HAND_MEASURED, "reward")["rgg_scale"] == 3.0
-    assert choose(HAND_MEASURED, "matched", target_drift=0.034)["rgg_scale"] == 0.3
-    assert choose(HAND_MEASURED, "matched", target_drift=0.06)["rgg_scale"] == 1.0
-    assert choose(HAND_MEASURED, "matched", target_drift=0.0)["rgg_scale"] == 0.1
-    assert choose(HAND_MEASURED, "matched", target_drift=9.0)["rgg_scale"] == 3.0
-    assert choose(HAND_MEASURED, "reward", target_drift=0.034)["rgg_scale"] == 3.0  # ignored
+    assert choose(HAND_MEASURED, "matched", target_kl=0.12)["rgg_scale"] == 0.3
+    assert choose(HAND_MEASURED, "matched", target_kl=0.4)["rgg_scale"] == 1.0
+    assert choose(HAND_MEASURED, "matched", target_kl=0.0)["rgg_scale"] == 0.1
+    assert choose(HAND_MEASURED, "matched", target_kl=90.0)["rgg_scale"] == 3.0
+    assert choose(HAND_MEASURED, "reward", target_kl=0.12)["rgg_scale"] == 3.0  # ignored
+    # score - beta KL: beta = 1: 0.09, 0.30, 0.30, -3.5 (tie: the earlier); beta = 0.1: 1.0 wins
+    assert choose(HAND_MEASURED, "regularised", kl_coef=1.0)["rgg_scale"] == 0.3
+    assert choose(HAND_MEASURED, "regularised", kl_coef=0.1)["rgg_scale"] == 3.0
+
+
+def test_the_regularised_rule_maximises_reward_minus_beta_kl(tmp_path, toy):
+    tuning = dataclasses.replace(FAST_TUNING, rules=("regularised",))
+    path = tmp_path / "reg.jsonl"
+    run_sweep(small_config(methods=("base", "rgg"), tuning=tuning), path, domain=toy)
+    header = read_results(path).header
+    beta = toy.context.target_kl_coef()
+    assert header["kl_coef"] == header["tuning"]["kl_coef"] == beta
+    measured = header["tuning"]["candidates"]["rgg"]
+    best = max(measured, key=lambda c: c["score"] - beta * c["kl"])
+    assert header["methods"] == ["base", "rgg-regularised"]
+    assert header["settings"]["rgg-regularised"]["rgg_scale"] == best["rgg_scale"]
+    assert "match" not in header["tuning"]  # nothing to match: MSDDA was not sampled
 
 
 def test_an_unknown_tuning_rule_is_refused_clearly():
@@ -196,8 +214,10 @@ def test_an_unknown_tuning_rule_is_refused_clearly():
         choose(HAND_MEASURED, "closest")
     with pytest.raises(ValueError, match="unknown tuning rule 'closest'"):
         method_of("rgg-closest")
-    with pytest.raises(ValueError, match="needs a finite target drift"):
+    with pytest.raises(ValueError, match="needs a finite target KL"):
         choose(HAND_MEASURED, "matched")
+    with pytest.raises(ValueError, match="needs a KL coefficient > 0"):
+        choose(HAND_MEASURED, "regularised")
     with pytest.raises(ValueError, match="without repeats"):
         TuningConfig(rules=("matched", "matched"))
     with pytest.raises(ValueError, match="match_method must be a method without tuning"):

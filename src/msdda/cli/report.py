@@ -50,6 +50,7 @@ def report(
         "hypervolume",
         f"weighted reward {half}",
         "MSDDA - method",
+        "KL to base",
         "drift from base",
         "time / base",
         "NFE / base",
@@ -67,6 +68,7 @@ def report(
             num(s.hypervolume, ".4f"),
             num(s.weighted_half, ".3f", s.weighted_half_se),
             num(s.msdda_gain, "+.3f", s.msdda_gain_se),
+            num(s.kl_half, ".4f"),
             num(s.drift_half, ".4f"),
             num(s.time_vs_base, ".2f"),
             num(s.nfe_vs_base, ".2f"),
@@ -80,8 +82,9 @@ def report(
     for st in standings(rep):
         if st.flagged:
             console.print(
-                f"[yellow]note:[/] {st.method} drifts {st.drift_ratio:.1f}x as far from the base "
-                "as MSDDA at equal weights: reward hacking, not comparable at equal KL",
+                f"[yellow]note:[/] {st.method} is {st.kl_ratio or st.drift_ratio:.1f}x as far "
+                "from the base as MSDDA at equal weights (KL, else drift): reward hacking, not "
+                "comparable at equal KL",
                 highlight=False,
                 soft_wrap=True,
             )

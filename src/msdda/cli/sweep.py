@@ -81,7 +81,8 @@ def sweep(
     tune_rules: str = typer.Option(
         "reward,matched",
         help="Tuning rules, one variant of rgg and code each: reward (highest weighted reward: "
-        "rgg, code), matched (drift from base closest to MSDDA's: rgg-matched, code-matched).",
+        "rgg, code), matched (KL to the base closest to MSDDA's: rgg-matched, code-matched), "
+        "regularised (highest weighted reward - beta KL: rgg-regularised, code-regularised).",
     ),
     tune_seeds: str = typer.Option("10000", help="Tuning seeds (disjoint from --seeds)."),
     tune_images: int = typer.Option(8, help="Images per (prompt, tuning seed)."),
@@ -89,7 +90,7 @@ def sweep(
         "0.05,0.1,0.2,0.3,0.5,1,2,3,5", help="rgg scales tried when tuning."
     ),
     code_grid: str = typer.Option(
-        "2x1,2x5,2x10,2x25,4x1,4x5,4x10,4x25,8x1,8x5,8x10,8x25",
+        ",".join(f"{n}x{b}" for n in (2, 4, 8) for b in (1, 5, 10, 25, 50)),
         help="code (N x B) tried when tuning.",
     ),
     rgg_scale: float = typer.Option(1.0, help="rgg scale when not tuning."),

@@ -29,6 +29,7 @@ __all__ = [
     "Report",
     "Standing",
     "build_report",
+    "regularised_objective",
     "standings",
     "plot_pareto",
     "write_markdown",
@@ -47,6 +48,7 @@ class MethodPoint:
     seconds_per_image: float
     nfe_per_image: float
     drift_from_base: float | None  # mean RMS image difference from the base's, same noise
+    kl_from_base: float | None  # mean path KL to the base (nats)
     time_vs_base: float | None  # mean over rows of time / the base's time on the same batch
 
 
@@ -60,6 +62,7 @@ class MethodSummary:
     msdda_gain: float | None  # paired mean of (MSDDA - this method) at equal weights
     msdda_gain_se: float | None
     drift_half: float | None  # drift from the base at equal weights
+    kl_half: float | None  # path KL to the base at equal weights (nats)
     seconds_per_image: float
     nfe_per_image: float
     time_vs_base: float | None
@@ -105,6 +108,7 @@ def aggregate(results: Results) -> list[MethodPoint]:
         }
         per_image = {n: [x for r in rows for x in r.get("per_image", {}).get(n, [])] for n in names}
         drifts = [r["drift_from_base"] for r in rows if "drift_from_base" in r]
+        kls = [r["kl_from_base"] for r in rows if "kl_from_base" in r]
         ratios = [
             r["seconds_per_image"] / r["base_seconds_per_image"]
             for r in rows
@@ -120,6 +124,7 @@ def aggregate(results: Results) -> list[MethodPoint]:
                 _mean([r["seconds_per_image"] for r in rows]),
                 _mean([r["nfe_per_image"] for r in rows]),
                 _mean(drifts) if len(drifts) == len(rows) else None,
+                _mean(kls) if len(kls) == len(rows) else None,
                 _mean(ratios) if len(ratios) == len(rows) else None,
             )
         )
@@ -228,6 +233,7 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
                 msdda_gain=gain,
                 msdda_gain_se=gain_se,
                 drift_half=at_half.drift_from_base if at_half else None,
+                kl_half=at_half.kl_from_base if at_half else None,
                 seconds_per_image=sec,
                 nfe_per_image=nfe,
                 time_vs_base=_time_ratio(pts, base),
@@ -246,25 +252,40 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
     )
 
 
-#: a baseline drifting from the base more than this many times MSDDA's drift is flagged
+#: a baseline whose KL to the base (drift, where no KL was measured) exceeds this many
+#: times MSDDA's at equal weights is flagged: not comparable at equal KL
 DRIFT_FLAG = 2.0
 
 
 @dataclass(frozen=True)
 class Standing:
-    """MSDDA against one baseline, computed from the results."""
+    """MSDDA against one baseline at equal weights, computed from the results."""
 
     method: str
     rule: str | None  # tuning rule of the baseline (None: untuned)
     hyperparameters: dict  # the settings fields the baseline reads
     hypervolume: float | None
-    gain: float | None  # paired MSDDA - baseline, weighted reward at equal weights
+    gain: float | None  # paired MSDDA - baseline, weighted reward
     gain_se: float | None
     held_out: dict[str, tuple[float, float]]  # reward not optimised -> paired (mean, se)
-    drift: float | None  # drift from the base at equal weights
-    drift_ratio: float | None  # drift / MSDDA's drift at equal weights
+    kl: float | None  # path KL to the base (nats)
+    kl_ratio: float | None  # kl / MSDDA's
+    drift: float | None  # drift from the base
+    drift_ratio: float | None  # drift / MSDDA's
+    regularised: float | None  # weighted reward - beta * kl
     time_vs_base: float | None
-    flagged: bool  # drift_ratio > DRIFT_FLAG: not comparable at equal KL
+    flagged: bool  # kl_ratio (else drift_ratio) > DRIFT_FLAG
+
+
+def _ratio(x: float | None, y: float | None) -> float | None:
+    return None if x is None or not y else x / y
+
+
+def regularised_objective(summary: MethodSummary, kl_coef: float | None) -> float | None:
+    """E[sum_i w_i r_i] - beta KL(path || base path) at equal weights, where both are known."""
+    if summary.weighted_half is None or summary.kl_half is None or kl_coef is None:
+        return None
+    return summary.weighted_half - kl_coef * summary.kl_half
 
 
 def standings(report: Report) -> list[Standing]:
@@ -275,6 +296,7 @@ def standings(report: Report) -> list[Standing]:
     if msdda_half is None:
         return []
     held_out = [n for n in report.rewards if n not in report.objectives]
+    beta = report.header.get("kl_coef")
     out = []
     for s in report.summaries:
         if s.method == "msdda":
@@ -285,9 +307,9 @@ def standings(report: Report) -> list[Standing]:
             d = paired_difference(msdda_half, at_half, [n], [1.0]) if at_half else None
             if d is not None:
                 pairs[n] = d
-        ratio = None
-        if s.drift_half is not None and msdda.drift_half:
-            ratio = s.drift_half / msdda.drift_half
+        kl_ratio = _ratio(s.kl_half, msdda.kl_half)
+        drift_ratio = _ratio(s.drift_half, msdda.drift_half)
+        ratio = kl_ratio if msdda.kl_half is not None else drift_ratio
         out.append(
             Standing(
                 method=s.method,
@@ -297,8 +319,11 @@ def standings(report: Report) -> list[Standing]:
                 gain=s.msdda_gain,
                 gain_se=s.msdda_gain_se,
                 held_out=pairs,
+                kl=s.kl_half,
+                kl_ratio=kl_ratio,
                 drift=s.drift_half,
-                drift_ratio=ratio,
+                drift_ratio=drift_ratio,
+                regularised=regularised_objective(s, beta),
                 time_vs_base=s.time_vs_base,
                 flagged=ratio is not None and ratio > DRIFT_FLAG,
             )
@@ -343,7 +368,7 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
 
     Left: every method. Right: a zoom on the methods that never read a reward while
     sampling, with ``target`` (the exact step-level optimum they aim at), ``base`` and
-    the baselines tuned to MSDDA's drift (``-matched``).
+    the baselines tuned to MSDDA's KL (``-matched``).
     """
     import matplotlib
 
@@ -366,7 +391,7 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     weights = report.header.get("weights") or report.header.get("config", {}).get("weights", [])
     domain = report.header.get("config", {}).get("domain", "?")
     left.set_title(f"{domain}: every method over {len(weights)} weights")
-    right.set_title("zoom: no reward access, drift-matched baselines, target, base")
+    right.set_title("zoom: no reward access, KL-matched baselines, target, base")
     fig.tight_layout()
     tmp = _atomic_target(path)
     try:
@@ -412,21 +437,22 @@ def _tuning_lines(tuning: dict) -> list[str]:
     if match:
         lines.append(
             f"- {match['method']} on the tuning seeds: weighted reward {match['score']:.3f}, "
-            f"drift from base {match['drift']:.4f} (the drift the matched rule matches)"
+            f"KL to base {match['kl']:.4f} (what the matched rule matches), drift "
+            f"{match['drift']:.4f}"
         )
     for name, c in chosen.items():
         picked = ", ".join(f"{k} = {v}" for k, v in c["settings"].items())
         line = (
             f"- {name} ({c['rule']}): {picked}; tuning weighted reward {c['score']:.3f}, "
-            f"drift {c['drift']:.4f}"
+            f"KL {c['kl']:.4f}"
+            + (f" (target {c['target_kl']:.4f})" if c.get("target_kl") is not None else "")
+            + f", drift {c['drift']:.4f}"
         )
-        if c.get("target_drift") is not None:
-            line += f" (target {c['target_drift']:.4f})"
         if c.get("at_grid_edge"):
             line += f"; note: {', '.join(c['at_grid_edge'])} at the edge of its grid" + (
                 ": the weighted reward was still rising there"
                 if c["rule"] == "reward"
-                else ": the grid holds no closer drift"
+                else ": the grid may hold no better choice"
             )
         lines.append(line)
     return lines
@@ -457,7 +483,10 @@ def _header_lines(report: Report) -> list[str]:
         "the whole batch's chain over its size, and time / base its ratio to a base chain run "
         "on the same batch just before (same machine load); NFE counts denoiser rows (rgg's "
         "backward pass is not counted); drift is the RMS difference of each image from the "
-        "base's image of the same noise (all methods share prompts, x_T and step noise)"
+        "base's image of the same noise (all methods share prompts, x_T and step noise); KL is "
+        "the path KL to the base in nats (sum over steps of the step KL given the state: exact "
+        "for Gaussian steps and for code's best-of-N choices, an upper bound for db-ls and "
+        "target)"
     )
     return lines
 
@@ -470,31 +499,39 @@ def _verdict(gain: float | None, se: float | None) -> str:
     return "MSDDA higher" if gain > 0 else "baseline higher"
 
 
+def _times(x: float | None, spec: str = ".2f") -> str:
+    return "n/a" if x is None else f"{x:{spec}}x"
+
+
 def _standing_lines(report: Report) -> list[str]:
     table = standings(report)
     if not table:
         return []
     msdda = next(s for s in report.summaries if s.method == "msdda")
+    beta = report.header.get("kl_coef")
     held_out = [n for n in report.rewards if n not in report.objectives]
     w = _weights(report.half)
+    measure = "KL" if msdda.kl_half is not None else "drift"
     lines = [
         "## Where MSDDA stands",
         "",
         "MSDDA, the experts and the oracle solve the KL-regularised objective "
-        "max E[sum_i w_i r_i] - beta KL(p || p_ref) at the experts' beta; reward-tuned "
-        "baselines are held to no such budget. Drift from the base (same noise) stands in for "
-        "the KL spent: a baseline drifting more than "
-        f"{DRIFT_FLAG:g}x as far as MSDDA at w = {w} is flagged (it buys reward by leaving the "
-        "base: reward hacking, not comparable at equal KL). `-matched` baselines were tuned to "
-        "MSDDA's drift instead of to reward. Differences are MSDDA - baseline, paired image by "
-        "image, ± one standard error.",
+        f"max E[sum_i w_i r_i] - beta KL(p || p_ref) (beta = {beta}); reward-tuned baselines "
+        f"(rgg, code) are held to no such budget. A baseline whose {measure} to the base at "
+        f"w = {w} exceeds {DRIFT_FLAG:g}x MSDDA's is flagged: it buys reward by leaving the "
+        "base (reward hacking) and is not comparable at equal KL. `-matched` baselines were "
+        "tuned to MSDDA's KL instead of to reward. Drift (same-noise image distance) is shown "
+        "too, but search methods (code, target) re-draw noise and so drift far even at small "
+        "KL. Differences are MSDDA - baseline, paired image by image, ± one standard error.",
         "",
         f"| baseline | hyperparameters | hypervolume (MSDDA {_fmt(msdda.hypervolume, '.3f')}) "
         f"| weighted reward at w = {w} "
         + "".join(f"| {n} (held out) " for n in held_out)
-        + f"| drift / MSDDA's ({_fmt(msdda.drift_half, '.4f')}) "
+        + f"| KL / MSDDA's ({_fmt(msdda.kl_half, '.3f')} nats) "
+        f"| drift / MSDDA's ({_fmt(msdda.drift_half, '.4f')}) "
+        f"| reward - beta KL (MSDDA {_fmt(regularised_objective(msdda, beta), '.3f')}) "
         f"| time / base (MSDDA {_fmt(msdda.time_vs_base, '.2f')}) |",
-        "|---|---|---|---|" + "---|" * len(held_out) + "---|---|",
+        "|---|---|---|---|" + "---|" * len(held_out) + "---|---|---|---|",
     ]
     for st in table:
         params = ", ".join(f"{k} = {v}" for k, v in st.hyperparameters.items()) or "-"
@@ -505,24 +542,32 @@ def _standing_lines(report: Report) -> list[str]:
             f"| {_fmt(st.held_out[n][0], '+.3f', st.held_out[n][1]) if n in st.held_out else 'n/a'} "
             for n in held_out
         )
-        drift = _fmt(st.drift_ratio, ".2f") + "x" if st.drift_ratio is not None else "n/a"
-        if st.flagged:
+        kl, drift = _times(st.kl_ratio), _times(st.drift_ratio)
+        if st.flagged and measure == "KL":
+            kl = f"**{kl}** (flagged)"
+        elif st.flagged:
             drift = f"**{drift}** (flagged)"
         lines.append(
             f"| {st.method} | {params} | {_fmt(st.hypervolume, '.3f')} "
             f"| {_fmt(st.gain, '+.3f', st.gain_se)}{f' ({verdict})' if verdict else ''} "
-            f"{held}| {drift} | {_fmt(st.time_vs_base, '.2f')} |"
+            f"{held}| {kl} | {drift} | {_fmt(st.regularised, '.3f')} "
+            f"| {_fmt(st.time_vs_base, '.2f')} |"
         )
     flagged = [st for st in table if st.flagged]
     lines.append("")
     for st in flagged:
+        ratio, mine, theirs = (
+            (st.kl_ratio, st.kl, msdda.kl_half)
+            if measure == "KL"
+            else (st.drift_ratio, st.drift, msdda.drift_half)
+        )
         lines.append(
-            f"- **{st.method}** drifts {st.drift_ratio:.1f}x as far from the base as MSDDA "
-            f"({st.drift:.4f} vs {msdda.drift_half:.4f}): its reward is bought outside the "
-            "KL budget (reward hacking); not comparable at equal KL."
+            f"- **{st.method}** has {ratio:.1f}x MSDDA's {measure} to the base ({mine:.4f} vs "
+            f"{theirs:.4f}): its reward is bought outside the KL budget (reward hacking); not "
+            "comparable at equal KL."
         )
     if not flagged:
-        lines.append(f"- no baseline drifts more than {DRIFT_FLAG:g}x as far as MSDDA.")
+        lines.append(f"- no baseline exceeds {DRIFT_FLAG:g}x MSDDA's {measure} to the base.")
     lines.append("")
     return lines
 
@@ -538,9 +583,9 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
     lines += ["## Every method", ""]
     lines += [
         f"| method | weights | hypervolume | weighted reward at w = {w} | MSDDA - method at {w} "
-        f"(paired) | drift from base at {w} | ms / image | time / base | NFE / image | NFE / base "
-        "| reads rewards |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"(paired) | KL to base at {w} | drift from base at {w} | ms / image | time / base "
+        "| NFE / image | NFE / base | reads rewards |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.summaries:
         info = _info(s.method)
@@ -548,7 +593,8 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
         lines.append(
             f"| {s.method} | {len(s.points)} | {_fmt(s.hypervolume, '.4f')} "
             f"| {_fmt(s.weighted_half, '.3f', s.weighted_half_se)} "
-            f"| {_fmt(s.msdda_gain, '+.3f', s.msdda_gain_se)} | {_fmt(s.drift_half, '.4f')} "
+            f"| {_fmt(s.msdda_gain, '+.3f', s.msdda_gain_se)} | {_fmt(s.kl_half, '.4f')} "
+            f"| {_fmt(s.drift_half, '.4f')} "
             f"| {s.seconds_per_image * 1e3:.3f} "
             f"| {_fmt(s.time_vs_base, '.2f')} | {s.nfe_per_image:.0f} | {_fmt(s.nfe_vs_base, '.2f')} "
             f"| {reads} |"

@@ -237,8 +237,9 @@ def run_unit(
     """Sample one unit (all prompts in one batch) and return its rows, one per prompt.
 
     With ``companion``, the base is sampled on the same batch just before the method: the
-    rows then record each image's drift from the base image of the same noise and the
-    base's time per image measured under the same machine load.
+    rows then record the mean drift of the images from the base images of the same
+    noise, their mean path KL to the base (nats, see :func:`msdda.methods.run_method`)
+    and the base's time per image measured under the same machine load.
     """
     per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
@@ -247,7 +248,9 @@ def run_unit(
     base = None
     if companion and method != "base":
         base = run_method("base", domain.context, None, cond, seeds, settings=settings)
-    run = run_method(method, domain.context, unit.weights, cond, seeds, settings=settings)
+    run = run_method(
+        method, domain.context, unit.weights, cond, seeds, settings=settings, measure_kl=companion
+    )
     if companion and base is None:
         base = run
     rewards = evaluate_rewards(domain, run.samples, cond)
@@ -256,9 +259,9 @@ def run_unit(
         decode = domain.context.decode
         drifts = drift(decode(run.samples), decode(base.samples))
         for p, row in enumerate(rows):
-            row["drift_from_base"] = float(
-                drifts[p * images_per_prompt : (p + 1) * images_per_prompt].mean()
-            )
+            sl = slice(p * images_per_prompt, (p + 1) * images_per_prompt)
+            row["drift_from_base"] = float(drifts[sl].mean())
+            row["kl_from_base"] = float(run.kl[sl].mean())
             row["base_seconds_per_image"] = base.seconds_per_image
     return rows
 
@@ -277,6 +280,14 @@ class SweepSummary:
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
+def _kl_coef(domain: SweepDomain) -> float | None:
+    """The target beta of the domain's problem, None where the experts' betas differ."""
+    try:
+        return domain.context.target_kl_coef()
+    except ValueError:
+        return None
+
+
 def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
     return {
         "config": config.to_dict(),
@@ -286,6 +297,7 @@ def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
         "prompts": list(prompts),
         "oracle_weights": sorted(list(weight_key(k)) for k in domain.context.oracles),
         "methods": list(config.sweep_methods),
+        "kl_coef": _kl_coef(domain),  # beta of the KL-regularised objective
         "weights": [list(w) for w in sweep_weights(config, domain)],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,

@@ -2,19 +2,25 @@
 
 Each candidate setting samples every prompt on the tuning seeds (disjoint from the
 evaluation seeds, checked by :class:`~msdda.evaluation.sweep.SweepConfig`) at the
-tuning weights, and is measured twice: its mean weighted reward sum_i w_i r_i, and its
-mean drift from the base (RMS image difference from the base's image of the same
-noise). A tuning rule then picks one candidate per method:
+tuning weights and is measured three ways: its mean weighted reward sum_i w_i r_i; its
+mean path KL to the base (nats, see :func:`msdda.methods.run_method`); and its mean
+drift from the base (RMS image difference from the base's image of the same noise).
+A tuning rule then picks one candidate per method:
 
 - ``reward``: the highest mean weighted reward. Nothing holds the method near the
   base, so it can buy reward by leaving the KL-regularised objective that MSDDA, the
   experts and the oracle solve (reward hacking).
-- ``matched``: the drift closest to MSDDA's drift at the same weights and seeds, a
-  proxy for an equal KL budget: the comparison at matched deviation from the base.
+- ``matched``: the KL to the base closest to MSDDA's at the same weights and seeds:
+  the comparison at an equal KL budget. (Drift is not used: a search method that
+  keeps another candidate than the loop's own noise lands on another image, so its
+  drift is large even when its KL is small.)
+- ``regularised``: the highest E[sum_i w_i r_i] - beta KL, the path-level form of
+  the objective MSDDA solves, at the experts' beta.
 
 Every rule of :attr:`TuningConfig.rules` gives the tuned methods a variant of their
 own in the sweep: ``rgg`` / ``code`` for ``reward``, ``rgg-matched`` / ``code-matched``
-for ``matched``. The measurements and the choices go into the results header.
+for ``matched``, ``rgg-regularised`` ... The measurements and the choices go into the
+results header.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ __all__ = [
 #: rule -> what it picks (see the module docstring)
 TUNING_RULES: dict[str, str] = {
     "reward": "the highest mean weighted reward on the tuning seeds",
-    "matched": "the mean drift from the base closest to the match method's (MSDDA's)",
+    "matched": "the mean KL to the base closest to the match method's (MSDDA's)",
+    "regularised": "the highest mean weighted reward - beta * KL to the base",
 }
 
 #: method -> the MethodSettings fields tuning picks for it
@@ -95,10 +102,10 @@ class TuningConfig:
     weights: tuple[tuple[float, ...], ...] | None = None  # None: equal weights 1/K
     images_per_prompt: int = 8  # images per (prompt, tuning seed)
     rules: tuple[str, ...] = ("reward", "matched")  # one variant of each tuned method per rule
-    match_method: str = "msdda"  # whose drift the "matched" rule matches
+    match_method: str = "msdda"  # whose KL to the base the "matched" rule matches
     rgg_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)
     code_grid: tuple[tuple[int, int], ...] = tuple(
-        (n, b) for n in (2, 4, 8) for b in (1, 5, 10, 25)
+        (n, b) for n in (2, 4, 8) for b in (1, 5, 10, 25, 50)
     )  # candidate (N, B) of code
 
     def __post_init__(self) -> None:
@@ -164,21 +171,29 @@ def weighted_score(
 
 
 def choose(
-    measured: Sequence[Mapping[str, Any]], rule: str, target_drift: float | None = None
+    measured: Sequence[Mapping[str, Any]],
+    rule: str,
+    *,
+    target_kl: float | None = None,
+    kl_coef: float | None = None,
 ) -> Mapping[str, Any]:
-    """The candidate ``rule`` picks from measured candidates (each with "score" and "drift").
+    """The candidate ``rule`` picks from measured candidates (each with "score" and "kl").
 
-    ``reward``: the highest score; ``matched``: the drift closest to ``target_drift``.
-    Ties go to the earlier candidate.
+    ``reward``: the highest score; ``matched``: the KL closest to ``target_kl``;
+    ``regularised``: the highest score - kl_coef * kl. Ties go to the earlier candidate.
     """
     check_rule(rule)
     if not measured:
         raise ValueError("no measured candidates to choose from")
     if rule == "reward":
         return max(measured, key=lambda c: c["score"])
-    if target_drift is None or not math.isfinite(target_drift):
-        raise ValueError(f"the 'matched' rule needs a finite target drift, got {target_drift!r}")
-    return min(measured, key=lambda c: abs(c["drift"] - target_drift))
+    if rule == "matched":
+        if target_kl is None or not math.isfinite(target_kl):
+            raise ValueError(f"the 'matched' rule needs a finite target KL, got {target_kl!r}")
+        return min(measured, key=lambda c: abs(c["kl"] - target_kl))
+    if kl_coef is None or not math.isfinite(kl_coef) or kl_coef <= 0:
+        raise ValueError(f"the 'regularised' rule needs a KL coefficient > 0, got {kl_coef!r}")
+    return max(measured, key=lambda c: c["score"] - kl_coef * c["kl"])
 
 
 def at_grid_edge(chosen: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -201,21 +216,22 @@ def _measure(
     tuning: TuningConfig,
     prompts: Sequence[Any],
 ) -> dict[str, float]:
-    """Mean weighted reward and mean drift from the base over the tuning weights and seeds."""
+    """Mean weighted reward, KL to the base and drift from it over the tuning weights and seeds."""
     from .sweep import SweepUnit, run_unit
 
     weights = tuning.tuning_weights(domain.context.num_objectives)
-    score = drift = 0.0
+    sums = {"score": 0.0, "kl": 0.0, "drift": 0.0}
     for w in weights:
         for seed in tuning.seeds:
             unit = SweepUnit(method, w, seed)
             rows = run_unit(
                 unit, domain, prompts, tuning.images_per_prompt, settings, companion=True
             )
-            score += weighted_score(rows, domain.objectives, w)
-            drift += math.fsum(r["drift_from_base"] for r in rows) / len(rows)
+            sums["score"] += weighted_score(rows, domain.objectives, w)
+            sums["kl"] += math.fsum(r["kl_from_base"] for r in rows) / len(rows)
+            sums["drift"] += math.fsum(r["drift_from_base"] for r in rows) / len(rows)
     n = len(weights) * len(tuning.seeds)
-    return {"score": score / n, "drift": drift / n}
+    return {key: v / n for key, v in sums.items()}
 
 
 def tune_settings(
@@ -230,9 +246,9 @@ def tune_settings(
     """Tune the ``methods`` that have hyperparameters, once per rule.
 
     Returns the settings of every tuned variant by sweep name ('rgg', 'rgg-matched',
-    ...) and the record for the results header: each candidate's score and drift, the
-    match method's, and per variant its rule, choice and whether it sits at the edge
-    of its grid.
+    ...) and the record for the results header: each candidate's score, KL and drift,
+    the match method's, and per variant its rule, choice and whether it sits at the
+    edge of its grid.
     """
     k = domain.context.num_objectives
     tune_weights = tuning.tuning_weights(k)
@@ -240,9 +256,13 @@ def tune_settings(
         if len(w) != k or any(x < 0 for x in w) or abs(sum(w) - 1) > 1e-6:
             raise ValueError(f"tuning weights {list(w)} must be K = {k} weights on the simplex")
     tuned = [m for m in methods if m in TUNED]
+    kl_coef = None
+    if "regularised" in tuning.rules:
+        kl_coef = domain.context.target_kl_coef()
     record: dict[str, Any] = {
         **asdict(tuning),
         "weights": [list(w) for w in tune_weights],
+        "kl_coef": kl_coef,
         "candidates": {},
         "chosen": {},
     }
@@ -257,10 +277,10 @@ def tune_settings(
 
     target = None
     if tuned and "matched" in tuning.rules:
-        step(f"{tuning.match_method} (drift to match)")
+        step(f"{tuning.match_method} (KL to match)")
         match = _measure(tuning.match_method, settings, domain, tuning, prompts)
         record["match"] = {"method": tuning.match_method, **match}
-        target = match["drift"]
+        target = match["kl"]
     out: dict[str, MethodSettings] = {}
     for method in tuned:
         measured = []
@@ -270,7 +290,7 @@ def tune_settings(
             measured.append({**cand, **_measure(method, trial, domain, tuning, prompts)})
         record["candidates"][method] = measured
         for rule in tuning.rules:
-            best = choose(measured, rule, target)
+            best = choose(measured, rule, target_kl=target, kl_coef=kl_coef)
             picked = {key: best[key] for key in TUNED[method]}
             name = variant_name(method, rule)
             out[name] = replace(settings, **picked)
@@ -278,8 +298,9 @@ def tune_settings(
                 "rule": rule,
                 "settings": picked,
                 "score": best["score"],
+                "kl": best["kl"],
                 "drift": best["drift"],
-                "target_drift": target if rule == "matched" else None,
+                "target_kl": target if rule == "matched" else None,
                 "at_grid_edge": at_grid_edge(picked, measured),
             }
     return out, record

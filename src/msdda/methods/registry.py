@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..fusion import Gaussian
+from ..gaussians import Schedule
 from ..sampling import StepPolicy, sample_chain
 from . import strategies as s
 from .common import (
@@ -190,7 +191,9 @@ class MethodRun:
         return self.seconds / self.images
 
 
-def metered(policy: StepPolicy, reference: StepPolicy, schedule, meter: KLMeter) -> StepPolicy:
+def metered(
+    policy: StepPolicy, reference: StepPolicy, schedule: Schedule, meter: KLMeter
+) -> StepPolicy:
     """``policy``, adding KL(step || reference step) per sample to ``meter`` at every step.
 
     The last step adds no noise (x_0 is a function of x_1), so it adds no KL. For a
