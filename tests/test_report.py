@@ -186,6 +186,7 @@ STANDING_ROWS = [
     half_row("rgg", [5, 7], [4, 4], [0, 0.5], 2.0, 0.10),  # reward hacking: 4x MSDDA's KL
     half_row("rgg-matched", [2, 4], [2, 4], [1, 1], 0.6, 0.06),
     half_row("code-matched", [2, 4], [3, 3], [1, 1], 0.4, 0.15),  # far in drift, not in KL
+    half_row("target", [2, 4], [3, 3], [1, 1], 1.5, 0.15),  # 3x, but its KL is an upper bound
     half_row("msdda", [2, 4], [3, 3], [1, 1], 0.5, 0.05),
 ]
 
@@ -207,7 +208,7 @@ def standing_report(tmp_path, rows=STANDING_ROWS):
 
 def test_where_msdda_stands_against_each_baseline(tmp_path):
     by = {st.method: st for st in standings(standing_report(tmp_path))}
-    assert list(by) == ["base", "rgg", "rgg-matched", "code-matched"]
+    assert list(by) == ["base", "rgg", "rgg-matched", "code-matched", "target"]
     rgg, matched, base, code = by["rgg"], by["rgg-matched"], by["base"], by["code-matched"]
     # weighted at (0.5, 0.5): msdda (2.5, 3.5), rgg (4.5, 5.5), rgg-matched (2, 4), base (1, 1)
     assert (rgg.gain, rgg.gain_se) == pytest.approx((-2.0, 0.0))
@@ -221,6 +222,8 @@ def test_where_msdda_stands_against_each_baseline(tmp_path):
     assert matched.kl_ratio == pytest.approx(1.2) and not matched.flagged
     assert code.drift_ratio == pytest.approx(3.0) and code.kl_ratio == pytest.approx(0.8)
     assert not code.flagged and not base.flagged
+    assert by["target"].kl_ratio == pytest.approx(3.0) and not by["target"].kl_exact
+    assert not by["target"].flagged and rgg.kl_exact
     assert 1.2 < DRIFT_FLAG < 3.0
     # weighted reward - beta KL, beta = 1: rgg 5 - 2, rgg-matched 3 - 0.6
     assert rgg.regularised == pytest.approx(3.0) and matched.regularised == pytest.approx(2.4)
@@ -243,6 +246,15 @@ def test_the_markdown_states_where_msdda_stands_and_flags_reward_hacking(tmp_pat
     assert "| +0.000 ± 0.500 (no clear difference) | +0.000 ± 0.000 | 1.20x | 1.20x |" in section
     assert "- **rgg** has 4.0x MSDDA's KL to the base (2.0000 vs 0.5000)" in section
     assert "**rgg-matched** has" not in section and "**code-matched** has" not in section
+    assert "| <= 3.00x | 3.00x |" in section and "**target** has" not in section
+    assert "path-level objective" not in section  # MSDDA 3 - 0.5 > base 1 - 0
+
+
+def test_the_markdown_says_when_msdda_is_below_the_base_on_the_path_level_objective(tmp_path):
+    rows = [dict(r) for r in STANDING_ROWS]
+    rows[-1] = {**rows[-1], "kl_from_base": 2.5}  # MSDDA: 3 - 2.5 < base: 1 - 0
+    text = markdown(standing_report(tmp_path, rows))
+    assert "reward - beta KL, MSDDA (0.500) is below the base (1.000)" in text
 
 
 def test_without_kl_in_the_rows_the_flags_go_by_drift(tmp_path):

@@ -348,22 +348,27 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_digits_sweep_and_report_end_to_end(tmp_path):
-    """The default domain: the shipped digits base, experts and oracles, every method."""
+    """The default domain: the shipped digits base, experts and oracles, every method, both
+    tuning rules (on one-point grids, to stay fast)."""
     out = tmp_path / "digits.jsonl"
     args = ["sweep", str(out), "--prompts", "3", "--images", "2", "--grid", "2", "--seeds", "0"]
-    fast = ["--no-tune", "--code-n", "2", "--code-b", "10", "--target-m", "2", "--threads", "1"]
-    result = CliRunner().invoke(app, args + fast)
+    tune = ["--tune-seeds", "7", "--tune-images", "1", "--rgg-scales", "0.1", "--code-grid", "2x25"]
+    fast = ["--target-m", "2", "--threads", "1"]
+    result = CliRunner().invoke(app, args + tune + fast)
     assert result.exit_code == 0, result.output
     results = read_results(out)
     assert results.header["identity"]["domain"] == "digits"
     assert set(results.header["rewards"]) >= {"legibility", "boldness", "symmetry"}
     methods = {r["method"] for r in results.rows}
-    assert methods == set(METHODS) - (set() if results.header["oracle_weights"] else {"oracle"})
+    expected = set(METHODS) | {"rgg-matched", "code-matched"}
+    assert methods == expected - (set() if results.header["oracle_weights"] else {"oracle"})
     for r in results.rows:  # 50 steps; MSDDA evaluates only the experts with a nonzero weight
         if r["method"] == "msdda":
             assert r["nfe_per_image"] == (50 if 0.0 in r["weights"] else 100)
         if r["method"] in ("base", "rs", "oracle"):
             assert r["nfe_per_image"] == 50
+        assert r["kl_from_base"] >= 0 and (r["kl_from_base"] == 0) == (r["method"] == "base")
     report = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert report.exit_code == 0, report.output
-    assert (tmp_path / "rep" / "pareto.png").exists() and (tmp_path / "rep" / "report.md").exists()
+    assert (tmp_path / "rep" / "pareto.png").exists()
+    assert "## Where MSDDA stands" in (tmp_path / "rep" / "report.md").read_text()

@@ -82,8 +82,9 @@ def report(
     for st in standings(rep):
         if st.flagged:
             console.print(
-                f"[yellow]note:[/] {st.method} is {st.kl_ratio or st.drift_ratio:.1f}x as far "
-                "from the base as MSDDA at equal weights (KL, else drift): reward hacking, not "
+                f"[yellow]note:[/] {st.method} is "
+                f"{st.kl_ratio if st.kl_ratio is not None else st.drift_ratio:.1f}x as far from "
+                "the base as MSDDA at equal weights (KL, else drift): reward hacking, not "
                 "comparable at equal KL",
                 highlight=False,
                 soft_wrap=True,

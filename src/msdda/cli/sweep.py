@@ -87,7 +87,7 @@ def sweep(
     tune_seeds: str = typer.Option("10000", help="Tuning seeds (disjoint from --seeds)."),
     tune_images: int = typer.Option(8, help="Images per (prompt, tuning seed)."),
     rgg_scales: str = typer.Option(
-        "0.05,0.1,0.2,0.3,0.5,1,2,3,5", help="rgg scales tried when tuning."
+        "0.05,0.1,0.15,0.2,0.25,0.3,0.5,1,2,3,5", help="rgg scales tried when tuning."
     ),
     code_grid: str = typer.Option(
         ",".join(f"{n}x{b}" for n in (2, 4, 8) for b in (1, 5, 10, 25, 50)),

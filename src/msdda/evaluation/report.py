@@ -270,11 +270,12 @@ class Standing:
     held_out: dict[str, tuple[float, float]]  # reward not optimised -> paired (mean, se)
     kl: float | None  # path KL to the base (nats)
     kl_ratio: float | None  # kl / MSDDA's
+    kl_exact: bool  # False: kl is an upper bound (db-ls, target), never flagged
     drift: float | None  # drift from the base
     drift_ratio: float | None  # drift / MSDDA's
     regularised: float | None  # weighted reward - beta * kl
     time_vs_base: float | None
-    flagged: bool  # kl_ratio (else drift_ratio) > DRIFT_FLAG
+    flagged: bool  # exact kl_ratio (else drift_ratio) > DRIFT_FLAG
 
 
 def _ratio(x: float | None, y: float | None) -> float | None:
@@ -309,7 +310,9 @@ def standings(report: Report) -> list[Standing]:
                 pairs[n] = d
         kl_ratio = _ratio(s.kl_half, msdda.kl_half)
         drift_ratio = _ratio(s.drift_half, msdda.drift_half)
-        ratio = kl_ratio if msdda.kl_half is not None else drift_ratio
+        info = _info(s.method)
+        exact = info is not None and not info.kl_is_bound
+        ratio = (kl_ratio if exact else None) if msdda.kl_half is not None else drift_ratio
         out.append(
             Standing(
                 method=s.method,
@@ -321,6 +324,7 @@ def standings(report: Report) -> list[Standing]:
                 held_out=pairs,
                 kl=s.kl_half,
                 kl_ratio=kl_ratio,
+                kl_exact=exact,
                 drift=s.drift_half,
                 drift_ratio=drift_ratio,
                 regularised=regularised_objective(s, beta),
@@ -334,6 +338,9 @@ def standings(report: Report) -> list[Standing]:
 def _atomic_target(path: Path):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # a plain file's mode, not mkstemp's private 0600
     return Path(tmp)
 
 
@@ -522,7 +529,8 @@ def _standing_lines(report: Report) -> list[str]:
         "base (reward hacking) and is not comparable at equal KL. `-matched` baselines were "
         "tuned to MSDDA's KL instead of to reward. Drift (same-noise image distance) is shown "
         "too, but search methods (code, target) re-draw noise and so drift far even at small "
-        "KL. Differences are MSDDA - baseline, paired image by image, ± one standard error.",
+        "KL. KL marked <= is an upper bound (db-ls, target) and is not flagged. Differences "
+        "are MSDDA - baseline, paired image by image, ± one standard error.",
         "",
         f"| baseline | hyperparameters | hypervolume (MSDDA {_fmt(msdda.hypervolume, '.3f')}) "
         f"| weighted reward at w = {w} "
@@ -543,6 +551,8 @@ def _standing_lines(report: Report) -> list[str]:
             for n in held_out
         )
         kl, drift = _times(st.kl_ratio), _times(st.drift_ratio)
+        if st.kl_ratio is not None and not st.kl_exact:
+            kl = f"<= {kl}"
         if st.flagged and measure == "KL":
             kl = f"**{kl}** (flagged)"
         elif st.flagged:
@@ -568,6 +578,15 @@ def _standing_lines(report: Report) -> list[str]:
         )
     if not flagged:
         lines.append(f"- no baseline exceeds {DRIFT_FLAG:g}x MSDDA's {measure} to the base.")
+    base = next((st for st in table if st.method == "base"), None)
+    mine = regularised_objective(msdda, beta)
+    if base is not None and base.regularised is not None and mine is not None:
+        if mine < base.regularised:
+            lines.append(
+                f"- on the path-level objective reward - beta KL, MSDDA ({mine:.3f}) is below "
+                f"the base ({base.regularised:.3f}): the step-level optimum spends KL at every "
+                "step, more than its final reward gains back at this beta."
+            )
     lines.append("")
     return lines
 

@@ -103,7 +103,7 @@ class TuningConfig:
     images_per_prompt: int = 8  # images per (prompt, tuning seed)
     rules: tuple[str, ...] = ("reward", "matched")  # one variant of each tuned method per rule
     match_method: str = "msdda"  # whose KL to the base the "matched" rule matches
-    rgg_scales: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)
+    rgg_scales: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.5, 1.0, 2.0, 3.0, 5.0)
     code_grid: tuple[tuple[int, int], ...] = tuple(
         (n, b) for n in (2, 4, 8) for b in (1, 5, 10, 25, 50)
     )  # candidate (N, B) of code

@@ -9,16 +9,15 @@ network evaluations.
 
 from .common import (
     EvalCounter,
-    KLMeter,
     MethodContext,
     NoiseTape,
     SampleGenerators,
     check_weights,
     derive_seed,
-    gaussian_kl,
     point_mass,
     weight_key,
 )
+from .kl import KLMeter, best_of_n_kl, gaussian_kl, metered
 from .registry import (
     METHODS,
     MethodInfo,
@@ -33,7 +32,6 @@ from .strategies import (
     GUIDANCE_SCHEDULES,
     Search,
     base_policy,
-    best_of_n_kl,
     code_policy,
     db_ls_policy,
     db_policy,
@@ -68,6 +66,7 @@ __all__ = [
     "db_policy",
     "derive_seed",
     "gaussian_kl",
+    "metered",
     "guidance_schedule",
     "msdda_policy",
     "oracle_policy",

@@ -28,8 +28,6 @@ from ..sampling import NoiseSampler, SeededNoise
 __all__ = [
     "MethodContext",
     "EvalCounter",
-    "KLMeter",
-    "gaussian_kl",
     "NoiseTape",
     "SampleGenerators",
     "derive_seed",
@@ -158,37 +156,6 @@ class EvalCounter:
 
         counted.__wrapped__ = getattr(reward, "__wrapped__", reward)
         return counted
-
-
-def gaussian_kl(p: Gaussian, q: Gaussian) -> Tensor:
-    """(B,) KL(N(p.mean, p.variance) || N(q.mean, q.variance)) in nats, float64.
-
-    Diagonal Gaussians over (B, ...) tensors (variances broadcast to the means), summed
-    over all but the batch dimension: 1/2 sum [log(v_q / v_p) + (v_p + (m_p - m_q)^2) / v_q - 1].
-    A zero variance gives inf or nan: the KL of a point mass is not finite.
-    """
-    mp, vp, mq, vq = (v.to(torch.float64) for v in (p.mean, p.variance, q.mean, q.variance))
-    mp, vp, mq, vq = torch.broadcast_tensors(mp, vp, mq, vq)
-    terms = 0.5 * (torch.log(vq / vp) + (vp + (mp - mq) ** 2) / vq - 1.0)
-    return terms.flatten(1).sum(1)
-
-
-class KLMeter:
-    """Per-sample KL of a method's path x_T..x_0 to the base's, summed over its steps (nats).
-
-    By the chain rule the path KL is the sum over steps of the expected step KL given
-    the state; it bounds the KL between the final images' distributions. Methods add
-    each step's KL (or an upper bound of it) per sample; ``seconds`` is the time spent
-    measuring, which :func:`~msdda.methods.run_method` leaves out of the method's time.
-    """
-
-    def __init__(self, batch: int) -> None:
-        self.total = torch.zeros(batch, dtype=torch.float64)
-        self.seconds = 0.0
-
-    def add(self, kl: Tensor) -> None:
-        """Add one step's (B,) KL."""
-        self.total += kl.detach().to(torch.float64).cpu()
 
 
 def unwrap(fn):

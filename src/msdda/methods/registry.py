@@ -11,19 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..fusion import Gaussian
-from ..gaussians import Schedule
 from ..sampling import StepPolicy, sample_chain
 from . import strategies as s
-from .common import (
-    EvalCounter,
-    KLMeter,
-    MethodContext,
-    NoiseTape,
-    SampleGenerators,
-    check_weights,
-    gaussian_kl,
-)
+from .common import EvalCounter, MethodContext, NoiseTape, SampleGenerators, check_weights
+from .kl import KLMeter, metered
 
 __all__ = [
     "MethodSettings",
@@ -68,6 +59,7 @@ class MethodInfo:
     needs_oracle: bool = False  # runs only at weights with a trained oracle
     parameters: tuple[str, ...] = ()  # the MethodSettings fields it reads
     search: bool = False  # picks x_{t-1} among candidates (point masses; meters its own KL)
+    kl_is_bound: bool = False  # its measured KL to the base is an upper bound, not exact
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -76,7 +68,11 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("base", "the reference model alone", uses_weights=False),
         MethodInfo("rs", "rewarded soups: parameters sum_i w_i theta_i"),
         MethodInfo("db", "Diffusion Blend: experts' epsilons mixed, variances ignored"),
-        MethodInfo("db-ls", "Diffusion Blend, one expert drawn per step with probability w_i"),
+        MethodInfo(
+            "db-ls",
+            "Diffusion Blend, one expert drawn per step with probability w_i",
+            kl_is_bound=True,
+        ),
         MethodInfo(
             "rgg",
             "reward gradient guidance on the reference",
@@ -96,6 +92,7 @@ METHODS: dict[str, MethodInfo] = {
             needs_rewards=True,
             parameters=("target_candidates",),
             search=True,
+            kl_is_bound=True,
         ),
         MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
         MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
@@ -189,29 +186,6 @@ class MethodRun:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / self.images
-
-
-def metered(
-    policy: StepPolicy, reference: StepPolicy, schedule: Schedule, meter: KLMeter
-) -> StepPolicy:
-    """``policy``, adding KL(step || reference step) per sample to ``meter`` at every step.
-
-    The last step adds no noise (x_0 is a function of x_1), so it adds no KL. For a
-    policy that draws a component per step (``db-ls``), the drawn step's KL bounds the
-    KL of the mixture from above. The reference evaluations and their time are the
-    meter's, not the method's.
-    """
-    last = int(schedule.timesteps[-1])
-
-    def step(x_t: Tensor, t: int) -> Gaussian:
-        g = policy(x_t, t)
-        if int(t) != last:
-            start = time.perf_counter()
-            meter.add(gaussian_kl(g, reference(x_t, t)))
-            meter.seconds += time.perf_counter() - start
-        return g
-
-    return step
 
 
 def run_method(

@@ -26,7 +26,6 @@ from ..rewards import StepReward, tweedie_step_reward
 from ..sampling import StepPolicy
 from .common import (
     EvalCounter,
-    KLMeter,
     MethodContext,
     NoiseTape,
     SampleGenerators,
@@ -35,6 +34,7 @@ from .common import (
     unwrap,
     weight_key,
 )
+from .kl import KLMeter, best_of_n_kl
 from .soup import parameter_soup
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "db_ls_policy",
     "rgg_policy",
     "Search",
-    "best_of_n_kl",
     "code_policy",
     "target_policy",
     "msdda_policy",
@@ -366,11 +365,6 @@ def _blockwise_search(
         return point_mass(chosen.pop(i))
 
     return step
-
-
-def best_of_n_kl(n: int) -> float:
-    """KL (nats) of the best of n i.i.d. draws (continuous scores) to one draw: log n - (n-1)/n."""
-    return math.log(n) - (n - 1) / n
 
 
 def code_policy(
