@@ -541,3 +541,14 @@ def test_coefficients_must_match_the_experts():
     means, variances = _experts(2)
     with pytest.raises(ValueError, match=r"coefficients has 3 lambdas for 2 experts"):
         fuse_with_coefficients(means, variances, FusionCoefficients((0.2, 0.3, 0.5), 0.0))
+
+
+def test_weights_may_be_numpy_arrays_or_numpy_scalars():
+    import numpy as np
+
+    from msdda import fusion_coefficients
+
+    assert fusion_coefficients(np.array([0.25, 0.75])).lambdas == (0.25, 0.75)
+    assert fusion_coefficients([np.float32(0.5), np.float32(0.5)]).lambda0 == 0.0
+    with pytest.raises(TypeError, match="weights must hold numbers"):
+        fusion_coefficients(np.array([[0.5], [0.5]]))

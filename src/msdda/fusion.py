@@ -15,6 +15,7 @@ element-wise. See DESIGN.md §1.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -59,15 +60,14 @@ def _as_float_list(values, name: str) -> list[float]:
                 f"{name} must be a 1-D sequence, got a tensor of shape {tuple(values.shape)}"
             )
         return [float(v) for v in values.detach().cpu().double()]
+    if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy arrays
+        values = values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
     out = []
     for v in values:
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            and not (isinstance(v, Tensor) and v.numel() == 1)
-        ):
+        is_scalar_tensor = isinstance(v, Tensor) and v.numel() == 1
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or is_scalar_tensor):
             raise TypeError(f"{name} must hold numbers, got {v!r}")
         out.append(float(v))
     return out
