@@ -37,8 +37,8 @@ def _rewards(x, t, cond):
     return {"first": x[:, 0], "norm": -(x**2).sum(1)}
 
 
-@pytest.fixture(scope="module")
-def pairs(problem):
+def _collect(problem, seed: int) -> PairSet:
+    """200 chains, 3 pairs per state at steps 0, 4 and 8, in float64."""
     _, schedule, reference = problem
     return collect_pairs(
         reference,
@@ -48,9 +48,14 @@ def pairs(problem):
         num_chains=200,
         pairs_per_state=3,
         steps=[0, 4, 8],
-        seed=5,
+        seed=seed,
         dtype=torch.float64,
     )
+
+
+@pytest.fixture(scope="module")
+def pairs(problem):
+    return _collect(problem, seed=5)
 
 
 def test_pairs_cover_every_chain_step_and_pair(pairs):
@@ -98,31 +103,8 @@ def test_a_state_with_several_pairs_is_the_same_state(pairs):
 
 
 def test_same_seed_same_pairs_other_seed_other_pairs(problem, pairs):
-    _, schedule, reference = problem
-    again = collect_pairs(
-        reference,
-        schedule,
-        _rewards,
-        shape=(DIM,),
-        num_chains=200,
-        pairs_per_state=3,
-        steps=[0, 4, 8],
-        seed=5,
-        dtype=torch.float64,
-    )
-    torch.testing.assert_close(again.action_a, pairs.action_a)
-    other = collect_pairs(
-        reference,
-        schedule,
-        _rewards,
-        shape=(DIM,),
-        num_chains=200,
-        pairs_per_state=3,
-        steps=[0, 4, 8],
-        seed=6,
-        dtype=torch.float64,
-    )
-    assert not torch.equal(other.action_a, pairs.action_a)
+    torch.testing.assert_close(_collect(problem, seed=5).action_a, pairs.action_a)
+    assert not torch.equal(_collect(problem, seed=6).action_a, pairs.action_a)
 
 
 def test_chains_are_conditioned_per_chain(problem):

@@ -10,6 +10,7 @@ import torch
 from msdda import expert_policy
 from msdda.digits import (
     boldness,
+    check_weights,
     generate,
     load_digits_bundle,
     msdda_policy,
@@ -127,3 +128,16 @@ def test_shipped_weights_trade_legibility_for_boldness() -> None:
 
 def test_weights_folder_path_is_a_path(bundle) -> None:
     assert isinstance(bundle.path, Path)
+
+
+def test_check_weights_keeps_the_order_as_floats_and_knows_only_the_available_names() -> None:
+    assert check_weights({"boldness": 1, "legibility": 0.5}) == {"boldness": 1.0, "legibility": 0.5}
+    assert list(check_weights({"legibility": 1, "boldness": 2})) == ["legibility", "boldness"]
+    with pytest.raises(ValueError, match="unknown reward 'legibility'; known rewards: boldness"):
+        check_weights({"legibility": 1.0}, available=("boldness",))
+    for bad in ({}, [("boldness", 1.0)]):
+        with pytest.raises(ValueError, match="non-empty mapping"):
+            check_weights(bad)
+    for w in (float("inf"), float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="non-negative finite number"):
+            check_weights({"boldness": w})

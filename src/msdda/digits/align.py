@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -64,8 +64,8 @@ from .lora import (
 )
 from .models import DigitDenoiser, GuidedDenoiser
 from .rewards import REWARDS
-from .sampling import sample_expert
-from .store import EXPERT_KINDS, atomic_write_bytes
+from .sampling import check_weights, sample_expert
+from .store import EXPERT_KINDS, atomic_write_bytes, check_expert_kind
 
 __all__ = [
     "ORACLE_WEIGHTS",
@@ -73,6 +73,7 @@ __all__ = [
     "LoraSettings",
     "AlignConfig",
     "AlignedModel",
+    "TrainOptions",
     "ADAPTER_FORMAT",
     "collect_digit_pairs",
     "train_expert",
@@ -96,6 +97,17 @@ ORACLE_WEIGHTS: tuple[dict[str, float], ...] = tuple(
 
 #: ``progress(step, total, loss)``, as the domain's other trainers call it.
 Progress = Callable[[int, int, float], None]
+
+
+class TrainOptions(TypedDict, total=False):
+    """The keyword options of :func:`train_aligned`, which :func:`train_expert` and
+    :func:`train_oracle` pass on (defaults there)."""
+
+    pairs: PairSet | None
+    config: AlignConfig
+    pairs_config: PairsConfig
+    seed: int
+    progress: Progress | None
 
 
 @dataclass(frozen=True)
@@ -149,11 +161,6 @@ class AlignedModel:
         return LoraAdapter(self.adapter, lora, self.base_fingerprint)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in EXPERT_KINDS:
-        raise ValueError(f"kind must be one of {EXPERT_KINDS}, got {kind!r}")
-
-
 def _check_bundle(bundle: Any) -> DigitsBundle:
     if not isinstance(bundle, DigitsBundle):
         raise TypeError(
@@ -163,22 +170,15 @@ def _check_bundle(bundle: Any) -> DigitsBundle:
 
 
 def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError("weights must be a non-empty mapping of reward name to weight")
-    out = {}
-    for name, w in weights.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-        if (
-            isinstance(w, bool)
-            or not isinstance(w, (int, float))
-            or not (math.isfinite(w) and w >= 0)
-        ):
-            raise ValueError(f"weight of {name!r} must be a non-negative finite number, got {w!r}")
-        out[name] = float(w)
+    out = check_weights(weights)
     if not any(out.values()):
         raise ValueError("weights are all 0: there is nothing to align to")
     return out
+
+
+def _weights_label(weights: Mapping[str, float]) -> str:
+    """``"0.25*legibility+0.75*boldness"``: preference weights in a model's name."""
+    return "+".join(f"{w:g}*{n}" for n, w in weights.items())
 
 
 def _guided(model: nn.Module, bundle: DigitsBundle) -> nn.Module:
@@ -242,7 +242,7 @@ def apply_adapter(
 
     The merge is :func:`msdda.digits.lora.merged_denoiser` (peft's arithmetic, no peft).
     """
-    _check_kind(kind)
+    check_expert_kind(kind)
     return merged_denoiser(base, adapter, lora, kind)
 
 
@@ -371,7 +371,7 @@ def train_aligned(
     """
     bundle = _check_bundle(bundle)
     weights = _check_weights(weights)
-    _check_kind(kind)
+    check_expert_kind(kind)
     start = time.perf_counter()
     pairs_record: dict[str, Any] = {"given": pairs is not None}
     if pairs is None:
@@ -417,8 +417,8 @@ def train_aligned(
     )
     adapter = _adapter_state(peft_model)
     model = peft_model.merge_and_unload().eval().requires_grad_(False)
-    name = "+".join(f"{w:g}*{n}" for n, w in weights.items())
-    expert = Expert(_guided(model, bundle), spec, float(config.kl_coef), f"{name}/{kind}")
+    name = f"{_weights_label(weights)}/{kind}"
+    expert = Expert(_guided(model, bundle), spec, float(config.kl_coef), name)
     fit = evaluate_policy(expert.denoiser, pairs, rewards, bundle.schedule, spec, config.kl_coef)
     metrics: dict[str, Any] = {
         "train_loss": fit.loss,
@@ -467,15 +467,7 @@ def train_aligned(
 
 
 def train_expert(
-    bundle: DigitsBundle,
-    reward: str,
-    kind: str = "fixed",
-    *,
-    pairs: PairSet | None = None,
-    config: AlignConfig = AlignConfig(),
-    pairs_config: PairsConfig = PairsConfig(),
-    seed: int = 0,
-    progress: Progress | None = None,
+    bundle: DigitsBundle, reward: str, kind: str = "fixed", **options: Unpack[TrainOptions]
 ) -> AlignedModel:
     """A single-objective expert for the standardised reward ``reward`` (see :func:`train_aligned`).
 
@@ -485,45 +477,23 @@ def train_expert(
     """
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
-    return train_aligned(
-        bundle,
-        {reward: 1.0},
-        kind,
-        pairs=pairs,
-        config=config,
-        pairs_config=pairs_config,
-        seed=seed,
-        progress=progress,
-    )
+    return train_aligned(bundle, {reward: 1.0}, kind, **options)
 
 
 def train_oracle(
     bundle: DigitsBundle,
     weights: Mapping[str, float],
     kind: str = "fixed",
-    *,
-    pairs: PairSet | None = None,
-    config: AlignConfig = AlignConfig(),
-    pairs_config: PairsConfig = PairsConfig(),
-    seed: int = 0,
-    progress: Progress | None = None,
+    **options: Unpack[TrainOptions],
 ) -> AlignedModel:
-    """An oracle for sum_i w_i r_i, e.g. ``{"legibility": 0.25, "boldness": 0.75}``.
+    """An oracle for sum_i w_i r_i, e.g. ``{"legibility": 0.25, "boldness": 0.75}`` (see
+    :func:`train_aligned`).
 
     Save it with ``msdda.digits.add_oracle(folder, m.model, weights=m.weights, kind=kind,
     kl_coef=m.kl_coef, seed=seed, adapter=m.lora_adapter, metrics=m.metrics,
     training=m.training)``.
     """
-    return train_aligned(
-        bundle,
-        weights,
-        kind,
-        pairs=pairs,
-        config=config,
-        pairs_config=pairs_config,
-        seed=seed,
-        progress=progress,
-    )
+    return train_aligned(bundle, weights, kind, **options)
 
 
 def train_experts_and_oracles(
@@ -545,9 +515,7 @@ def train_experts_and_oracles(
     pairs = collect_digit_pairs(_check_bundle(bundle), pairs_config, seed)
     jobs = [(f"expert {r}/{k}", {r: 1.0}, k) for r in rewards for k in kinds]
     jobs += [
-        (f"oracle {'+'.join(f'{w:g}*{n}' for n, w in ws.items())}/{k}", dict(ws), k)
-        for ws in oracle_weights
-        for k in kinds
+        (f"oracle {_weights_label(ws)}/{k}", dict(ws), k) for ws in oracle_weights for k in kinds
     ]
     out = []
     for label, weights, kind in jobs:

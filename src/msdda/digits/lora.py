@@ -31,6 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from .models import DigitDenoiser
+from .store import (
+    EXPERT_KINDS,
+    check_expert_kind,
+    check_state_fits,
+    encode_safetensors,
+    read_safetensors,
+)
 
 __all__ = [
     "ADAPTER_FORMAT",
@@ -51,7 +58,6 @@ ADAPTER_FORMAT = "msdda-digits-adapter/1"
 PEFT_PREFIX = "base_model.model."
 #: The variance head, trained in full for the "learned" kind (peft's modules_to_save).
 VARIANCE_HEAD = "var_out"
-_KINDS = ("fixed", "learned")
 
 
 @dataclass(frozen=True)
@@ -118,8 +124,7 @@ def _targeted(name: str, targets: tuple[str, ...]) -> bool:
 
 def adapter_keys(base: nn.Module, lora: LoraSettings, kind: str) -> dict[str, tuple[int, ...]]:
     """The adapter keys (peft naming) of ``kind`` on ``base``, with their shapes."""
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    check_expert_kind(kind)
     keys: dict[str, tuple[int, ...]] = {}
     for name, module in base.named_modules():
         if isinstance(module, nn.Linear) and _targeted(name, lora.target_modules):
@@ -135,20 +140,9 @@ def adapter_keys(base: nn.Module, lora: LoraSettings, kind: str) -> dict[str, tu
 
 
 def _check_fit(adapter: Mapping[str, Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
-    missing = sorted(set(expected) - set(adapter))
-    unexpected = sorted(set(adapter) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"adapter does not fit the model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}"
-        )
-    for key, shape in expected.items():
-        got = tuple(adapter[key].shape)
-        if got != shape:
-            raise ValueError(
-                f"adapter does not fit the model: {key} has shape {got}, expected {shape}"
-            )
-        if not adapter[key].is_floating_point() or not bool(torch.isfinite(adapter[key]).all()):
+    check_state_fits(adapter, expected, "adapter")
+    for key, value in adapter.items():
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise ValueError(f"adapter does not fit the model: {key} is not finite floats")
 
 
@@ -193,8 +187,7 @@ def merged_denoiser(
         ValueError: when the adapter's keys or shapes do not fit ``base`` and ``kind``.
     """
     lora = lora if isinstance(lora, LoraSettings) else LoraSettings.from_dict(lora)
-    if kind not in _KINDS:
-        raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+    check_expert_kind(kind)
     if start is None:
         start = base.with_variance_head() if kind == "learned" else base
     if start.config.variance_head != (kind == "learned"):
@@ -234,10 +227,7 @@ def adapter_metadata(
 
 def encode_adapter(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> bytes:
     """An adapter file's bytes: ``tensors`` as safetensors with string metadata ``meta``."""
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return save(state, metadata=dict(meta))
+    return encode_safetensors(tensors, meta)
 
 
 def read_adapter_file(
@@ -252,21 +242,7 @@ def read_adapter_file(
         ValueError: naming ``path`` (as ``what``) when it is missing, does not match
             ``sha256``, is not safetensors, or is not an adapter file.
     """
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} {path} is missing")
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"{what} {path} is corrupt: its sha256 differs from the manifest's")
-    try:
-        tensors = load(data)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
-        raise ValueError(f"{what} {path} is not a valid safetensors file: {err}") from None
+    tensors, meta = read_safetensors(path, sha256, what)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{what} {path} is not a {ADAPTER_FORMAT} file")
     try:
@@ -280,6 +256,6 @@ def read_adapter_file(
         }
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{what} {path} has bad metadata: {err}") from None
-    if info["kind"] not in _KINDS:
+    if info["kind"] not in EXPERT_KINDS:
         raise ValueError(f"{what} {path} has bad metadata: kind {info['kind']!r}")
     return tensors, info

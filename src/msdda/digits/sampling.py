@@ -19,7 +19,7 @@ from ..sampling import SeededNoise, StepPolicy, sample_chain
 from .bundle import DigitsBundle, load_digits_bundle
 from .data import IMAGE_SHAPE, check_prompts, decode
 from .rewards import REWARDS
-from .store import EXPERT_KINDS
+from .store import check_expert_kind
 
 __all__ = [
     "torch_threads",
@@ -84,13 +84,16 @@ def sample_expert(
 def check_weights(
     weights: Mapping[str, float], available: Sequence[str] = REWARDS
 ) -> dict[str, float]:
-    """Validate preference weights: known reward names, non-negative finite numbers."""
+    """Validate preference weights: names in ``available``, non-negative finite numbers.
+
+    Returns them as a new ``{name: float}`` dict, in their order.
+    """
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError("weights must be a non-empty mapping of reward name to weight")
     out = {}
     for name, w in weights.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        if name not in available:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise ValueError(f"weight of {name!r} must be a non-negative finite number, got {w!r}")
         out[name] = float(w)
@@ -110,8 +113,7 @@ def msdda_policy(
     ``kl_coef`` is the target beta (default: the experts' common beta). When lambda_0 =
     1 - sum_i w_i beta_i / beta is not 0 the base is the reference of the product.
     """
-    if expert_kind not in EXPERT_KINDS:
-        raise ValueError(f"expert_kind must be one of {EXPERT_KINDS}, got {expert_kind!r}")
+    check_expert_kind(expert_kind, "expert_kind")
     weights = check_weights(weights)
     prompts = check_prompts(prompts)
     experts = [bundle.expert(name, expert_kind) for name in weights]

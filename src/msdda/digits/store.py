@@ -33,17 +33,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "MANIFEST_NAME",
     "MANIFEST_FORMAT",
     "EXPERT_KINDS",
+    "check_expert_kind",
     "atomic_write_bytes",
     "publish_file",
     "atomic_write_text",
     "save_module",
+    "encode_safetensors",
+    "read_safetensors",
+    "check_state_fits",
     "load_module_state",
     "file_sha256",
     "read_manifest",
@@ -61,6 +65,13 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "msdda-digits/1"
 #: "fixed": fixed_small variance (C_out = 1); "learned": learned_log variance head (C_out = 2).
 EXPERT_KINDS = ("fixed", "learned")
+
+
+def check_expert_kind(kind: str, name: str = "kind") -> str:
+    """``kind`` if it is one of :data:`EXPERT_KINDS`, else a ValueError naming ``name``."""
+    if kind not in EXPERT_KINDS:
+        raise ValueError(f"{name} must be one of {EXPERT_KINDS}, got {kind!r}")
+    return kind
 
 
 def _umask() -> int:
@@ -96,14 +107,72 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def save_module(path: Path, module: nn.Module, metadata: Mapping[str, str] | None = None) -> str:
-    """Save ``module``'s state dict as safetensors at ``path`` (atomically); returns its sha256."""
+def encode_safetensors(
+    tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """``tensors`` (copied to contiguous CPU tensors) as safetensors bytes, with string metadata."""
     from safetensors.torch import save
 
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    data = save(state, metadata=dict(metadata) if metadata else None)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return save(state, metadata=dict(metadata) if metadata else None)
+
+
+def save_module(path: Path, module: nn.Module, metadata: Mapping[str, str] | None = None) -> str:
+    """Save ``module``'s state dict as safetensors at ``path`` (atomically); returns its sha256."""
+    data = encode_safetensors(module.state_dict(), metadata)
     atomic_write_bytes(Path(path), data)
     return hashlib.sha256(data).hexdigest()
+
+
+def read_safetensors(
+    path: str | Path, sha256: str | None = None, what: str = "weight file"
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors of a safetensors file and its string metadata (``{}`` when it has none).
+
+    Raises:
+        ValueError: naming ``path`` (as ``what``) when it is missing, does not match
+            ``sha256``, or is not a readable safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is missing")
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{what} {path} is corrupt: its sha256 differs from the manifest's")
+    try:
+        tensors = load(data)
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
+        raise ValueError(f"{what} {path} is not a valid safetensors file: {err}") from None
+    return tensors, meta
+
+
+def check_state_fits(
+    state: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], what: str
+) -> None:
+    """Refuse ``state`` unless it has exactly the keys of ``shapes``, each of that shape.
+
+    Raises:
+        ValueError: ``"<what> does not fit the model: ..."`` naming the first keys that are
+            missing or unexpected, or the first key of another shape.
+    """
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} does not fit the model: missing keys {missing[:5]}, "
+            f"unexpected keys {unexpected[:5]}"
+        )
+    for key, shape in shapes.items():
+        got = tuple(state[key].shape)
+        if got != tuple(shape):
+            raise ValueError(
+                f"{what} does not fit the model: {key} has shape {got}, expected {tuple(shape)}"
+            )
 
 
 def load_module_state(path: Path, module: nn.Module, sha256: str | None = None) -> nn.Module:
@@ -113,33 +182,11 @@ def load_module_state(path: Path, module: nn.Module, sha256: str | None = None) 
         ValueError: naming ``path`` when it is missing, does not match ``sha256``, is not
             a readable safetensors file, or its keys or shapes differ from the module's.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weight file {path} is missing")
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"weight file {path} is corrupt: its sha256 differs from the manifest's")
-    try:
-        state = load(data)
-    except (SafetensorError, ValueError, RuntimeError, OSError) as err:
-        raise ValueError(f"weight file {path} is not a valid safetensors file: {err}") from None
+    state, _ = read_safetensors(path, sha256)
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"weight file {path} does not fit the model: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}"
-        )
+    check_state_fits(state, {k: tuple(v.shape) for k, v in expected.items()}, f"weight file {path}")
     for key, value in expected.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise ValueError(
-                f"weight file {path} does not fit the model: {key} has shape "
-                f"{tuple(state[key].shape)}, expected {tuple(value.shape)}"
-            )
         if value.is_floating_point() and not bool(torch.isfinite(state[key]).all()):
             raise ValueError(f"weight file {path} is corrupt: {key} holds non-finite values")
     module.load_state_dict(state)
@@ -178,8 +225,7 @@ def update_manifest(weights_dir: Path, **fields: Any) -> dict:
 
 
 def _check_kind(kind: str, model: nn.Module) -> None:
-    if kind not in EXPERT_KINDS:
-        raise ValueError(f"kind must be one of {EXPERT_KINDS}, got {kind!r}")
+    check_expert_kind(kind)
     head = bool(getattr(getattr(model, "config", None), "variance_head", False))
     if head != (kind == "learned"):
         raise ValueError(
@@ -267,6 +313,51 @@ def _model_entry(
     }
 
 
+def _add_model(
+    weights_dir: Path,
+    model: nn.Module,
+    adapter: Any,
+    *,
+    section: str,
+    identity: tuple[str, Any],
+    prefix: str,
+    tag: str,
+    weights: Mapping[str, float],
+    kind: str,
+    kl_coef: float,
+    seed: int,
+    metrics: Mapping[str, Any] | None,
+    training: Mapping[str, Any] | None,
+) -> dict:
+    """Check, write and record an expert or oracle in the manifest's ``section``.
+
+    ``identity`` is the entry's (field, value) that, with kind and seed, names the model:
+    an earlier entry with the same three is replaced. Its file is
+    :func:`model_file_name` (``prefix``, ``tag``, kind, seed).
+    """
+    _check_kind(kind, model)
+    seed = _check_seed(seed)
+    manifest = read_manifest(weights_dir)
+    entry = _model_entry(
+        weights_dir,
+        model_file_name(prefix, tag, kind, seed),
+        model,
+        adapter,
+        weights=weights,
+        kind=kind,
+        kl_coef=_check_kl_coef(kl_coef),
+        seed=seed,
+    )
+    field, value = identity
+    entry = {**entry, field: value, "metrics": dict(metrics or {})}
+    entry["training"] = dict(training or {})
+    key = (value, kind, seed)
+    kept = [e for e in manifest.get(section, []) if (e[field], e["kind"], entry_seed(e)) != key]
+    manifest[section] = [*kept, entry]
+    write_manifest(weights_dir, manifest)
+    return entry
+
+
 def add_expert(
     weights_dir: Path,
     model: nn.Module,
@@ -296,28 +387,21 @@ def add_expert(
 
     if reward not in REWARDS:
         raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
-    _check_kind(kind, model)
-    seed = _check_seed(seed)
-    manifest = read_manifest(weights_dir)
-    entry = _model_entry(
+    return _add_model(
         weights_dir,
-        model_file_name("expert", reward, kind, seed),
         model,
         adapter,
+        section="experts",
+        identity=("reward", reward),
+        prefix="expert",
+        tag=reward,
         weights={reward: 1.0},
         kind=kind,
-        kl_coef=_check_kl_coef(kl_coef),
+        kl_coef=kl_coef,
         seed=seed,
+        metrics=metrics,
+        training=training,
     )
-    entry = {**entry, "reward": reward, "metrics": dict(metrics or {})}
-    entry["training"] = dict(training or {})
-    key = (reward, kind, seed)
-    experts = [
-        e for e in manifest.get("experts", []) if (e["reward"], e["kind"], entry_seed(e)) != key
-    ]
-    manifest["experts"] = [*experts, entry]
-    write_manifest(weights_dir, manifest)
-    return entry
 
 
 def oracle_tag(weights: Mapping[str, float]) -> str:
@@ -344,39 +428,21 @@ def add_oracle(
     :func:`add_expert`. Replaces an earlier oracle with the same weights, kind and seed.
     Returns the manifest entry.
     """
-    from .rewards import REWARDS
+    from .sampling import check_weights
 
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError("weights must be a non-empty mapping of reward name to weight")
-    for name, w in weights.items():
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-        if (
-            isinstance(w, bool)
-            or not isinstance(w, (int, float))
-            or not (math.isfinite(w) and w >= 0)
-        ):
-            raise ValueError(f"weight of {name!r} must be a non-negative number, got {w!r}")
-    _check_kind(kind, model)
-    seed = _check_seed(seed)
-    manifest = read_manifest(weights_dir)
-    clean = {name: float(w) for name, w in weights.items()}
-    entry = _model_entry(
+    clean = check_weights(weights)
+    return _add_model(
         weights_dir,
-        model_file_name("oracle", oracle_tag(clean), kind, seed),
         model,
         adapter,
+        section="oracles",
+        identity=("weights", clean),
+        prefix="oracle",
+        tag=oracle_tag(clean),
         weights=clean,
         kind=kind,
-        kl_coef=_check_kl_coef(kl_coef),
+        kl_coef=kl_coef,
         seed=seed,
+        metrics=metrics,
+        training=training,
     )
-    entry = {**entry, "weights": clean, "metrics": dict(metrics or {})}
-    entry["training"] = dict(training or {})
-    key = (clean, kind, seed)
-    oracles = [
-        e for e in manifest.get("oracles", []) if (e["weights"], e["kind"], entry_seed(e)) != key
-    ]
-    manifest["oracles"] = [*oracles, entry]
-    write_manifest(weights_dir, manifest)
-    return entry
