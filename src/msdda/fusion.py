@@ -9,7 +9,7 @@ with p_0 the reference step. For Gaussians N(mu_i, var_i) this is Gaussian with
 
     precision P = sum_i lambda_i / var_i,   variance = 1 / P,   mean = (sum_i lambda_i mu_i / var_i) / P
 
-element-wise. See DESIGN.md §1.
+element-wise. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .gaussian import Gaussian
+
 __all__ = [
     "Gaussian",
     "LAMBDA0_TOLERANCE",
@@ -33,13 +35,6 @@ __all__ = [
 
 #: |lambda_0| at or below this counts as 0: the reference is then neither needed nor used.
 LAMBDA0_TOLERANCE = 1e-6
-
-
-class Gaussian(NamedTuple):
-    """A diagonal Gaussian N(mean, diag(variance)); both tensors share one shape."""
-
-    mean: Tensor
-    variance: Tensor
 
 
 class FusionCoefficients(NamedTuple):

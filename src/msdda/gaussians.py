@@ -11,10 +11,12 @@ Mean + sqrt(variance) * z equals the scheduler's ``step()`` with variance noise 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from .gaussian import Gaussian
 
 __all__ = [
     "PredictionType",
@@ -42,12 +44,8 @@ LEARNED_VARIANCE_TYPES = ("learned_range", "learned_log")
 MIN_VARIANCE = 1e-20
 
 
-class StepGaussian(NamedTuple):
-    """One reverse step p(x_{t-1} | x_t) = N(mean, variance), with the x0 it implies."""
-
-    mean: Tensor
-    variance: Tensor
-    pred_x0: Tensor
+#: Former name of :class:`msdda.Gaussian` for a reverse step (kept as an alias).
+StepGaussian = Gaussian
 
 
 @dataclass(frozen=True)
@@ -216,7 +214,7 @@ def ddim_mean(x0: Tensor, eps: Tensor, abar_prev: float, variance: float) -> Ten
 
 def step_gaussian(
     model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: StepSpec
-) -> StepGaussian:
+) -> Gaussian:
     """The reverse step N(mean, variance) implied by one model output at timestep ``t``.
 
     Args:
@@ -259,4 +257,4 @@ def step_gaussian(
         mean = ddim_mean(x0, eps, abar_prev, raw)
         var = max(raw, spec.eta**2 * MIN_VARIANCE)
     variance = var if isinstance(var, Tensor) else torch.full_like(mean, var)
-    return StepGaussian(mean, variance.to(mean.dtype), x0)
+    return Gaussian(mean, variance.to(mean.dtype), x0)
