@@ -2,7 +2,7 @@
 
 The layers (docs/design.md, "Layers"), bottom first; imports inside functions count:
 
-    0  gaussian, validation, io               the value type and the utilities
+    0  gaussian, validation, io, errors       the value type and the utilities
     1  fusion, gaussians, sampling, lora      the maths and the one loop
     2  experts, rewards                       what a model and a reward are
     3  testbed, methods, alignment            methods and training on the core
@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "gaussian": 0,
     "validation": 0,
     "io": 0,
+    "errors": 0,
     "fusion": 1,
     "gaussians": 1,
     "sampling": 1,
