@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "validation": 0,
     "io": 0,
     "errors": 0,
+    "version": 0,
     "fusion": 1,
     "gaussians": 1,
     "sampling": 1,

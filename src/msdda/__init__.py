@@ -5,7 +5,15 @@ The core is three pure pieces: :func:`fuse_gaussians` (the closed-form optimum),
 :func:`sample_chain` (one sampling loop for every method).
 """
 
-from .experts import Denoiser, Expert, JointPolicy, expert_policy, msdda_step
+from .experts import (
+    Denoiser,
+    Expert,
+    JointDenoiser,
+    JointPolicy,
+    expert_policy,
+    joint_policy,
+    msdda_step,
+)
 from .fusion import (
     LAMBDA0_TOLERANCE,
     FusionCoefficients,
@@ -16,14 +24,15 @@ from .fusion import (
 )
 from .gaussians import Schedule, StepGaussian, StepSpec, step_gaussian
 from .sampling import SeededNoise, StepPolicy, sample_chain
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "Denoiser",
     "Expert",
     "FusionCoefficients",
     "Gaussian",
+    "JointDenoiser",
     "JointPolicy",
     "LAMBDA0_TOLERANCE",
     "Schedule",
@@ -35,6 +44,7 @@ __all__ = [
     "fuse_gaussians",
     "fuse_with_coefficients",
     "fusion_coefficients",
+    "joint_policy",
     "msdda_step",
     "sample_chain",
     "step_gaussian",

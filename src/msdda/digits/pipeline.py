@@ -26,13 +26,21 @@ from typing import Any
 import torch
 
 from ..experts import Expert
+from ..validation import check_seed
 from .bundle import expert_spec
 from .data import NUM_CLASSES
 from .models import DigitClassifier, DigitDenoiser, GuidedDenoiser
-from .rewards import RewardNormalisation, fit_normalisation, make_rewards
+from .rewards import REWARDS, RewardNormalisation, fit_normalisation, make_rewards
 from .sampling import sample_expert
 from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule
-from .store import EXPERT_KINDS, MANIFEST_FORMAT, MANIFEST_NAME, save_module, write_manifest
+from .store import (
+    EXPERT_KINDS,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    check_expert_kind,
+    save_module,
+    write_manifest,
+)
 from .train import (
     BaseTraining,
     ClassifierTraining,
@@ -42,6 +50,7 @@ from .train import (
 )
 
 __all__ = [
+    "DigitsTrainConfig",
     "ToyTrainConfig",
     "StageProgress",
     "train_all",
@@ -61,8 +70,8 @@ DEFAULT_EXPERTS: tuple[tuple[str, str], ...] = tuple(
 
 
 @dataclass(frozen=True)
-class ToyTrainConfig:
-    """Everything ``msdda toy train`` does, with its seeds."""
+class DigitsTrainConfig:
+    """Everything ``msdda train`` does, with its seeds."""
 
     classifier: ClassifierTraining = field(default_factory=ClassifierTraining)
     base: BaseTraining = field(default_factory=BaseTraining)
@@ -82,13 +91,10 @@ class ToyTrainConfig:
     pairs_config: Any = None  # msdda.digits.align.PairsConfig (None: its defaults)
 
     def __post_init__(self) -> None:
-        from .rewards import REWARDS
-
         for reward, kind in self.experts:
             if reward not in REWARDS:
                 raise ValueError(f"unknown reward {reward!r}; known rewards: {', '.join(REWARDS)}")
-            if kind not in EXPERT_KINDS:
-                raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
+            check_expert_kind(kind, "expert kind")
         for kind in self.oracle_kinds:
             if kind not in EXPERT_KINDS:
                 raise ValueError(f"oracle kinds must be in {EXPERT_KINDS}, got {kind!r}")
@@ -96,8 +102,10 @@ class ToyTrainConfig:
         if not seeds or len(set(seeds)) != len(seeds):
             raise ValueError(f"align_seeds must be distinct seeds, at least one, got {seeds!r}")
         for seed in seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise ValueError(f"align_seeds must be non-negative ints, got {seed!r}")
+            try:
+                check_seed(seed, "align_seeds")
+            except (TypeError, ValueError):
+                raise ValueError(f"align_seeds must be non-negative ints, got {seed!r}") from None
         if not self.legibility_temperature > 0:
             raise ValueError("legibility_temperature must be positive")
         if self.normalisation_samples_per_prompt < 2:
@@ -135,7 +143,7 @@ def _versions() -> dict[str, str]:
     except ImportError:  # only the aligner needs it
         peft_version = "not installed"
 
-    from .. import __version__
+    from ..version import __version__
 
     return {
         "msdda": __version__,
@@ -174,7 +182,7 @@ def _stage_progress(progress: StageProgress, stage: str):
     return lambda step, total, loss: progress(stage, step, total, loss)
 
 
-def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict:
+def _train_domain(stage_dir: Path, cfg: DigitsTrainConfig, progress: StageProgress) -> dict:
     """Classifier, base and normalisation into ``stage_dir``; returns the manifest."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -235,6 +243,19 @@ def _train_domain(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress)
     )
 
 
+def _save_model(
+    folder: Path, name: str, model: DigitClassifier | DigitDenoiser, record: Mapping | None
+) -> dict:
+    """Save ``model`` as ``<name>.safetensors``; its manifest entry (plus ``record``'s fields)."""
+    file = f"{name}.safetensors"
+    return {
+        "file": file,
+        "sha256": save_module(folder / file, model),
+        "config": model.config.to_dict(),
+        **dict(record or {}),
+    }
+
+
 def write_domain_folder(
     folder: str | Path,
     classifier: DigitClassifier,
@@ -256,8 +277,6 @@ def write_domain_folder(
     ``*_record`` add fields (metrics, training settings) to the models' manifest entries;
     ``extra`` adds top-level fields. Returns the manifest.
     """
-    from .rewards import REWARDS
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"weights folder {folder} does not exist")
@@ -275,18 +294,8 @@ def write_domain_folder(
         "sampler": "ddpm",
         "guidance_scale": float(guidance_scale),
         "legibility_temperature": float(legibility_temperature),
-        "classifier": {
-            "file": "classifier.safetensors",
-            "sha256": save_module(folder / "classifier.safetensors", classifier),
-            "config": classifier.config.to_dict(),
-            **dict(classifier_record or {}),
-        },
-        "base": {
-            "file": "base.safetensors",
-            "sha256": save_module(folder / "base.safetensors", base),
-            "config": base.config.to_dict(),
-            **dict(base_record or {}),
-        },
+        "classifier": _save_model(folder, "classifier", classifier, classifier_record),
+        "base": _save_model(folder, "base", base, base_record),
         "reward_normalisation": {
             k: {"mean": s.mean, "std": s.std, "num_samples": normalisation_samples}
             for k, s in normalisation.items()
@@ -300,14 +309,14 @@ def write_domain_folder(
     return manifest
 
 
-def _align(stage_dir: Path, cfg: ToyTrainConfig, progress: StageProgress) -> dict[str, float]:
+def _align(stage_dir: Path, cfg: DigitsTrainConfig, progress: StageProgress) -> dict[str, float]:
     """Experts and oracles of every seed via :mod:`msdda.digits.align`, stored as adapters.
 
     Returns the seconds of every stage (pairs and each model, by stage name).
     """
     from . import align
     from .bundle import load_digits_bundle
-    from .store import add_expert, add_oracle
+    from .catalog import add_expert, add_oracle
 
     timings: dict[str, float] = {}
     bundle = load_digits_bundle(stage_dir)
@@ -386,7 +395,7 @@ def _publish(stage_dir: Path, out_dir: Path) -> None:
 
 def train_all(
     out_dir: str | Path,
-    cfg: ToyTrainConfig = ToyTrainConfig(),
+    cfg: DigitsTrainConfig = DigitsTrainConfig(),
     progress: StageProgress | None = None,
 ) -> dict:
     """Train every model of the digits domain and write the weights folder ``out_dir``.
@@ -415,3 +424,7 @@ def train_all(
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return manifest
+
+
+#: The old name of :class:`DigitsTrainConfig` ("toy" is the 2-D mixture now).
+ToyTrainConfig = DigitsTrainConfig
