@@ -37,21 +37,27 @@ class BenchConfig:
     device: str = "cpu"
 
 
-def tiny_unet(cross_attention_dim: int = 32):
-    """A small SD-shaped UNet2DConditionModel from a config, random weights, eval mode."""
-    from diffusers import UNet2DConditionModel
+def bench_unet():
+    """A small SD-shaped UNet2DConditionModel (cross-attention at the top level), random weights.
 
-    return UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
+    The project's tiny UNet builder (:func:`msdda.sd.testing.tiny_unet`) at the sizes this
+    benchmark has always timed: channels (32, 64), 64x64 latents, 32-wide text embeddings.
+    """
+    from msdda.sd.testing import TinySDConfig, tiny_unet
+
+    config = TinySDConfig(
         block_out_channels=(32, 64),
         layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    return tiny_unet(
+        config,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-    ).eval()
+    )
 
 
 def median_seconds(fn: Callable[[], object], cfg: BenchConfig, repeats: int) -> float:
@@ -85,7 +91,7 @@ def fusion_inputs(k: int, cfg: BenchConfig, generator: torch.Generator):
 def run(cfg: BenchConfig) -> tuple[float, dict[int, float]]:
     """(seconds per UNet forward, {K: seconds per fusion step})."""
     g = torch.Generator().manual_seed(0)
-    unet = tiny_unet().to(cfg.device)
+    unet = bench_unet().to(cfg.device)
     latents = torch.randn(cfg.batch, cfg.channels, cfg.size, cfg.size, generator=g).to(cfg.device)
     text = torch.randn(cfg.batch, cfg.text_tokens, 32, generator=g).to(cfg.device)
     t = torch.full((cfg.batch,), 500, dtype=torch.long, device=cfg.device)

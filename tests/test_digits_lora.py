@@ -147,3 +147,30 @@ def test_adapter_file_round_trip_and_refusals(base, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="bad.safetensors has bad metadata"):
         read_adapter_file(tmp_path / "bad.safetensors")
+
+
+def test_the_adapter_keys_are_the_core_lora_format() -> None:
+    from msdda.lora import factors_from_peft_state, merge_lora, peft_lora_keys, peft_saved_modules
+
+    a, b = torch.randn(2, 3), torch.randn(5, 2)
+    down, up = peft_lora_keys("blocks.0.fc")
+    assert (down, up) == (
+        "base_model.model.blocks.0.fc.lora_A.weight",
+        "base_model.model.blocks.0.fc.lora_B.weight",
+    )
+    head = torch.ones(4)
+    state = {down: a, up: b, "base_model.model.head.bias": head}
+    factors = factors_from_peft_state(state, 0.5)
+    assert list(factors) == ["blocks.0.fc"] and factors["blocks.0.fc"].scale == 0.5
+    assert peft_saved_modules(state) == {"head.bias": head}
+    w = torch.randn(5, 3)
+    merged = merge_lora({"blocks.0.fc.weight": w}, factors)
+    torch.testing.assert_close(merged["blocks.0.fc.weight"], w + 0.5 * b @ a)
+    with pytest.raises(ValueError, match="needs both"):
+        factors_from_peft_state({down: a}, 1.0)
+    with pytest.raises(ValueError, match="not a peft adapter key"):
+        factors_from_peft_state({"fc.lora_A.weight": a}, 1.0)
+    with pytest.raises(ValueError, match="has no weight"):
+        merge_lora({}, factors)
+    with pytest.raises(ValueError, match="has shape"):
+        merge_lora({"blocks.0.fc.weight": torch.zeros(3, 5)}, factors)

@@ -1,4 +1,4 @@
-"""``train_all`` (what ``msdda toy train`` runs), on a tiny configuration."""
+"""``train_all`` (what ``msdda train`` runs), on a tiny configuration."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from msdda.cli.toy import gains_table
+from msdda.cli.train import gains_table
 from msdda.digits import load_digits_bundle
 from msdda.digits.align import AlignConfig, PairsConfig
-from msdda.digits.pipeline import ToyTrainConfig, train_all
+from msdda.digits.pipeline import DigitsTrainConfig, train_all
 from msdda.digits.sampling import torch_threads
 from msdda.digits.testing import TINY_CLASSIFIER, TINY_DENOISER
 from msdda.digits.train import BaseTraining, ClassifierTraining
@@ -25,7 +25,7 @@ def _one_thread():
         yield
 
 
-TINY = ToyTrainConfig(
+TINY = DigitsTrainConfig(
     classifier=ClassifierTraining(model=TINY_CLASSIFIER, steps=30),
     base=BaseTraining(model=TINY_DENOISER, steps=30, warmup=5),
     normalisation_samples_per_prompt=3,
@@ -64,7 +64,7 @@ def test_a_failed_run_leaves_the_old_folder_untouched(tmp_path: Path) -> None:
 def test_train_all_trains_every_expert_and_oracle_of_every_seed_as_adapters(
     tmp_path: Path,
 ) -> None:
-    cfg = ToyTrainConfig(
+    cfg = DigitsTrainConfig(
         classifier=TINY.classifier,
         base=TINY.base,
         normalisation_samples_per_prompt=3,
@@ -111,16 +111,17 @@ def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not exist"):
         train_all(tmp_path / "no" / "w", TINY)
     with pytest.raises(ValueError, match="unknown reward 'beauty'"):
-        ToyTrainConfig(experts=(("beauty", "fixed"),))
+        DigitsTrainConfig(experts=(("beauty", "fixed"),))
     with pytest.raises(ValueError, match="align_seeds must be distinct"):
-        ToyTrainConfig(align_seeds=(1, 1))
+        DigitsTrainConfig(align_seeds=(1, 1))
     with pytest.raises(ValueError, match="align_seeds must be non-negative ints"):
-        ToyTrainConfig(align_seeds=(0, -1))
+        DigitsTrainConfig(align_seeds=(0, -1))
     with pytest.raises(ValueError, match="oracle kinds must be in"):
-        ToyTrainConfig(oracle_kinds=("wide",))
+        DigitsTrainConfig(oracle_kinds=("wide",))
 
 
-def test_toy_train_cli_refusals(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("command", [["train"], ["toy", "train"]])  # toy train: the old name
+def test_train_cli_refusals(tmp_path: Path, monkeypatch, command: list[str]) -> None:
     from typer.testing import CliRunner
 
     from msdda.cli import app
@@ -132,13 +133,13 @@ def test_toy_train_cli_refusals(tmp_path: Path, monkeypatch) -> None:
         (["--out", str(tmp_path / "no" / "w")], "does not exist"),
         (["--out", str(tmp_path / "w"), "--seed", "2", "--seed", "2"], "must be distinct"),
     ]:
-        result = runner.invoke(app, ["toy", "train", *args])
+        result = runner.invoke(app, [*command, *args])
         assert result.exit_code != 0 and message in result.output.replace("\n", " ")
         assert "Traceback" not in result.output
     import msdda.digits
 
     monkeypatch.setitem(sys.modules, "msdda.digits.align", None)  # as if peft were missing
     monkeypatch.delattr(msdda.digits, "align")
-    result = runner.invoke(app, ["toy", "train", "--out", str(tmp_path / "w")])
+    result = runner.invoke(app, [*command, "--out", str(tmp_path / "w")])
     assert result.exit_code != 0 and "pass --no-align" in result.output.replace("\n", " ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -354,3 +354,50 @@ def test_schedule_needs_timesteps():
         Schedule.from_scheduler(DDPMScheduler(), 0)
     with pytest.raises(ValueError, match="pass num_inference_steps"):
         Schedule.from_scheduler(DDIMScheduler())
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "spec"),
+    [
+        (DDPMScheduler(), StepSpec("epsilon", "fixed_small")),
+        (DDPMScheduler(), StepSpec("v_prediction", "learned_range")),
+        (DDPMScheduler(clip_sample=True), StepSpec("sample", "learned_log")),
+        (DDIMScheduler(), StepSpec("epsilon", eta=0.7)),
+    ],
+)
+def test_one_timestep_per_sample_equals_each_rows_own_step(scheduler, spec):
+    schedule = Schedule.from_scheduler(scheduler, num_inference_steps=10)
+    b = 6
+    ts = [schedule.timesteps[i] for i in (0, 9, 4, 0, 9, 2)]
+    channels = 2 * C if spec.learned_variance else C
+    out = _draw((b, channels, 4, 4), 1)
+    if spec.learned_variance:
+        out[:, C:] = out[:, C:].tanh()
+    x_t = _draw((b, C, 4, 4), 2)
+    for t in (torch.tensor(ts), ts, tuple(ts)):
+        got = step_gaussian(out, x_t, t, schedule, spec)
+        for row, t_row in enumerate(ts):
+            want = step_gaussian(out[row : row + 1], x_t[row : row + 1], t_row, schedule, spec)
+            for field, value in zip(got, want, strict=True):
+                assert torch.equal(field[row : row + 1], value), (field, row)
+    same = step_gaussian(out, x_t, torch.full((b,), ts[2]), schedule, spec)
+    shared = step_gaussian(out, x_t, ts[2], schedule, spec)
+    assert all(torch.equal(a, c) for a, c in zip(same, shared, strict=True))
+
+
+def test_per_sample_timesteps_are_checked():
+    schedule = Schedule.from_scheduler(DDPMScheduler(), num_inference_steps=10)
+    out, x_t = _draw(SHAPE, 1), _draw(SHAPE, 2)
+    with pytest.raises(ValueError, match=r"one per sample, shape \(2,\)"):
+        step_gaussian(out, x_t, torch.tensor([schedule.timesteps[0]] * 3), schedule, StepSpec())
+    with pytest.raises(TypeError, match="integer timesteps"):
+        step_gaussian(out, x_t, torch.tensor([1.0, 2.0]), schedule, StepSpec())
+    with pytest.raises(TypeError, match=r"t\[1\] must be an integer"):
+        step_gaussian(out, x_t, [schedule.timesteps[0], True], schedule, StepSpec())
+    with pytest.raises(ValueError, match="is not in this schedule"):
+        step_gaussian(out, x_t, [schedule.timesteps[0], 3], schedule, StepSpec())
+
+
+def test_step_spec_refuses_a_bool_eta():
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        StepSpec(eta=True)

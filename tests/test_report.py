@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from msdda.cli import app
+from msdda.evaluation.aggregate import DRIFT_FLAG, build_report, standings
 from msdda.evaluation.hypervolume import default_reference_point, hypervolume_2d, pareto_front
-from msdda.evaluation.report import DRIFT_FLAG, build_report, markdown, standings
+from msdda.evaluation.render import markdown
 from msdda.evaluation.results import FORMAT, read_results
 
 # --- hypervolume -------------------------------------------------------------------------------

@@ -147,3 +147,57 @@ def test_a_mean_of_the_wrong_shape_is_refused():
 def test_empty_timesteps_are_refused():
     with pytest.raises(ValueError, match="timesteps is empty"):
         sample_chain(shrink, torch.zeros(2, 3), [], SeededNoise(0))
+
+
+def test_slices_of_the_timesteps_continue_the_whole_chain_exactly():
+    from msdda.sampling import NoiseTape
+
+    tape = NoiseTape.seeded([1, 2])
+    x_T = tape.initial((2, 3))
+    states: list[torch.Tensor] = []
+    whole = sample_chain(drift, x_T, TIMESTEPS, tape, callback=lambda i, t, x: states.append(x))
+    head = sample_chain(drift, x_T, TIMESTEPS[:2], tape, ends_chain=False)
+    seen = []
+    tail = sample_chain(
+        drift,
+        head,
+        TIMESTEPS[2:],
+        tape,
+        first_index=2,
+        callback=lambda i, t, x: seen.append((i, t)),
+    )
+    assert torch.equal(head, states[1]) and torch.equal(tail, whole)
+    assert seen == list(enumerate(TIMESTEPS))[2:]  # global step indices
+
+
+def test_a_slice_that_ends_the_chain_adds_no_noise_and_one_that_does_not_adds_it():
+    noise = RecordingNoise(SeededNoise(0))
+    sample_chain(shrink, torch.zeros(1, 2), TIMESTEPS[1:3], noise, first_index=1)
+    assert [i for i, _ in noise.draws] == [1]
+    noise = RecordingNoise(SeededNoise(0))
+    sample_chain(shrink, torch.zeros(1, 2), TIMESTEPS[1:3], noise, first_index=1, ends_chain=False)
+    assert [i for i, _ in noise.draws] == [1, 2]
+    with pytest.raises(ValueError, match="first_index must be an int >= 0"):
+        sample_chain(shrink, torch.zeros(1, 2), TIMESTEPS, noise, first_index=-1)
+
+
+def test_every_noise_source_lives_in_the_sampling_module():
+    import msdda.methods as methods
+    import msdda.sampling as sampling
+
+    for name in ("NoiseTape", "SampleGenerators", "derive_seed"):
+        assert getattr(methods, name) is getattr(sampling, name)
+
+
+def test_generator_noise_draws_as_diffusers_does():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from msdda.sampling import GeneratorNoise
+
+    like = torch.zeros(2, 4, 3, 3, dtype=torch.float64)
+    noise = GeneratorNoise(torch.Generator().manual_seed(5), torch.device("cpu"), torch.float32)
+    got = [noise(i, like) for i in range(2)]
+    gen = torch.Generator().manual_seed(5)
+    want = [randn_tensor((2, 4, 3, 3), generator=gen, dtype=torch.float32) for _ in range(2)]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float64 and torch.equal(g, w.double())

@@ -1,4 +1,4 @@
-"""LoRA experts of one base UNet in one batched forward (msdda.sd.lora)."""
+"""LoRA experts of one base UNet in one batched forward (msdda.lora, re-exported by msdda.sd.lora)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ pytest.importorskip("peft")
 
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
-from msdda.sd.lora import LoRABank, LoRAFactors, extract_lora_factors, lora_delta_weight  # noqa: E402
+from msdda.lora import LoRABank, LoRAFactors, extract_lora_factors, lora_delta_weight  # noqa: E402
 from msdda.sd.testing import random_lora, tiny_unet  # noqa: E402
 
 torch.set_num_threads(1)

@@ -50,7 +50,10 @@ def models(tmp_path_factory):
     te = save_random_lora(
         plain.unet, root / "te" / "te.safetensors", seed=13, text_encoder=plain.text_encoder
     )
-    return {"root": root, "base": base, "e1": e1, "e2": e2, "l1": l1, "l2": l2, "te": te}
+    l3 = save_random_lora(plain.unet, root / "l3" / "style.safetensors", seed=14)
+    return {
+        "root": root, "base": base, "e1": e1, "e2": e2, "l1": l1, "l2": l2, "te": te, "l3": l3,
+    }  # fmt: skip
 
 
 def _quiet(pipe):
@@ -182,7 +185,7 @@ def _mix_into(unet, others):
 
 
 def test_equal_variances_fuse_to_epsilon_mixing(models, fused):
-    """Same eta for all: the fused step is the DDIM step of sum_i lambda_i eps_i (DESIGN.md §1),
+    """Same eta for all: the fused step is the DDIM step of sum_i lambda_i eps_i (docs/design.md §1),
     here with a full UNet and a LoRA batched, and the base as reference (lambda_0 = 0.4)."""
     ref = _quiet(StableDiffusionPipeline.from_pretrained(models["e1"]))
     l1 = _quiet(StableDiffusionPipeline.from_pretrained(models["base"]))
@@ -383,3 +386,117 @@ def test_sdxl_single_experts_reproduce_diffusers(xl):
     a = _run(ours, {"e1": 0.5, "l1": 0.5})
     ours.lora_mode = "sequential"
     np.testing.assert_allclose(_run(ours, {"e1": 0.5, "l1": 0.5}), a, atol=2e-5)
+
+
+# ---------------------------------------------------------------- methods of the registry
+METHODS = ("base", "msdda", "db", "db-ls", "rs")
+MIX = {"e1": 0.2, "l1": 0.5, "l2": 0.3}  # a full UNet and two LoRAs, on the simplex
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_expert_only_method_runs_and_is_reproducible(fused, method):
+    a = _run(fused, MIX, method=method)
+    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(_run(fused, MIX, method=method), a)  # same seed, same image
+    assert np.abs(_run(fused, MIX, method=method, seed=1) - a).max() > 1e-3
+
+
+def test_base_is_the_reference_alone(models, fused):
+    ref = _last_step_deterministic(_quiet(StableDiffusionPipeline.from_pretrained(models["base"])))
+    scheduler = fused.scheduler
+    _last_step_deterministic(fused)
+    try:
+        expected = _run(ref, eta=1.0)
+        np.testing.assert_allclose(_run(fused, None, method="base"), expected, atol=2e-5)
+        np.testing.assert_allclose(_run(fused, MIX, method="base"), expected, atol=2e-5)
+        np.testing.assert_allclose(_run(fused, {}), expected, atol=2e-5)  # weights 0: lambda_0 = 1
+    finally:
+        fused.scheduler = scheduler
+
+
+def test_equal_variances_make_msdda_and_db_equal(fused):
+    """Same eta and fixed_small for all: the product of Gaussians is the step of the mixed
+    epsilon, on the simplex and off it (the base as reference, lambda_0 = 0.4)."""
+    for w in (MIX, {"e1": 0.3, "l1": 0.3}):
+        msdda = _run(fused, w, output_type="latent")
+        db = _run(fused, w, method="db", output_type="latent")
+        torch.testing.assert_close(db, msdda, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("expert", ["e1", "l1"])
+def test_one_hot_weights_make_rs_and_db_ls_that_expert(fused, expert):
+    alone = _run(fused, {expert: 1.0})
+    for method in ("rs", "db-ls", "db"):
+        np.testing.assert_allclose(
+            _run(fused, {expert: 1.0}, method=method), alone, atol=2e-5, err_msg=method
+        )
+
+
+def test_rs_of_loras_is_diffusers_weighted_adapters(models):
+    """The soup of LoRA experts of one base is the base with sum_i w_i delta_i merged:
+    diffusers' set_adapters with those weights."""
+    ours = _msdda(models, ["l1", "l3"])
+    ref = _quiet(StableDiffusionPipeline.from_pretrained(models["base"]))
+    ref.load_lora_weights(str(models["l1"]), adapter_name="l1")
+    ref.load_lora_weights(str(models["l3"]), adapter_name="l3")
+    ref.set_adapters(["l1", "l3"], [0.3, 0.7])
+    _last_step_deterministic(ours)
+    _last_step_deterministic(ref)
+    torch.testing.assert_close(
+        _run(ours, {"l1": 0.3, "l3": 0.7}, method="rs", output_type="latent"),
+        _run(ref, eta=1.0, output_type="latent"),
+        atol=5e-5,
+        rtol=1e-4,
+    )
+
+
+def test_db_ls_draws_per_image(fused):
+    kw = {"num_images_per_prompt": 2, "method": "db-ls", "generator": [_gen(1), _gen(2)]}
+    a = fused(PROMPT, MIX, num_inference_steps=STEPS, output_type="np", **kw).images
+    kw["generator"] = [_gen(1), _gen(2)]
+    b = fused(PROMPT, MIX, num_inference_steps=STEPS, output_type="np", **kw).images
+    assert a.shape == (2, 32, 32, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("rgg", "'rgg' needs reward models"),
+        ("code", "'code' needs reward models"),
+        ("target", "'target' needs reward models"),
+        ("oracle", "'oracle' needs an oracle"),
+        ("fast", "unknown method"),
+    ],
+)
+def test_methods_the_pipelines_cannot_run_are_refused(fused, method, message):
+    with pytest.raises(ValueError, match=message):
+        _run(fused, MIX, method=method)
+
+
+def test_rs_and_base_refusals(models, fused):
+    with pytest.raises(ValueError, match="one guidance scale"):
+        _run(fused, MIX, method="rs", expert_guidance_scales={"l1": 3.0})
+    with pytest.raises(ValueError, match="method 'base' samples the reference"):
+        _run(fused, MIX, method="base", reference=None)
+    te = _msdda(models, ["te", "l1"])
+    with pytest.raises(ValueError, match="text encoder"):
+        _run(te, {"te": 0.5, "l1": 0.5}, method="rs")
+    a = _run(te, {"te": 0.5, "l1": 0.5}, method="db")  # own conditioning per member
+    assert np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("method", ["msdda", "db", "rs", "base"])
+def test_sdxl_runs_the_methods(xl, method):
+    pipe = _quiet(
+        MSDDAStableDiffusionXLPipeline.from_pretrained(
+            xl["base"], experts={"e1": xl["e1"], "l1": xl["l1"]}
+        )
+    )
+    a = _run(pipe, {"e1": 0.5, "l1": 0.5}, method=method)
+    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    np.testing.assert_array_equal(_run(pipe, {"e1": 0.5, "l1": 0.5}, method=method), a)
+    if method == "db":
+        msdda = _run(pipe, {"e1": 0.5, "l1": 0.5}, output_type="latent")
+        db = _run(pipe, {"e1": 0.5, "l1": 0.5}, method="db", output_type="latent")
+        torch.testing.assert_close(db, msdda, atol=1e-5, rtol=1e-5)

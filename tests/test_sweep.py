@@ -67,7 +67,7 @@ def keys_in_file(path: Path) -> list[tuple]:
 
 def comparable(rows) -> dict:
     """Rows without their timings: equal for equal seeds."""
-    return {row_key(r): (r["rewards"], r["nfe_per_image"], r["drift_from_base"]) for r in rows}
+    return {r.key: (r.rewards, r.nfe_per_image, r.drift_from_base) for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -100,26 +100,24 @@ def test_sweep_writes_one_row_per_method_weight_prompt_and_seed(complete, toy):
     assert len(results.rows) == len(units) == summary.rows_total == summary.rows_written
     assert len(results.keys()) == len(results.rows)
     row = results.rows[0]
-    assert set(row["rewards"]) == {"goal_a", "goal_b"}
-    assert row["seconds_per_image"] > 0 and row["nfe_per_image"] > 0 and row["images"] == 6
-    assert all(r["base_seconds_per_image"] > 0 for r in results.rows)
+    assert set(row.rewards) == {"goal_a", "goal_b"}
+    assert row.seconds_per_image > 0 and row.nfe_per_image > 0 and row.images == 6
+    assert all(r.base_seconds_per_image > 0 for r in results.rows)
     assert results.header["config"]["domain"] == "toy"
     assert results.header["objectives"] == ["goal_a", "goal_b"]
 
 
 def test_every_method_sees_the_same_noise(complete):
-    rows = {row_key(r): r for r in read_results(complete[0]).rows}
+    rows = {r.key: r for r in read_results(complete[0]).rows}
     for seed in (0, 1):
         for w in ((0.0, 1.0), (0.5, 0.5), (1.0, 0.0)):
-            db = rows[("db", w, "0", seed)]["rewards"]
-            fused = rows[("msdda", w, "0", seed)]["rewards"]  # equal variances: db == msdda
+            db = rows[("db", w, "0", seed)].rewards
+            fused = rows[("msdda", w, "0", seed)].rewards  # equal variances: db == msdda
             assert db == pytest.approx(fused, rel=1e-4, abs=1e-5)
         for w in ((0.0, 1.0), (1.0, 0.0)):  # one-hot weights: every mixing method is the expert
-            expert = rows[("msdda", w, "0", seed)]["rewards"]
+            expert = rows[("msdda", w, "0", seed)].rewards
             for m in ("rs", "db-ls"):
-                assert rows[(m, w, "0", seed)]["rewards"] == pytest.approx(
-                    expert, rel=1e-4, abs=1e-5
-                )
+                assert rows[(m, w, "0", seed)].rewards == pytest.approx(expert, rel=1e-4, abs=1e-5)
 
 
 def test_tuning_uses_only_tuning_seeds_and_is_recorded(complete, tmp_path, toy):
@@ -164,13 +162,13 @@ def test_matched_variants_take_the_kl_closest_to_msdda(complete):
         assert chosen["settings"] == {f: closest[f] for f in fields}
         settings = header["settings"][f"{method}-matched"]
         assert {f: settings[f] for f in fields} == chosen["settings"]
-    rows = {row_key(r): r for r in results.rows}
+    rows = {r.key: r for r in results.rows}
     assert header["settings"]["code"] != header["settings"]["code-matched"]  # on the toy
     for method in ("rgg", "code"):
         same = header["settings"][method] == header["settings"][f"{method}-matched"]
         for w in ((0.0, 1.0), (0.5, 0.5)):
             a, b = rows[(method, w, "0", 0)], rows[(f"{method}-matched", w, "0", 0)]
-            assert (a["per_image"] == b["per_image"]) == same
+            assert (a.per_image == b.per_image) == same
 
 
 HAND_MEASURED = [  # a hand-made tuning table: score rises with the scale, and so does the KL
@@ -359,15 +357,15 @@ def test_digits_sweep_and_report_end_to_end(tmp_path):
     results = read_results(out)
     assert results.header["identity"]["domain"] == "digits"
     assert set(results.header["rewards"]) >= {"legibility", "boldness", "symmetry"}
-    methods = {r["method"] for r in results.rows}
+    methods = {r.method for r in results.rows}
     expected = set(METHODS) | {"rgg-matched", "code-matched"}
     assert methods == expected - (set() if results.header["oracle_weights"] else {"oracle"})
     for r in results.rows:  # 50 steps; MSDDA evaluates only the experts with a nonzero weight
-        if r["method"] == "msdda":
-            assert r["nfe_per_image"] == (50 if 0.0 in r["weights"] else 100)
-        if r["method"] in ("base", "rs", "oracle"):
-            assert r["nfe_per_image"] == 50
-        assert r["kl_from_base"] >= 0 and (r["kl_from_base"] == 0) == (r["method"] == "base")
+        if r.method == "msdda":
+            assert r.nfe_per_image == (50 if 0.0 in r.weights else 100)
+        if r.method in ("base", "rs", "oracle"):
+            assert r.nfe_per_image == 50
+        assert r.kl_from_base >= 0 and (r.kl_from_base == 0) == (r.method == "base")
     report = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "rep")])
     assert report.exit_code == 0, report.output
     assert (tmp_path / "rep" / "pareto.png").exists()

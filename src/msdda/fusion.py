@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .gaussian import Gaussian
+from .validation import check_int, check_positive, show_value
 
 __all__ = [
     "Gaussian",
@@ -54,17 +55,31 @@ def _as_float_list(values, name: str) -> list[float]:
             raise ValueError(
                 f"{name} must be a 1-D sequence, got a tensor of shape {tuple(values.shape)}"
             )
+        if values.dtype == torch.bool or values.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got a {values.dtype} tensor")
         return [float(v) for v in values.detach().cpu().double()]
     if hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy arrays
         values = values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
     out = []
-    for v in values:
-        is_scalar_tensor = isinstance(v, Tensor) and v.numel() == 1
+    for i, v in enumerate(values):
+        is_scalar_tensor = (
+            isinstance(v, Tensor)
+            and v.numel() == 1
+            and v.dtype != torch.bool
+            and not v.is_complex()
+        )
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) or is_scalar_tensor):
-            raise TypeError(f"{name} must hold numbers, got {v!r}")
-        out.append(float(v))
+            raise TypeError(
+                f"{name} must hold numbers: {name}[{i}] is {show_value(v)} ({type(v).__name__})"
+            )
+        try:
+            out.append(float(v))
+        except OverflowError:  # an int beyond the float range
+            raise ValueError(
+                f"{name}[{i}] = {show_value(v)} is too large: it must be a finite number"
+            ) from None
     return out
 
 
@@ -85,18 +100,23 @@ def fusion_coefficients(
         num_experts: K, to check the counts against.
     """
     w = _as_float_list(weights, "weights")
-    k = len(w) if num_experts is None else num_experts
+    k = len(w) if num_experts is None else check_int(num_experts, "num_experts", low=0)
     if k == 0:
-        raise ValueError("fusion needs at least one expert (K = 0)")
+        raise ValueError("fusion needs at least one expert (weights is empty, K = 0)")
     if len(w) != k:
         raise ValueError(f"weights has {len(w)} entries, expected one per expert (K = {k})")
     for i, wi in enumerate(w):
         if not math.isfinite(wi) or wi < 0:
             raise ValueError(f"weights[{i}] = {wi} must be a non-negative finite number")
     if kl_coef is not None:
-        kl_coef = float(kl_coef)
-        if not math.isfinite(kl_coef) or kl_coef <= 0:
-            raise ValueError(f"kl_coef = {kl_coef} must be a positive finite number")
+        try:
+            kl_coef = check_positive(kl_coef, "kl_coef")  # a bool or a string is a TypeError
+        except ValueError:
+            try:
+                shown = float(kl_coef)
+            except OverflowError:  # check_positive refused it as too large
+                shown = show_value(kl_coef)
+            raise ValueError(f"kl_coef = {shown} must be a positive finite number") from None
     if kl_coefs is None:
         betas = [kl_coef if kl_coef is not None else 1.0] * k
     else:
@@ -116,7 +136,16 @@ def fusion_coefficients(
             )
         kl_coef = betas[0]
     lambdas = tuple(wi * bi / kl_coef for wi, bi in zip(w, betas, strict=True))
-    lambda0 = 1.0 - math.fsum(lambdas)
+    try:
+        total = math.fsum(lambdas)
+    except OverflowError:  # finite exponents whose sum is not
+        total = math.inf
+    if not (math.isfinite(total) and all(math.isfinite(lam) for lam in lambdas)):
+        raise ValueError(
+            f"weights, kl_coefs and kl_coef give non-finite exponents lambda = {list(lambdas)}: "
+            "the weights are too large or kl_coef too small"
+        )
+    lambda0 = 1.0 - total
     if abs(lambda0) <= LAMBDA0_TOLERANCE:
         lambda0 = 0.0
     return FusionCoefficients(lambdas, lambda0)
@@ -204,6 +233,11 @@ def fuse_with_coefficients(
     reference: tuple[Tensor, Tensor] | None = None,
 ) -> Gaussian:
     """:func:`fuse_gaussians` from precomputed exponents (experts with lambda 0 are skipped)."""
+    if not isinstance(coefficients, FusionCoefficients):
+        raise TypeError(
+            "coefficients must be a FusionCoefficients (from fusion_coefficients), "
+            f"got {type(coefficients).__name__}"
+        )
     mu = _stack(means, "means")
     var = _stack(variances, "variances", k=len(mu))
     if len(coefficients.lambdas) != len(mu):
@@ -231,12 +265,21 @@ def fuse_with_coefficients(
     if not terms:
         raise ValueError("weights are all 0: no expert contributes and there is no reference")
 
+    experts = [t for _, m, v, who in terms if who != "reference" for t in (m, v)]
     everything = [t for _, m, v, _ in terms for t in (m, v)]
     try:
-        shape = torch.broadcast_shapes(*(t.shape for t in everything))
+        shape = torch.broadcast_shapes(*(t.shape for t in experts))
     except RuntimeError as err:
-        shapes = [tuple(t.shape) for t in everything]
+        shapes = [tuple(t.shape) for t in experts]
         raise ValueError(f"means and variances must broadcast to one shape, got {shapes}") from err
+    if coefs.lambda0 != 0.0:
+        try:
+            shape = torch.broadcast_shapes(shape, ref_mean.shape, ref_var.shape)
+        except RuntimeError as err:
+            raise ValueError(
+                f"reference (mean {tuple(ref_mean.shape)}, variance {tuple(ref_var.shape)}) "
+                f"does not broadcast with the experts' steps {tuple(shape)}"
+            ) from err
     dtype = _compute_dtype(everything)
     out_dtype = terms[0][1].dtype
     precision = None

@@ -10,6 +10,8 @@ Mean + sqrt(variance) * z equals the scheduler's ``step()`` with variance noise 
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,6 +19,14 @@ import torch
 from torch import Tensor
 
 from .gaussian import Gaussian
+from .validation import (
+    ArgumentKindError,
+    check_floating_tensor,
+    check_instance,
+    check_int,
+    check_number,
+    show_value,
+)
 
 __all__ = [
     "PredictionType",
@@ -65,12 +75,36 @@ class StepSpec:
             raise ValueError(
                 f"variance_type must be one of {VARIANCE_TYPES}, got {self.variance_type!r}"
             )
-        if not (isinstance(self.eta, (int, float)) and 0 <= self.eta < float("inf")):
-            raise ValueError(f"eta must be a finite number >= 0, got {self.eta!r}")
+        try:
+            check_number(self.eta, "eta", low=0.0)
+        except TypeError:  # a bool or a string is no eta (a ValueError too, as it always was)
+            raise ArgumentKindError(
+                f"eta must be a finite number >= 0, got {show_value(self.eta)} "
+                f"({type(self.eta).__name__})"
+            ) from None
+        except ValueError:
+            raise ValueError(
+                f"eta must be a finite number >= 0, got {show_value(self.eta)}"
+            ) from None
 
     @property
     def learned_variance(self) -> bool:
         return self.variance_type in LEARNED_VARIANCE_TYPES
+
+
+def _timestep(t, name: str) -> int:
+    """One timestep as an int: an int, a numpy integer or a 0-d integer tensor (not a bool)."""
+    if isinstance(t, Tensor) and t.ndim == 0 and not (t.is_floating_point() or t.is_complex()):
+        if t.dtype != torch.bool:
+            return int(t)
+    elif isinstance(t, numbers.Integral) and not isinstance(t, bool):
+        return int(t)
+    raise TypeError(f"{name} must be an integer timestep, got {t!r} ({type(t).__name__})")
+
+
+def _show_timesteps(ts: Sequence[int]) -> str:
+    shown = ", ".join(str(t) for t in ts[:3])
+    return f"{shown}, ..., {ts[-1]}" if len(ts) > 4 else ", ".join(str(t) for t in ts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,11 +136,19 @@ class Schedule:
                 "scheduler.config.thresholding is not supported: its x0 map is not affine"
             )
         if num_inference_steps is not None:
-            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-                raise ValueError(
-                    f"num_inference_steps must be a positive int, got {num_inference_steps!r}"
+            n_max = int(scheduler.config.num_train_timesteps)
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+                raise ArgumentKindError(
+                    f"num_inference_steps must be a positive int, got {show_value(n)} "
+                    f"({type(n).__name__})"
                 )
-            scheduler.set_timesteps(num_inference_steps)
+            if not 1 <= n <= n_max:
+                raise ValueError(
+                    f"num_inference_steps must be a positive int <= the scheduler's "
+                    f"num_train_timesteps ({n_max}), got {show_value(n)}"
+                )
+            scheduler.set_timesteps(int(n))
         if getattr(scheduler, "num_inference_steps", None) is None:
             raise ValueError("the scheduler has no timesteps: pass num_inference_steps")
         ts = [int(t) for t in scheduler.timesteps]
@@ -131,10 +173,14 @@ class Schedule:
 
     def alpha_bars(self, t: int) -> tuple[float, float]:
         """(abar_t, abar_prev) for timestep ``t`` of this schedule."""
+        t = _timestep(t, "t")
         try:
-            i = self.timesteps.index(int(t))
+            i = self.timesteps.index(t)
         except ValueError:
-            raise ValueError(f"timestep {t} is not in this schedule") from None
+            raise ValueError(
+                f"timestep {t} is not in this schedule: t must be one of its timesteps "
+                f"({_show_timesteps(self.timesteps)})"
+            ) from None
         prev = self.prev_timesteps[i]
         abar_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
         return float(self.alphas_cumprod[int(t)]), abar_prev
@@ -212,20 +258,68 @@ def ddim_mean(x0: Tensor, eps: Tensor, abar_prev: float, variance: float) -> Ten
     return abar_prev**0.5 * x0 + max(1 - abar_prev - variance, 0.0) ** 0.5 * eps
 
 
+def _per_sample_timesteps(t, batch: int) -> Tensor | None:
+    """``t`` as a (B,) long CPU tensor when it gives one timestep per sample, else None."""
+    if isinstance(t, Tensor):
+        if t.ndim == 0:
+            return None
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps, got a {t.dtype} tensor")
+        per = t.detach().cpu().long()
+    elif isinstance(t, (list, tuple)):
+        per = torch.tensor([check_int(v, f"t[{i}]") for i, v in enumerate(t)], dtype=torch.long)
+    else:
+        return None
+    if per.shape != (batch,):
+        raise ValueError(
+            f"t must be one timestep or one per sample, shape ({batch},), got {tuple(per.shape)}"
+        )
+    return per
+
+
 def step_gaussian(
-    model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: StepSpec
+    model_output: Tensor,
+    x_t: Tensor,
+    t: int | Tensor | Sequence[int],
+    schedule: Schedule,
+    spec: StepSpec,
 ) -> Gaussian:
-    """The reverse step N(mean, variance) implied by one model output at timestep ``t``.
+    """The reverse step N(mean, variance) implied by one model output at timestep(s) ``t``.
 
     Args:
         model_output: (B, C, ...) prediction, or (B, 2C, ...) with a variance channel
             for a learned variance type.
         x_t: (B, C, ...) current sample.
+        t: one timestep of the schedule for the batch, or one per sample (a (B,) integer
+            tensor or sequence); row b is then exactly the step of row b alone at ``t[b]``
+            (each sample's alpha bars apply to all of its elements).
 
     Half-precision inputs are upcast: the Gaussian comes back in float32.
     The variance is floored at :data:`MIN_VARIANCE` times eta^2 where the scheduler's is
     0 (the last step), so a stochastic step stays fusable; eta = 0 gives variance 0.
     """
+    check_floating_tensor(model_output, "model_output")
+    check_floating_tensor(x_t, "x_t")
+    check_instance(schedule, Schedule, "schedule", "a msdda.Schedule")
+    check_instance(spec, StepSpec, "spec", "a msdda.StepSpec")
+    if x_t.ndim == 0:
+        raise ValueError("x_t must have a leading batch axis (B, ...), got a scalar")
+    per_sample = _per_sample_timesteps(t, x_t.shape[0])
+    if per_sample is None:
+        return _step_gaussian_at(model_output, x_t, _timestep(t, "t"), schedule, spec)
+    parts, order = [], []
+    for value in per_sample.unique().tolist():
+        idx = (per_sample == value).nonzero().squeeze(1).to(x_t.device)
+        parts.append(_step_gaussian_at(model_output[idx], x_t[idx], value, schedule, spec))
+        order.append(idx)
+    inverse = torch.argsort(torch.cat(order))
+    return Gaussian(*(torch.cat(fields)[inverse] for fields in zip(*parts, strict=True)))
+
+
+def _step_gaussian_at(
+    model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: StepSpec
+) -> Gaussian:
+    """:func:`step_gaussian` for one timestep ``t`` shared by the batch."""
     abar_t, abar_prev = schedule.alpha_bars(t)
     if schedule.sampler == "ddim" and spec.learned_variance:
         raise ValueError(

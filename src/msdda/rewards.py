@@ -1,7 +1,7 @@
 """Rewards as the step-level objective sees them.
 
 A reward scores a batch of clean images: ``(images, prompts) -> (B,)`` scores.
-The step-level RL problem of DESIGN.md §1 scores an *action* x_{t-1}; msdda scores
+The step-level RL problem of docs/design.md §1 scores an *action* x_{t-1}; msdda scores
 it by the reward of its Tweedie estimate x0_hat(x_{t-1}) under the reference model
 (x_{t-1} itself after the last step). Trainers, the ``target`` method and
 guidance all use :func:`tweedie_step_reward`, so they optimise one objective.
@@ -9,13 +9,15 @@ guidance all use :func:`tweedie_step_reward`, so they optimise one objective.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from .gaussians import Schedule, predicted_x0_and_epsilon
+from .gaussians import PREDICTION_TYPES, Schedule, predicted_x0_and_epsilon
+from .validation import check_callable, check_instance
 
 __all__ = ["Reward", "StepReward", "tweedie_x0", "tweedie_step_reward"]
 
@@ -34,8 +36,14 @@ def tweedie_x0(
     denoiser, x: Tensor, t: int, cond: Any, schedule: Schedule, prediction_type: str = "epsilon"
 ) -> Tensor:
     """x0_hat(x_t) by Tweedie's formula under ``denoiser``; ``x`` itself when t < 0."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+        raise TypeError(f"t must be an integer timestep (< 0: the end), got {t!r}")
     if t < 0:
         return x
+    if not 0 <= t < schedule.num_train_timesteps:
+        raise ValueError(
+            f"t = {t} is not a timestep of the schedule (0..{schedule.num_train_timesteps - 1})"
+        )
     tb = torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
     out = denoiser(x, tb, cond)
     if out.shape[1] != x.shape[1]:  # drop a learned-variance channel
@@ -55,6 +63,14 @@ def tweedie_step_reward(
     prediction_type: str = "epsilon",
 ) -> StepReward:
     """The step reward r(decode(x0_hat_ref(x_prev))) of an action x_prev landing at t_prev."""
+    check_callable(reward, "reward", "a reward (images, prompts) -> (B,)")
+    check_callable(denoiser, "denoiser", "a denoiser (x_t, t, cond) -> model output")
+    check_instance(schedule, Schedule, "schedule", "a msdda.Schedule")
+    check_callable(decode, "decode", "a callable (x) -> images")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
 
     def step_reward(x_prev: Tensor, t_prev: int, cond: Any) -> Tensor:
         x0 = tweedie_x0(denoiser, x_prev, t_prev, cond, schedule, prediction_type)

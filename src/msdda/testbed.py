@@ -5,7 +5,7 @@ every noise level. Step rewards are quadratic, r_i(x) = -1/2 sum_j a_ij (x_j - g
 so each single-objective step optimum p_ref * exp(r_i / beta_i) is again Gaussian,
 with precision 1/var_ref + a_i/beta_i (distinct, per-element variances), and the
 weighted optimum p_ref * exp(sum_i w_i r_i / beta) can be computed directly.
-MSDDA's fused step must equal it to float64 round-off (DESIGN.md §1).
+MSDDA's fused step must equal it to float64 round-off (docs/design.md §1).
 """
 
 from __future__ import annotations
@@ -21,6 +21,15 @@ from .experts import msdda_step
 from .fusion import Gaussian, fusion_coefficients
 from .gaussians import Schedule, StepSpec, step_gaussian
 from .sampling import SeededNoise, sample_chain
+from .validation import (
+    MAX_SEED,
+    check_instance,
+    check_int,
+    check_number,
+    check_positive,
+    check_seed,
+    check_sequence,
+)
 
 __all__ = [
     "GaussianMixture",
@@ -45,7 +54,9 @@ class GaussianMixture:
 
     @classmethod
     def random(cls, dim: int = 4, components: int = 3, seed: int = 0) -> GaussianMixture:
-        g = torch.Generator().manual_seed(seed)
+        dim = check_int(dim, "dim", low=1)
+        components = check_int(components, "components", low=1)
+        g = torch.Generator().manual_seed(check_seed(seed))
         w = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
         return cls(
             weights=w / w.sum(),
@@ -59,12 +70,14 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n draws of x0, (n, d)."""
+        n = check_int(n, "n", low=0)
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[k] + self.stds[k, None] * z
 
     def epsilon(self, x_t: Tensor, abar_t: float) -> Tensor:
         """The exact epsilon prediction E[eps | x_t] = -sqrt(1 - abar_t) * score(x_t)."""
+        abar_t = check_number(abar_t, "abar_t", low=0.0, high=1.0, low_inclusive=False)
         x = x_t.to(torch.float64)
         a = math.sqrt(abar_t)
         var = abar_t * self.stds**2 + (1 - abar_t)  # (M,) marginal variance per component
@@ -108,6 +121,10 @@ def tilted_step(
     reference: Gaussian, rewards: Sequence[QuadraticReward], coefs: Sequence[float]
 ) -> Gaussian:
     """N(mu, var) * exp(sum_i c_i r_i): precision 1/var + sum c_i a_i, mean by precision."""
+    rewards, coefs = check_sequence(rewards, "rewards"), check_sequence(coefs, "coefs")
+    if len(rewards) != len(coefs):
+        raise ValueError(f"coefs has {len(coefs)} entries for {len(rewards)} rewards")
+    coefs = [check_number(c, f"coefs[{i}]") for i, c in enumerate(coefs)]
     precision = 1.0 / reference.variance
     natural = reference.mean / reference.variance
     for r, c in zip(rewards, coefs, strict=True):
@@ -123,6 +140,10 @@ def weighted_optimum_step(
     kl_coef: float,
 ) -> Gaussian:
     """The step-level optimum of sum_i w_i r_i at KL coefficient beta, computed directly."""
+    kl_coef = check_positive(kl_coef, "kl_coef")
+    weights = [
+        check_number(w, f"weights[{i}]") for i, w in enumerate(check_sequence(weights, "weights"))
+    ]
     return tilted_step(reference, rewards, [w / kl_coef for w in weights])
 
 
@@ -142,6 +163,11 @@ class CheckCase:
     weights: tuple[float, ...]
     kl_coefs: tuple[float, ...]
     kl_coef: float
+
+    def __post_init__(self) -> None:
+        if len(self.weights) < 1:
+            raise ValueError(f"case {self.name!r}: weights must hold K >= 1 weights")
+        fusion_coefficients(self.weights, self.kl_coefs, self.kl_coef)  # checks every number
 
 
 @dataclass(frozen=True)
@@ -191,6 +217,14 @@ def run_check(
     seed: int = 0,
 ) -> list[CheckResult]:
     """Fused step vs direct optimum at every step, and whole chains on shared noise."""
+    cases = check_sequence(cases, "cases")
+    for i, case in enumerate(cases):
+        check_instance(case, CheckCase, f"cases[{i}]", "a CheckCase")
+    dim = check_int(dim, "dim", low=1)
+    num_samples = check_int(num_samples, "num_samples", low=1)
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps", low=1, high=1000)
+    seed = check_seed(seed)
+    noise_seed = (seed + 1) % (MAX_SEED + 1)  # seed + 1, kept in the seed range
     mixture = GaussianMixture.random(dim=dim, seed=seed)
     schedule = testbed_schedule(num_inference_steps)
     denoise = mixture.denoiser(schedule)
@@ -227,8 +261,8 @@ def run_check(
             return a
 
         x_T = SeededNoise(seed).initial((num_samples, dim)).double()
-        x_fused = sample_chain(compare, x_T, schedule.timesteps, SeededNoise(seed + 1))
-        x_direct = sample_chain(direct, x_T, schedule.timesteps, SeededNoise(seed + 1))
+        x_fused = sample_chain(compare, x_T, schedule.timesteps, SeededNoise(noise_seed))
+        x_direct = sample_chain(direct, x_T, schedule.timesteps, SeededNoise(noise_seed))
         lam0 = fusion_coefficients(case.weights, case.kl_coefs, case.kl_coef).lambda0
         results.append(
             CheckResult(

@@ -3,7 +3,9 @@
 Each check returns the value in its canonical form or raises a ``TypeError`` (wrong
 kind of thing) or ``ValueError`` (right kind, wrong value) whose message names the
 argument and says what was expected. A bool is never a number; a string is never a
-number; NaN and infinity are refused unless asked for.
+number; NaN and infinity are refused unless asked for. Where msdda once documented a
+``ValueError`` for a wrong kind of argument, it raises :class:`ArgumentKindError`, which
+is both (see :func:`compat_check`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 __all__ = [
     "MAX_SEED",
+    "ArgumentKindError",
+    "compat_check",
     "check_number",
     "check_positive",
     "check_int",
@@ -23,11 +27,39 @@ __all__ = [
     "check_callable",
     "check_sequence",
     "check_simplex_weights",
+    "check_instance",
+    "check_floating_tensor",
+    "show_value",
 ]
 
 #: Seeds are integers in [0, MAX_SEED]: every generator msdda uses (torch, numpy's
 #: SeedSequence) accepts them, and so does every domain.
 MAX_SEED = 2**63 - 1
+
+
+class ArgumentKindError(TypeError, ValueError):
+    """A wrong kind of argument (a bool or a string for a number, ...) where msdda once
+    raised ``ValueError``: a ``TypeError``, and still a ``ValueError`` for code that
+    catches that."""
+
+
+def compat_check(check, *args, **kwargs):
+    """``check(*args, **kwargs)``, its ``TypeError`` re-raised as :class:`ArgumentKindError`
+    (same message): for arguments whose wrong kinds were documented as ``ValueError``."""
+    try:
+        return check(*args, **kwargs)
+    except ArgumentKindError:
+        raise
+    except TypeError as err:
+        raise ArgumentKindError(str(err)) from None
+
+
+def show_value(value: Any) -> str:
+    """``repr(value)``, but an integer too long to read as its bit length."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**80:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _is_number(value: Any) -> bool:
@@ -52,8 +84,15 @@ def check_number(
 ) -> float:
     """``value`` as a float, checked for type, finiteness and the range [low, high]."""
     if not _is_number(value):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    v = float(value)
+        raise TypeError(
+            f"{name} must be a number, got {show_value(value)} ({type(value).__name__})"
+        )
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(
+            f"{name} must be a finite number, got an integer of {int(value).bit_length()} bits"
+        ) from None
     if math.isnan(v) or (finite and math.isinf(v)):
         raise ValueError(f"{name} must be a finite number, got {v}")
     if low is not None and (v < low or (v == low and not low_inclusive)):
@@ -73,12 +112,14 @@ def check_positive(value: Any, name: str) -> float:
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an int (a bool or a float is refused), in [low, high]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name} must be an integer, got {show_value(value)} ({type(value).__name__})"
+        )
     v = int(value)
     if low is not None and v < low:
-        raise ValueError(f"{name} must be >= {low}, got {v}")
+        raise ValueError(f"{name} must be >= {low}, got {show_value(v)}")
     if high is not None and v > high:
-        raise ValueError(f"{name} must be <= {high}, got {v}")
+        raise ValueError(f"{name} must be <= {high}, got {show_value(v)}")
     return v
 
 
@@ -105,9 +146,7 @@ def check_sequence(value: Any, name: str) -> list:
     """``value`` as a list: a sequence (or a 1-D array/tensor), never a string or a mapping."""
     if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
         if getattr(value, "ndim", 1) != 1:
-            raise ValueError(
-                f"{name} must be 1-D, got shape {tuple(getattr(value, 'shape', ()))}"
-            )
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(getattr(value, 'shape', ()))}")
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence, got {type(value).__name__}")
@@ -125,3 +164,19 @@ def check_simplex_weights(weights: Any, k: int, name: str = "weights") -> tuple[
             f"{name} = {list(out)} must lie on the simplex (sum to 1), sum = {math.fsum(out):.6g}"
         )
     return out
+
+
+def check_instance(value: Any, cls: type | tuple[type, ...], name: str, what: str) -> Any:
+    """``value`` if it is a ``cls``, else a TypeError naming ``name`` and ``what`` it must be."""
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
+def check_floating_tensor(value: Any, name: str) -> Any:
+    """A floating-point ``torch.Tensor`` (a state, a mean, a variance)."""
+    if not (hasattr(value, "is_floating_point") and hasattr(value, "shape")):
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value

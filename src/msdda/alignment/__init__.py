@@ -1,7 +1,7 @@
 """Step-level alignment: train single-objective experts (and oracles) by step-level DPO.
 
 A model aligned to reward r with KL coefficient beta at the step level is
-p_ref * exp(r / beta) at every reverse step (DESIGN.md §1, §4). We fit it by logistic
+p_ref * exp(r / beta) at every reverse step (docs/design.md §1, §4). We fit it by logistic
 regression on the implicit reward beta * log(p_theta / p_ref) of pairs of reference
 actions, with Bradley-Terry *soft* labels sigmoid(r(a) - r(b)):
 

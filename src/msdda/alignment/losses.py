@@ -1,4 +1,4 @@
-"""Step-level DPO as pure functions over tensors (DESIGN.md §4).
+"""Step-level DPO as pure functions over tensors (docs/design.md §4).
 
 At a state x_t, two actions a, b ~ p_ref(.|x_t) with step rewards r(a), r(b). The
 policy's implicit reward of an action is beta * log(p_theta(a|x_t) / p_ref(a|x_t)); the
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..fusion import Gaussian
+from ..gaussian import Gaussian, kl_divergence
+from ..validation import check_positive
 
 __all__ = [
     "LabelKind",
@@ -72,6 +73,7 @@ def pair_log_ratio_difference(
 
 def dpo_logits(log_ratio_difference: Tensor, kl_coef: float) -> Tensor:
     """z = beta * (log-ratio of a - log-ratio of b): the implicit reward margin of a over b."""
+    check_positive(kl_coef, "kl_coef")  # a 0-d tensor stays a tensor (and differentiable)
     return kl_coef * log_ratio_difference
 
 
@@ -116,8 +118,6 @@ def implicit_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     return agree[decided].to(torch.float64).mean()
 
 
-def gaussian_kl(policy: Gaussian, reference: Gaussian) -> Tensor:
-    """KL(N(policy) || N(reference)) per sample, summed over all but the batch axis; (B,)."""
-    ratio = policy.variance / reference.variance
-    sq = (policy.mean - reference.mean) ** 2 / reference.variance
-    return 0.5 * _sum_per_sample(ratio - 1 - torch.log(ratio) + sq)
+#: KL(N(policy) || N(reference)) per sample, (B,), differentiable: :func:`msdda.gaussian.kl_divergence`
+#: (former name, kept as an alias).
+gaussian_kl = kl_divergence

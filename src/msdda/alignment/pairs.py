@@ -13,7 +13,7 @@ uses too.
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,16 @@ from ..fusion import Gaussian
 from ..gaussians import Schedule
 from ..rewards import Reward, tweedie_x0
 from ..sampling import SeededNoise, sample_chain
+from ..validation import (
+    MAX_SEED,
+    ArgumentKindError,
+    check_callable,
+    check_int,
+    check_number,
+    check_seed,
+    check_sequence,
+    compat_check,
+)
 
 __all__ = [
     "StepRewards",
@@ -51,8 +61,16 @@ def tweedie_step_rewards(
 
     Name by name equal to :func:`msdda.rewards.tweedie_step_reward`.
     """
+    if not isinstance(rewards, Mapping):
+        raise TypeError(
+            f"rewards must be a mapping of names to rewards, got {type(rewards).__name__}"
+        )
     if not rewards:
         raise ValueError("rewards is empty: give at least one named reward")
+    for name, reward in rewards.items():
+        check_callable(reward, f"rewards[{name!r}]", "a reward (images, cond) -> (B,)")
+    check_callable(denoiser, "denoiser", "a denoiser (x_t, t, cond) -> model output")
+    check_callable(decode, "decode", "a callable (x) -> images")
 
     @torch.no_grad()
     def step_rewards(x_prev: Tensor, t_prev: int, cond: Any) -> dict[str, Tensor]:
@@ -110,6 +128,10 @@ class PairSet:
 
     def weighted_rewards(self, weights: Mapping[str, float]) -> tuple[Tensor, Tensor]:
         """(r(a), r(b)) for r = sum_i w_i r_i, each (N,); names must be among the rewards."""
+        if not isinstance(weights, Mapping):
+            raise TypeError(
+                f"weights must map reward names to numbers, got {type(weights).__name__}"
+            )
         if not weights:
             raise ValueError("weights is empty: name at least one reward")
         unknown = sorted(set(weights) - set(self.rewards_a))
@@ -117,11 +139,10 @@ class PairSet:
             raise ValueError(
                 f"weights name unknown reward(s) {unknown}; this pair set has {list(self.reward_names)}"
             )
-        for name, w in weights.items():
-            if not (isinstance(w, (int, float)) and math.isfinite(w)):
-                raise ValueError(f"weights[{name!r}] must be a finite number, got {w!r}")
-        r_a = sum(float(w) * self.rewards_a[k] for k, w in weights.items())
-        r_b = sum(float(w) * self.rewards_b[k] for k, w in weights.items())
+        # A bool or a string is a TypeError that is also a ValueError, as it always was.
+        w = {k: compat_check(check_number, v, f"weights[{k!r}]") for k, v in weights.items()}
+        r_a = sum(v * self.rewards_a[k] for k, v in w.items())
+        r_b = sum(v * self.rewards_b[k] for k, v in w.items())
         return r_a, r_b
 
     def subset(self, index: Tensor) -> PairSet:
@@ -145,11 +166,14 @@ def training_step_indices(schedule: Schedule, skip_last: int) -> tuple[int, ...]
 
     The final steps are nearly deterministic: their tiny variances make log-ratios
     explode, and their tilt (a mean shift of about variance * grad r / beta) is negligible,
-    so the reference is already their optimum (DESIGN.md §4).
+    so the reference is already their optimum (docs/design.md §4).
     """
     n = len(schedule.timesteps)
-    if not isinstance(skip_last, int) or not 0 <= skip_last < n:
+    if isinstance(skip_last, bool) or not isinstance(skip_last, numbers.Integral):
+        raise ArgumentKindError(f"skip_last must be an int in [0, {n - 1}], got {skip_last!r}")
+    if not 0 <= skip_last < n:
         raise ValueError(f"skip_last must be an int in [0, {n - 1}], got {skip_last!r}")
+    skip_last = int(skip_last)
     return tuple(range(n - skip_last))
 
 
@@ -161,6 +185,64 @@ def _tile(cond: Any, times: int) -> Any:
             f"cond must be a tensor with a leading batch axis or None, got {type(cond).__name__}"
         )
     return cond.repeat(times, *([1] * (cond.ndim - 1)))
+
+
+class _PairRecorder:
+    """Draws and scores the candidate pairs at the visited reference states, and keeps them."""
+
+    def __init__(
+        self,
+        step_rewards: StepRewards,
+        schedule: Schedule,
+        wanted: dict[int, int],
+        pairs_per_state: int,
+        draw: torch.Generator,
+    ) -> None:
+        self.step_rewards, self.schedule = step_rewards, schedule
+        self.wanted = wanted  # timestep -> its index in the schedule
+        self.pairs_per_state, self.draw = pairs_per_state, draw
+        self.rows: dict[str, list] = {k: [] for k in ("x", "t", "i", "c", "a", "b", "m", "v")}
+        self.rewards: dict[str, list[list[Tensor]]] = {}
+
+    def record(self, x_t: Tensor, t: int, g: Gaussian, c: Tensor | None) -> None:
+        """2P draws a, b ~ g at the states x_t (B, ...), scored by every reward."""
+        rows, p, i, b = self.rows, self.pairs_per_state, self.wanted[t], x_t.shape[0]
+        z = torch.randn((2 * p, *x_t.shape), generator=self.draw)
+        actions = g.sample(z.to(g.mean))  # (2P, B, ...) draws of the reference step
+        scores = self.step_rewards(
+            actions.reshape(-1, *x_t.shape[1:]), self.schedule.prev_timesteps[i], _tile(c, 2 * p)
+        )
+        for name, s in scores.items():
+            s = s.reshape(2, p * b).detach().cpu()
+            self.rewards.setdefault(name, [[], []])
+            self.rewards[name][0].append(s[0])
+            self.rewards[name][1].append(s[1])
+        actions = actions.reshape(2, p * b, *x_t.shape[1:]).cpu()
+        rows["a"].append(actions[0])
+        rows["b"].append(actions[1])
+        reps = (p, *([1] * (x_t.ndim - 1)))
+        rows["x"].append(x_t.detach().cpu().repeat(reps))
+        rows["m"].append(g.mean.detach().cpu().repeat(reps))
+        rows["v"].append(g.variance.detach().cpu().repeat(reps))
+        rows["t"].append(torch.full((p * b,), t, dtype=torch.long))
+        rows["i"].append(torch.full((p * b,), i, dtype=torch.long))
+        if c is not None:
+            rows["c"].append(_tile(c, p).cpu())
+
+    def pair_set(self) -> PairSet:
+        rows, rewards = self.rows, self.rewards
+        return PairSet(
+            states=torch.cat(rows["x"]),
+            timesteps=torch.cat(rows["t"]),
+            step_indices=torch.cat(rows["i"]),
+            cond=torch.cat(rows["c"]) if rows["c"] else None,
+            action_a=torch.cat(rows["a"]),
+            action_b=torch.cat(rows["b"]),
+            reference_mean=torch.cat(rows["m"]),
+            reference_variance=torch.cat(rows["v"]),
+            rewards_a={k: torch.cat(v[0]) for k, v in rewards.items()},
+            rewards_b={k: torch.cat(v[1]) for k, v in rewards.items()},
+        )
 
 
 def collect_pairs(
@@ -202,22 +284,42 @@ def collect_pairs(
         ("pairs_per_state", pairs_per_state),
         ("batch_size", batch_size),
     ):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ArgumentKindError(f"{name} must be a positive int, got {v!r}")
+        if v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a msdda.Schedule, got {type(schedule).__name__}")
+    check_callable(
+        step_rewards, "step_rewards", "step rewards (x_prev, t_prev, cond) -> {name: (B,)}"
+    )
+    shape = tuple(
+        check_int(v, f"shape[{i}]", low=1) for i, v in enumerate(check_sequence(shape, "shape"))
+    )
+    seed = check_seed(seed)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_chains):
         raise ValueError(f"cond must be a tensor with num_chains = {num_chains} rows or None")
     if steps is None:
         steps = training_step_indices(schedule, max(1, len(schedule.timesteps) // 20))
-    steps = sorted(set(int(i) for i in steps))
+    steps = sorted(
+        {
+            compat_check(check_int, i, f"steps[{j}]")
+            for j, i in enumerate(check_sequence(steps, "steps"))
+        }
+    )
     if not steps or steps[0] < 0 or steps[-1] >= len(schedule.timesteps):
         raise ValueError(
             f"steps must be indices in [0, {len(schedule.timesteps) - 1}], got {steps}"
         )
-    wanted = {schedule.timesteps[i]: i for i in steps}
-    draw = torch.Generator().manual_seed(seed + 7919)
-    rows: dict[str, list] = {k: [] for k in ("x", "t", "i", "c", "a", "b", "m", "v")}
-    rewards: dict[str, list[list[Tensor]]] = {}
-
+    recorder = _PairRecorder(
+        step_rewards,
+        schedule,
+        {schedule.timesteps[i]: i for i in steps},
+        pairs_per_state,
+        torch.Generator().manual_seed((seed + 7919) % (MAX_SEED + 1)),
+    )
     for start in range(0, num_chains, batch_size):
         stop = min(start + batch_size, num_chains)
         c = None if cond is None else cond[start:stop]
@@ -226,47 +328,11 @@ def collect_pairs(
         @torch.no_grad()
         def recording(x_t: Tensor, t: int, policy=policy, c=c) -> Gaussian:
             g = policy(x_t, t)
-            if t in wanted:
-                i = wanted[t]
-                b = x_t.shape[0]
-                z = torch.randn((2 * pairs_per_state, *x_t.shape), generator=draw)
-                actions = g.mean + g.variance.sqrt() * z.to(g.mean)  # (2P, B, ...)
-                scores = step_rewards(
-                    actions.reshape(-1, *x_t.shape[1:]),
-                    schedule.prev_timesteps[i],
-                    _tile(c, 2 * pairs_per_state),
-                )
-                for name, s in scores.items():
-                    s = s.reshape(2, pairs_per_state * b).detach().cpu()
-                    rewards.setdefault(name, [[], []])
-                    rewards[name][0].append(s[0])
-                    rewards[name][1].append(s[1])
-                actions = actions.reshape(2, pairs_per_state * b, *x_t.shape[1:]).cpu()
-                rows["a"].append(actions[0])
-                rows["b"].append(actions[1])
-                reps = (pairs_per_state, *([1] * (x_t.ndim - 1)))
-                rows["x"].append(x_t.detach().cpu().repeat(reps))
-                rows["m"].append(g.mean.detach().cpu().repeat(reps))
-                rows["v"].append(g.variance.detach().cpu().repeat(reps))
-                rows["t"].append(torch.full((pairs_per_state * b,), t, dtype=torch.long))
-                rows["i"].append(torch.full((pairs_per_state * b,), i, dtype=torch.long))
-                if c is not None:
-                    rows["c"].append(_tile(c, pairs_per_state).cpu())
+            if t in recorder.wanted:
+                recorder.record(x_t, t, g, c)
             return g
 
-        noise = SeededNoise(seed * 1_000_003 + start)
+        noise = SeededNoise((seed * 1_000_003 + start) % (MAX_SEED + 1))  # in the seed range
         x_T = noise.initial((stop - start, *shape)).to(dtype)
         sample_chain(recording, x_T, schedule.timesteps, noise)
-
-    return PairSet(
-        states=torch.cat(rows["x"]),
-        timesteps=torch.cat(rows["t"]),
-        step_indices=torch.cat(rows["i"]),
-        cond=torch.cat(rows["c"]) if rows["c"] else None,
-        action_a=torch.cat(rows["a"]),
-        action_b=torch.cat(rows["b"]),
-        reference_mean=torch.cat(rows["m"]),
-        reference_variance=torch.cat(rows["v"]),
-        rewards_a={k: torch.cat(v[0]) for k, v in rewards.items()},
-        rewards_b={k: torch.cat(v[1]) for k, v in rewards.items()},
-    )
+    return recorder.pair_set()

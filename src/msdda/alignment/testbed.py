@@ -24,12 +24,19 @@ from torch import Tensor, nn
 
 from ..experts import Expert, expert_policy
 from ..fusion import Gaussian
-from ..gaussians import Schedule, StepSpec, ddpm_posterior_mean, predicted_x0_and_epsilon
+from ..gaussians import (
+    Schedule,
+    StepSpec,
+    ddpm_posterior_mean,
+    predicted_x0_and_epsilon,
+    step_gaussian,
+)
 from ..sampling import SeededNoise, sample_chain
 from ..testbed import GaussianMixture, QuadraticReward, testbed_schedule, tilted_step
+from ..validation import MAX_SEED, check_int, check_positive, check_seed
 from .losses import LabelKind
 from .pairs import collect_pairs, training_step_indices
-from .train import TrainConfig, TrainRecord, step_gaussians_per_sample, train_dpo
+from .train import TrainConfig, TrainRecord, train_dpo
 
 __all__ = [
     "LinearReward",
@@ -49,6 +56,7 @@ class LinearReward:
         return (x * self.direction).sum(-1)
 
     def tilt(self, reference: Gaussian, kl_coef: float) -> Gaussian:
+        kl_coef = check_positive(kl_coef, "kl_coef")
         return Gaussian(
             reference.mean + reference.variance * self.direction / kl_coef, reference.variance
         )
@@ -75,8 +83,15 @@ class TestbedPolicy(nn.Module):
         log_variance_bound: float = 4.0,
     ) -> None:
         super().__init__()
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a msdda.Schedule, got {type(schedule).__name__}")
+        log_variance_bound = check_positive(log_variance_bound, "log_variance_bound")
         if schedule.sampler != "ddpm":
-            raise ValueError("TestbedPolicy needs a DDPM schedule")
+            raise ValueError(
+                f"TestbedPolicy needs a DDPM schedule: schedule.sampler is {schedule.sampler!r}"
+            )
         self.mixture = mixture
         self.alphas_cumprod = schedule.alphas_cumprod
         n, d = schedule.num_train_timesteps, mixture.dim
@@ -156,6 +171,20 @@ def validate_on_testbed(
     reward, exact target :func:`msdda.testbed.tilted_step`. Errors are measured at every
     trained step on fresh reference chains (other seeds than training).
     """
+    kl_coef = check_positive(kl_coef, "kl_coef")
+    for name, value in (
+        ("dim", dim),
+        ("num_chains", num_chains),
+        ("pairs_per_state", pairs_per_state),
+        ("num_inference_steps", num_inference_steps),
+        ("num_steps", num_steps),
+    ):
+        check_int(value, name, low=1)
+    check_int(skip_last, "skip_last", low=0)
+    lr = check_positive(lr, "lr")
+    seed = check_seed(seed)
+    if not isinstance(learned_variance, bool):
+        raise TypeError(f"learned_variance must be a bool, got {type(learned_variance).__name__}")
     torch.manual_seed(seed)
     mixture = GaussianMixture.random(dim=dim, seed=seed)
     schedule = testbed_schedule(num_inference_steps)
@@ -223,7 +252,7 @@ def validate_on_testbed(
         if t in trained:
             want = target(Gaussian(ref.mean, ref.variance))
             tb = torch.full((x_t.shape[0],), t, dtype=torch.long)
-            got = step_gaussians_per_sample(policy(x_t, tb), x_t, tb, schedule, spec)
+            got = step_gaussian(policy(x_t, tb), x_t, t, schedule, spec)
             tilt = want.mean - ref.mean
             errs["mean"] = max(errs["mean"], float((got.mean - want.mean).abs().max()))
             errs["shift"] = max(errs["shift"], float(tilt.abs().max()))
@@ -233,7 +262,7 @@ def validate_on_testbed(
             errs["ratio"].append(((got.mean - ref.mean) * tilt).sum() / (tilt * tilt).sum())
         return ref
 
-    noise = SeededNoise(seed + 1000)
+    noise = SeededNoise((seed + 1000) % (MAX_SEED + 1))  # in the seed range
     sample_chain(compare, noise.initial((256, dim)).double(), schedule.timesteps, noise)
     return TestbedValidation(
         labels=labels,

@@ -8,7 +8,7 @@ The reference enters only through the precomputed pairs (its step Gaussians at t
 
 from __future__ import annotations
 
-import math
+import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,11 +19,19 @@ from torch import Tensor, nn
 
 from ..fusion import Gaussian
 from ..gaussians import Schedule, StepSpec, step_gaussian
+from ..validation import (
+    ArgumentKindError,
+    check_callable,
+    check_int,
+    check_number,
+    check_positive,
+    check_seed,
+    compat_check,
+)
 from .losses import (
     LABEL_KINDS,
     LabelKind,
     dpo_logits,
-    gaussian_kl,
     gaussian_log_likelihood_difference,
     implicit_accuracy,
     preference_labels,
@@ -61,26 +69,26 @@ class TrainConfig:
     log_every: int = 25  # optimiser steps between history records
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.kl_coef, (int, float)) and 0 < self.kl_coef < math.inf):
-            raise ValueError(f"kl_coef must be a positive finite number, got {self.kl_coef!r}")
+        # A wrong kind (a bool, a string) is a TypeError that is also a ValueError, as
+        # every refusal here always was.
+        compat_check(check_positive, self.kl_coef, "kl_coef")
         if self.labels not in LABEL_KINDS:
             raise ValueError(f"labels must be one of {LABEL_KINDS}, got {self.labels!r}")
         for name in ("num_steps", "batch_size", "log_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ArgumentKindError(f"{name} must be a positive int, got {v!r}")
+            if v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        for name in ("lr", "variance_lr"):
-            v = getattr(self, name)
-            if v is None and name == "variance_lr":
-                continue
-            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        compat_check(check_positive, self.lr, "lr")
+        if self.variance_lr is not None:
+            compat_check(check_positive, self.variance_lr, "variance_lr")
+        if self.max_grad_norm is not None:
+            compat_check(check_positive, self.max_grad_norm, "max_grad_norm")
         if self.lr_decay not in ("cosine", "constant"):
             raise ValueError(f"lr_decay must be 'cosine' or 'constant', got {self.lr_decay!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        compat_check(check_number, self.weight_decay, "weight_decay", low=0.0)
+        compat_check(check_seed, self.seed, "seed")
 
 
 @dataclass(frozen=True)
@@ -109,26 +117,8 @@ class PolicyMetrics:
     kl_per_step: dict[int, float]  # schedule step index -> mean KL at that step
 
 
-def step_gaussians_per_sample(
-    model_output: Tensor, x_t: Tensor, timesteps: Tensor, schedule: Schedule, spec: StepSpec
-) -> Gaussian:
-    """:func:`msdda.step_gaussian` for a batch whose samples sit at different timesteps.
-
-    Shapes: model_output (B, C or 2C, ...), x_t (B, C, ...), timesteps (B,) long.
-    """
-    if timesteps.shape != (x_t.shape[0],):
-        raise ValueError(
-            f"timesteps must have shape ({x_t.shape[0]},), got {tuple(timesteps.shape)}"
-        )
-    means, variances, order = [], [], []
-    for t in timesteps.unique().tolist():
-        idx = (timesteps == t).nonzero().squeeze(1)
-        g = step_gaussian(model_output[idx], x_t[idx], int(t), schedule, spec)
-        means.append(g.mean)
-        variances.append(g.variance)
-        order.append(idx)
-    inverse = torch.argsort(torch.cat(order))
-    return Gaussian(torch.cat(means)[inverse], torch.cat(variances)[inverse])
+#: Former name of :func:`msdda.step_gaussian` with one timestep per sample (kept as an alias).
+step_gaussians_per_sample = step_gaussian
 
 
 def policy_step_gaussians(
@@ -138,7 +128,7 @@ def policy_step_gaussians(
     x = pairs.states[index]
     t = pairs.timesteps[index]
     cond = None if pairs.cond is None else pairs.cond[index]
-    return step_gaussians_per_sample(policy(x, t, cond), x, t, schedule, spec)
+    return step_gaussian(policy(x, t, cond), x, t, schedule, spec)
 
 
 def _optimizer(
@@ -214,6 +204,14 @@ def train_dpo(
         raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a msdda.Schedule, got {type(schedule).__name__}")
+    if not isinstance(spec, StepSpec):
+        raise TypeError(f"spec must be a msdda.StepSpec, got {type(spec).__name__}")
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
     r_a, r_b = _check_rewards(pairs, rewards)
     gen = torch.Generator().manual_seed(config.seed)
     labels = preference_labels(r_a, r_b, config.labels, generator=gen)
@@ -249,7 +247,7 @@ def train_dpo(
             sched.step()
         with torch.no_grad():
             ref = Gaussian(pairs.reference_mean[idx], pairs.reference_variance[idx])
-            kl = gaussian_kl(Gaussian(g.mean.detach(), g.variance.detach()), ref).mean()
+            kl = g.detach().kl(ref).mean()
             acc = implicit_accuracy(logits.detach(), labels[idx])
             sums += torch.tensor([loss.item(), float(acc), kl.item()], dtype=torch.float64)
             seen += 1
@@ -277,6 +275,11 @@ def evaluate_policy(
     batch_size: int = 4096,
 ) -> PolicyMetrics:
     """Soft DPO loss, implicit accuracy and per-step KL to the reference on ``pairs`` (float64)."""
+    check_callable(policy, "policy", "a denoiser (x_t, t, cond) -> model output")
+    if not isinstance(pairs, PairSet):
+        raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
+    kl_coef = check_positive(kl_coef, "kl_coef")
+    batch_size = check_int(batch_size, "batch_size", low=1)
     r_a, r_b = _check_rewards(pairs, rewards)
     labels = preference_labels(r_a, r_b, "soft").double()
     ref_diff = reference_log_likelihood_differences(pairs)
@@ -287,10 +290,10 @@ def evaluate_policy(
     for s in range(0, len(pairs), batch_size):
         idx = torch.arange(s, min(s + batch_size, len(pairs)))
         g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
-        g = Gaussian(g.mean.double(), g.variance.double())
-        ref = Gaussian(pairs.reference_mean[idx].double(), pairs.reference_variance[idx].double())
+        g = g.to(torch.float64)
+        ref = Gaussian(pairs.reference_mean[idx], pairs.reference_variance[idx])
         logits.append(_pair_logits(g, pairs, idx, ref_diff, kl_coef))
-        kls.append(gaussian_kl(g, ref))
+        kls.append(g.kl(ref.to(torch.float64)))
     if isinstance(policy, nn.Module):
         policy.train(was_training)
     z, kl = torch.cat(logits), torch.cat(kls)

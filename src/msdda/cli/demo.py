@@ -2,48 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import app
+from .common import check_kind, progress_bar, user_errors
 
 
-def fail(message: str) -> None:
-    """One clear line on stderr and a non-zero exit (2), no traceback."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Turn the library's ValueError/TypeError (bad input, bad files) into :func:`fail`."""
-    try:
-        yield
-    except (ValueError, TypeError) as err:
-        fail(str(err))
-
-
-def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
+def _results_table(rows, cfg) -> Table:
+    """The demo's table: one row per method and weight (rewards standardised on base samples)."""
+    first, second = cfg.objectives
+    table = Table(
+        title=(
+            f"MSDDA on digits ({cfg.expert_kind} experts, {cfg.samples_per_prompt} images per "
+            f"digit, seed {cfg.seed}); rewards standardised on base samples"
+        )
     )
-
-
-def check_kind(expert_kind: str) -> str:
-    if expert_kind not in ("fixed", "learned"):
-        fail(f"--expert-kind must be 'fixed' or 'learned', got {expert_kind!r}")
-    return expert_kind
+    for col in ("method", f"w {first}", f"{first}", f"{second}", "accuracy", "ms / image"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(
+            r.method,
+            "-" if r.weight is None else f"{r.weight:.2f}",
+            f"{r.rewards[first]:+.3f}",
+            f"{r.rewards[second]:+.3f}",
+            f"{r.accuracy:.3f}",
+            f"{1000 * r.seconds_per_image:.2f}",
+        )
+    return table
 
 
 @app.command()
@@ -95,23 +85,5 @@ def demo(
 
             rows = write_demo(bundle, cfg, out, progress)
             bar.update(task, completed=runs * steps, description="done")
-    first, second = cfg.objectives
-    table = Table(
-        title=(
-            f"MSDDA on digits ({expert_kind} experts, {samples_per_prompt} images per digit, "
-            f"seed {seed}); rewards standardised on base samples"
-        )
-    )
-    for col in ("method", f"w {first}", f"{first}", f"{second}", "accuracy", "ms / image"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        table.add_row(
-            r.method,
-            "-" if r.weight is None else f"{r.weight:.2f}",
-            f"{r.rewards[first]:+.3f}",
-            f"{r.rewards[second]:+.3f}",
-            f"{r.accuracy:.3f}",
-            f"{1000 * r.seconds_per_image:.2f}",
-        )
-    console.print(table)
+    console.print(_results_table(rows, cfg))
     console.print(f"wrote {out}/ (pareto.png, samples-w*.png, results.json)")

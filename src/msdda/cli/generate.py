@@ -12,8 +12,9 @@ from pathlib import Path
 
 import typer
 
+from ..validation import check_positive
 from . import app
-from .demo import check_kind, fail, user_errors
+from .common import check_kind, fail, user_errors
 
 DOMAINS = ("digits",)
 DIGIT_SUFFIXES = (".png", ".npy")
@@ -62,6 +63,16 @@ def parse_digit(prompt: str) -> int:
     return digit
 
 
+def _check_builtin(domain: str | None, expert: list[str]) -> None:
+    """A built-in domain (digits) is asked for: refuse another name, and SD's --expert."""
+    if domain is not None and domain not in DOMAINS:
+        fail(f"--domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    if expert:
+        fail(
+            "--expert is for Stable Diffusion (with --base); the digits domain uses its shipped experts"
+        )
+
+
 def _generate_digits(
     prompt: str,
     weights: dict[str, float],
@@ -91,6 +102,46 @@ def _generate_digits(
             desc = ", ".join(f"{k} {v:g}" for k, v in weights.items())
             save_grid(images, out, title=f"digit {digit}: {desc} ({expert_kind})")
     Console().print(f"wrote {num_samples} samples of digit {digit} to {out}")
+
+
+def _generate_sd(
+    base: str,
+    expert: list[str],
+    weights: dict[str, float],
+    prompt: str,
+    out: Path,
+    num_samples: int,
+    seed: int,
+    *,
+    steps: int,
+    guidance_scale: float,
+    eta: float,
+    kl_coef: float | None,
+) -> None:
+    """Hand a Stable Diffusion request to ``msdda.sd.cli.generate_sd`` (the ``sd`` extra)."""
+    experts = parse_pairs(expert, "--expert", numeric=False)
+    check_out(out, None)
+    try:
+        from ..sd.cli import generate_sd
+    except ImportError as err:
+        fail(
+            f"the Stable Diffusion extra is not available ({err}); install it with pip install 'msdda[sd]'"
+        )
+    with user_errors():
+        written = generate_sd(
+            base=base,
+            experts=experts,
+            weights=weights,
+            prompt=prompt,
+            out=out,
+            num_samples=num_samples,
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            kl_coef=kl_coef,
+        )
+    typer.echo(f"wrote {written}")
 
 
 @app.command()
@@ -131,40 +182,26 @@ def generate(
             "--domain and --base are mutually exclusive: --domain picks a built-in domain, "
             "--base a Stable Diffusion pipeline"
         )
-    if kl_coef is not None and not (math.isfinite(kl_coef) and kl_coef > 0):
-        fail(f"--kl-coef must be a positive number, got {kl_coef}")
+    if kl_coef is not None:
+        with user_errors():
+            check_positive(kl_coef, "--kl-coef")
     weights = parse_pairs(weight, "--weight", numeric=True)
     if base is None:
-        if domain is not None and domain not in DOMAINS:
-            fail(f"--domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
-        if expert:
-            fail(
-                "--expert is for Stable Diffusion (with --base); the digits domain uses its shipped experts"
-            )
+        _check_builtin(domain, expert)
         _generate_digits(
             prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir, threads
         )
         return
-    experts = parse_pairs(expert, "--expert", numeric=False)
-    check_out(out, None)
-    try:
-        from ..sd.cli import generate_sd
-    except ImportError as err:
-        fail(
-            f"the Stable Diffusion extra is not available ({err}); install it with pip install 'msdda[sd]'"
-        )
-    with user_errors():
-        written = generate_sd(
-            base=base,
-            experts=experts,
-            weights=weights,
-            prompt=prompt,
-            out=out,
-            num_samples=num_samples,
-            seed=seed,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            eta=eta,
-            kl_coef=kl_coef,
-        )
-    typer.echo(f"wrote {written}")
+    _generate_sd(
+        base,
+        expert,
+        weights,
+        prompt,
+        out,
+        num_samples,
+        seed,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        eta=eta,
+        kl_coef=kl_coef,
+    )

@@ -10,7 +10,58 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
-from .sweep import _floats, fail, show_warnings
+from .common import fail, parse_floats, show_warnings
+
+COLUMNS = (
+    "method",
+    "hypervolume",
+    "weighted reward {half}",
+    "MSDDA - method",
+    "KL to base",
+    "drift from base",
+    "time / base",
+    "NFE / base",
+)
+
+
+def _num(x, spec: str = ".3f", se=None) -> str:
+    if x is None:
+        return "n/a"
+    return format(x, spec) + (f" ± {se:.3f}" if se is not None and se == se else "")
+
+
+def _table(results: Path, rep) -> Table:
+    """The summary table: one row per method."""
+    table = Table(title=f"{results} ({', '.join(rep.objectives)})")
+    half = "(" + ", ".join(f"{w:.2f}" for w in rep.half) + ")"
+    for col in COLUMNS:
+        table.add_column(col.format(half=half), justify="left" if col == "method" else "right")
+    for s in rep.summaries:
+        table.add_row(
+            s.method,
+            _num(s.hypervolume, ".4f"),
+            _num(s.weighted_half, ".3f", s.weighted_half_se),
+            _num(s.msdda_gain, "+.3f", s.msdda_gain_se),
+            _num(s.kl_half, ".4f"),
+            _num(s.drift_half, ".4f"),
+            _num(s.time_vs_base, ".2f"),
+            _num(s.nfe_vs_base, ".2f"),
+        )
+    return table
+
+
+def _write(results: Path, out: Path, ref: list[float] | None):
+    """Read RESULTS and write pareto.png and report.md to ``out``; the report and both paths."""
+    from ..evaluation import build_report, plot_pareto, read_results, write_markdown
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = read_results(results)
+    show_warnings(caught)
+    rep = build_report(data, ref)
+    png = plot_pareto(rep, out / "pareto.png")
+    md = write_markdown(rep, out / "report.md", plot_name=png.name)
+    return rep, png, md
 
 
 @app.command()
@@ -24,57 +75,20 @@ def report(
     ),
 ) -> None:
     """Write pareto.png and report.md for RESULTS and print the summary table."""
-    from ..evaluation.report import build_report, plot_pareto, standings, write_markdown
-    from ..evaluation.results import ResultsError, read_results
+    from ..evaluation import standings
 
     out = out or results.with_name(results.stem + "-report")
     ref = None
     if reference:
-        ref = _floats(reference, "--reference")
+        ref = parse_floats(reference, "--reference")
         if len(ref) != 2:
             fail(f"--reference must be two numbers 'x,y', got {reference!r}")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            data = read_results(results)
-        show_warnings(caught)
-        rep = build_report(data, ref)
-        png = plot_pareto(rep, out / "pareto.png")
-        md = write_markdown(rep, out / "report.md", plot_name=png.name)
-    except (ValueError, TypeError, ResultsError, OSError) as err:
+        rep, png, md = _write(results, out, ref)
+    except (ValueError, TypeError, OSError) as err:  # bad input, unwritable output
         fail(str(err))
-    table = Table(title=f"{results} ({', '.join(rep.objectives)})")
-    half = "(" + ", ".join(f"{w:.2f}" for w in rep.half) + ")"
-    for col in (
-        "method",
-        "hypervolume",
-        f"weighted reward {half}",
-        "MSDDA - method",
-        "KL to base",
-        "drift from base",
-        "time / base",
-        "NFE / base",
-    ):
-        table.add_column(col, justify="left" if col == "method" else "right")
-
-    def num(x, spec=".3f", se=None):
-        if x is None:
-            return "n/a"
-        return format(x, spec) + (f" ± {se:.3f}" if se is not None and se == se else "")
-
-    for s in rep.summaries:
-        table.add_row(
-            s.method,
-            num(s.hypervolume, ".4f"),
-            num(s.weighted_half, ".3f", s.weighted_half_se),
-            num(s.msdda_gain, "+.3f", s.msdda_gain_se),
-            num(s.kl_half, ".4f"),
-            num(s.drift_half, ".4f"),
-            num(s.time_vs_base, ".2f"),
-            num(s.nfe_vs_base, ".2f"),
-        )
     console = Console(width=max(Console().width, 120))
-    console.print(table)
+    console.print(_table(results, rep))
     if rep.reference is not None:
         console.print(
             f"hypervolume reference point: ({rep.reference[0]:.4f}, {rep.reference[1]:.4f})"

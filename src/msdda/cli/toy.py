@@ -1,101 +1,20 @@
-"""``msdda toy train``: reproduce the shipped digits weights from scratch on a CPU."""
+"""``msdda toy``: hidden. ``msdda toy train`` is the old name of ``msdda train``.
+
+"toy" means the 2-D Gaussian mixture now; digits training is ``msdda train``
+(:mod:`msdda.cli.train`). The alias stays so that old scripts keep working.
+"""
 
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
-
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from . import app
-from .demo import fail, progress_bar, user_errors
+from .train import train
 
-toy_app = typer.Typer(help="The embedded digits domain: train its models.", no_args_is_help=True)
-app.add_typer(toy_app, name="toy")
+__all__ = ["toy_app"]
 
-
-@toy_app.command("train")
-def train(
-    out: Path = typer.Option(
-        None, help="Weights folder to write (default: the shipped msdda/digits/weights)."
-    ),
-    align: bool = typer.Option(
-        True, help="Also train the experts and oracles (msdda.digits.align)."
-    ),
-    threads: int = typer.Option(
-        1, min=1, help="torch threads (results depend on it; the shipped weights used 1)."
-    ),
-    seeds: list[int] = typer.Option(
-        [0, 1], "--seed", help="Training seeds of the experts and oracles (repeat; first: default)."
-    ),
-) -> None:
-    """Train classifier, base, reward normalisation, experts and oracles (seeded), then publish."""
-    from ..digits.pipeline import ToyTrainConfig, train_all
-    from ..digits.sampling import torch_threads
-    from ..digits.store import DEFAULT_WEIGHTS_DIR
-
-    if align:
-        try:
-            from ..digits import align as _align  # noqa: F401  (needs peft)
-        except ImportError as err:
-            fail(
-                f"training the experts needs peft ({err}); install it with "
-                "pip install 'msdda[sd]', or pass --no-align"
-            )
-    out = Path(DEFAULT_WEIGHTS_DIR if out is None else out)
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a folder")
-    if not out.parent.is_dir():
-        fail(f"--out {out}: its folder {out.parent} does not exist")
-    console = Console()
-    start = time.perf_counter()
-    with user_errors(), torch_threads(threads), progress_bar(console) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, step: int, total: int, loss: float) -> None:
-            if stage not in tasks:
-                for t in tasks.values():
-                    bar.update(t, completed=bar.tasks[t].total)
-                tasks[stage] = bar.add_task(stage, total=total)
-            desc = stage if math.isnan(loss) else f"{stage} loss {loss:.4f}"
-            bar.update(tasks[stage], completed=step, description=desc)
-
-        cfg = ToyTrainConfig(align=align, align_seeds=tuple(seeds))
-        manifest = train_all(out, cfg, progress)
-    elapsed = time.perf_counter() - start
-    table = Table(title=f"msdda toy train: {out}")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    for stage, sec in manifest["timings_s"].items():
-        table.add_row(stage, f"{sec:.1f}")
-    console.print(table)
-    if manifest["experts"] or manifest["oracles"]:
-        console.print(gains_table(manifest))
-    clf = manifest["classifier"]["metrics"]["heldout_accuracy"]
-    acc = manifest["base"]["metrics"]["samples"]["prompt_accuracy"]
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
-    console.print(
-        f"classifier held-out accuracy {clf:.3f}; base samples classified as their prompt "
-        f"{acc:.3f}; {len(manifest['experts'])} experts, {len(manifest['oracles'])} oracles; "
-        f"{size:.1f} MB; total {elapsed / 60:.1f} min"
-    )
-
-
-def gains_table(manifest: dict) -> Table:
-    """Held-out standardised reward gains over the base of every expert and oracle."""
-    names = list(manifest["reward_normalisation"])
-    table = Table(title="held-out gain over base (standardised rewards, same noise)")
-    for col in ("model", "kind", "seed", *names, "accuracy"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    rows = [(e["reward"], e) for e in manifest["experts"]]
-    rows += [
-        (",".join(f"{n}={w:g}" for n, w in e["weights"].items()), e) for e in manifest["oracles"]
-    ]
-    for label, e in rows:
-        gains = e.get("metrics", {}).get("reward_gains", {})
-        cells = [f"{gains[n]:+.3f}" if n in gains else "-" for n in (*names, "accuracy")]
-        table.add_row(label, e["kind"], str(e.get("seed", 0)), *cells)
-    return table
+toy_app = typer.Typer(
+    help="Old spelling: `msdda toy train` is `msdda train`.", no_args_is_help=True, hidden=True
+)
+toy_app.command("train", help="Old name of `msdda train` (digits training).")(train)
+app.add_typer(toy_app, name="toy", hidden=True)

@@ -11,16 +11,20 @@ The prompt is a digit 0-9. Data (``sklearn.datasets.load_digits``) lives in mode
   steps, 50 strided DDPM sampling steps: :func:`make_schedule`.
 - Rewards (:mod:`.rewards`): ``legibility``, ``boldness``, ``symmetry``,
   ``(images in [0, 1], prompts) -> (B,)``, raw in :data:`REWARDS`, standardised in a bundle.
-- Weights (:mod:`.store`, :mod:`.bundle`, :mod:`.lora`): safetensors + ``manifest.json``;
-  experts and oracles are LoRA adapters of the base (two training seeds shipped), merged
-  at load; :func:`load_digits_bundle` loads everything (``bundle.expert(name, kind,
-  seed=0)``); :func:`add_expert` / :func:`add_oracle` record newly trained models.
+- Weights (:mod:`.store` at the bottom, :mod:`.lora`, :mod:`.bundle`, :mod:`.catalog`):
+  safetensors + ``manifest.json``; experts and oracles are LoRA adapters of the base (the
+  core's :mod:`msdda.lora` format; two training seeds shipped), merged at load;
+  :func:`load_digits_bundle` loads everything (``bundle.expert(name, kind, seed=0)``);
+  :func:`add_expert` / :func:`add_oracle` record newly trained models.
 - Sampling (:mod:`.sampling`): :func:`generate` (MSDDA for one prompt), :func:`sample_msdda`,
-  :func:`sample_expert`, :func:`msdda_policy`.
-- Training (:mod:`.train`, :mod:`.pipeline`): :func:`train_all` reproduces the shipped weights.
+  :func:`sample_expert`, :func:`fused_policy`; :func:`method_context` is the domain as
+  :mod:`msdda.methods` sees it.
+- Training (:mod:`.train`, :mod:`.pipeline`): :func:`train_all` reproduces the shipped
+  weights (``msdda train``).
 """
 
 from .bundle import DigitsBundle, Oracle, expert_spec, load_denoiser, load_digits_bundle
+from .catalog import add_expert, add_oracle
 from .data import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -38,7 +42,7 @@ from .models import (
     DigitDenoiser,
     GuidedDenoiser,
 )
-from .pipeline import ToyTrainConfig, train_all, write_domain_folder
+from .pipeline import DigitsTrainConfig, ToyTrainConfig, train_all, write_domain_folder
 from .rewards import (
     REWARD_NAMES,
     REWARDS,
@@ -46,6 +50,7 @@ from .rewards import (
     RewardNormalisation,
     StandardisedReward,
     boldness,
+    check_reward_weights,
     fit_normalisation,
     make_reward,
     make_rewards,
@@ -54,7 +59,9 @@ from .rewards import (
 )
 from .sampling import (
     check_weights,
+    fused_policy,
     generate,
+    method_context,
     msdda_policy,
     run_policy,
     sample_expert,
@@ -65,8 +72,6 @@ from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule, make
 from .store import (
     DEFAULT_WEIGHTS_DIR,
     EXPERT_KINDS,
-    add_expert,
-    add_oracle,
     load_module_state,
     read_manifest,
     save_module,
@@ -89,6 +94,7 @@ __all__ = [
     "DigitData",
     "DigitDenoiser",
     "DigitsBundle",
+    "DigitsTrainConfig",
     "GuidedDenoiser",
     "Legibility",
     "Oracle",
@@ -98,11 +104,13 @@ __all__ = [
     "add_oracle",
     "boldness",
     "check_prompts",
+    "check_reward_weights",
     "check_weights",
     "decode",
     "encode",
     "expert_spec",
     "fit_normalisation",
+    "fused_policy",
     "generate",
     "load_denoiser",
     "load_digit_data",
@@ -112,6 +120,7 @@ __all__ = [
     "make_rewards",
     "make_schedule",
     "make_scheduler",
+    "method_context",
     "msdda_policy",
     "read_manifest",
     "run_policy",

@@ -1,4 +1,4 @@
-"""Digits experts and oracles by step-level DPO on the base model (DESIGN.md §4).
+"""Digits experts and oracles by step-level DPO on the base model (docs/design.md §4).
 
 An *expert* is the base fine-tuned towards p_ref * exp(r / beta) at every reverse step for
 one standardised reward r (``legibility``, ``boldness``, ``symmetry``); an *oracle* is the
@@ -11,14 +11,15 @@ Fine-tuning is a LoRA adapter (peft) on the base's linear layers, plus, for the
 learning rate (``learned_log`` variance, bounded by the model). The adapter is merged for
 sampling; its tensors (:attr:`AlignedModel.adapter`) are what is worth storing.
 
-Public API (stable; used by ``msdda toy train`` and ``benchmarks/digits_quality.py``):
+Public API (stable; used by ``msdda train`` and ``benchmarks/digits_quality.py``):
 
 - :func:`collect_digit_pairs` (bundle, config, seed) -> :class:`msdda.alignment.PairSet`
 - :func:`train_expert` (bundle, reward, kind, ...) -> :class:`AlignedModel`
 - :func:`train_oracle` (bundle, weights, kind, ...) -> :class:`AlignedModel`
 - :func:`train_experts_and_oracles` (bundle, seed, ...) -> every expert and oracle of a seed
-- :func:`evaluate_rewards` (bundle, expert, ...) -> mean standardised reward by name;
-  :func:`reward_samples` and :func:`reward_gains` for per-sample values and paired gains
+- :func:`mean_rewards` (bundle, expert, ...) -> mean standardised reward by name
+  (``evaluate_rewards`` is its old name); :func:`reward_samples` and :func:`reward_gains`
+  for per-sample values and paired gains
 - :func:`apply_adapter` (base, adapter, lora, kind) -> the merged :class:`DigitDenoiser`
 - :func:`save_adapter` / :func:`load_adapter`: an aligned model as a small safetensors file
   (its adapter: ~0.10 MB fixed, ~0.14 MB learned on the shipped base, vs 0.77 MB for
@@ -50,6 +51,7 @@ from ..alignment import (
     tweedie_step_rewards,
 )
 from ..experts import Expert
+from ..io import atomic_write_bytes
 from .bundle import DigitsBundle, expert_spec
 from .data import IMAGE_SHAPE, NUM_CLASSES, decode
 from .lora import (
@@ -63,9 +65,9 @@ from .lora import (
     read_adapter_file,
 )
 from .models import DigitDenoiser, GuidedDenoiser
-from .rewards import REWARDS
-from .sampling import check_weights, sample_expert
-from .store import EXPERT_KINDS, atomic_write_bytes, check_expert_kind
+from .rewards import REWARDS, check_reward_weights
+from .sampling import sample_expert
+from .store import EXPERT_KINDS, check_expert_kind
 
 __all__ = [
     "ORACLE_WEIGHTS",
@@ -80,6 +82,7 @@ __all__ = [
     "train_oracle",
     "train_aligned",
     "train_experts_and_oracles",
+    "mean_rewards",
     "evaluate_rewards",
     "reward_samples",
     "reward_gains",
@@ -169,8 +172,9 @@ def _check_bundle(bundle: Any) -> DigitsBundle:
     return bundle
 
 
-def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
-    out = check_weights(weights)
+def _training_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    """Checked preference weights (:func:`~msdda.digits.rewards.check_reward_weights`), not all 0."""
+    out = check_reward_weights(weights)
     if not any(out.values()):
         raise ValueError("weights are all 0: there is nothing to align to")
     return out
@@ -303,7 +307,7 @@ def reward_samples(
     return out
 
 
-def evaluate_rewards(
+def mean_rewards(
     bundle: DigitsBundle, expert: Expert, num_samples: int = 500, seed: int = 10_000
 ) -> dict[str, float]:
     """Mean standardised reward (and classifier accuracy) of ``expert``'s samples.
@@ -313,6 +317,10 @@ def evaluate_rewards(
     return {
         k: float(v.mean()) for k, v in reward_samples(bundle, expert, num_samples, seed).items()
     }
+
+
+#: The old name of :func:`mean_rewards` (``msdda.evaluation`` has its own reward scoring).
+evaluate_rewards = mean_rewards
 
 
 def reward_gains(
@@ -346,6 +354,87 @@ def variance_offsets(expert: Expert, pairs: PairSet, max_states: int = 4096) -> 
     }
 
 
+def _fit(
+    bundle: DigitsBundle,
+    pairs: PairSet,
+    rewards: Tensor,
+    kind: str,
+    config: AlignConfig,
+    seed: int,
+    progress: Progress | None,
+) -> tuple[nn.Module, Any]:
+    """The peft model fine-tuned by step-level DPO on ``pairs``, and the trainer's result."""
+    with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG untouched
+        torch.manual_seed(seed)
+        peft_model = _lora_model(bundle.base, kind, config.lora)
+    variance_params = [
+        p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad
+    ]
+    train_config = TrainConfig(
+        kl_coef=config.kl_coef,
+        labels="soft",
+        num_steps=config.num_steps,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        variance_lr=config.variance_lr,
+        max_grad_norm=config.max_grad_norm,
+        seed=seed,
+        log_every=max(1, config.num_steps // 20),
+    )
+    callback = None
+    if progress is not None:
+
+        def callback(record) -> None:
+            progress(record.step, config.num_steps, record.loss)
+
+    result = train_dpo(
+        _guided(peft_model, bundle),
+        pairs,
+        rewards,
+        bundle.schedule,
+        expert_spec(kind),
+        train_config,
+        variance_parameters=variance_params,
+        callback=callback,
+    )
+    return peft_model, result
+
+
+def _metrics(
+    bundle: DigitsBundle,
+    expert: Expert,
+    pairs: PairSet,
+    rewards: Tensor,
+    weights: Mapping[str, float],
+    config: AlignConfig,
+    result: Any,
+) -> dict[str, Any]:
+    """Fit on the training pairs and, with ``config.eval_samples``, held-out reward gains."""
+    fit = evaluate_policy(
+        expert.denoiser, pairs, rewards, bundle.schedule, expert.spec, config.kl_coef
+    )
+    metrics: dict[str, Any] = {
+        "train_loss": fit.loss,
+        "train_implicit_accuracy": fit.accuracy,
+        "kl_per_state": fit.kl,
+        "kl_per_step": {str(k): v for k, v in fit.kl_per_step.items()},
+        "train_seconds": result.seconds,
+    }
+    if expert.spec.variance_type == "learned_log":  # the "learned" kind
+        metrics["log_variance_offset"] = variance_offsets(expert, pairs)
+    if config.eval_samples:
+        got = reward_samples(bundle, expert, config.eval_samples)
+        base = _base_reward_samples(bundle, config.eval_samples)
+        gains, gain_se = reward_gains(got, base)
+        metrics["eval_samples"] = config.eval_samples
+        metrics["rewards"] = {k: float(v.mean()) for k, v in got.items()}
+        metrics["base_rewards"] = {k: float(v.mean()) for k, v in base.items()}
+        metrics["reward_gains"] = gains  # held-out, paired with the base on the same noise
+        metrics["reward_gain_se"] = gain_se
+        metrics["weighted_reward_gain"] = sum(w * gains[n] for n, w in weights.items())
+    return metrics
+
+
 def train_aligned(
     bundle: DigitsBundle,
     weights: Mapping[str, float],
@@ -370,7 +459,7 @@ def train_aligned(
         progress: ``progress(step, total, loss)``.
     """
     bundle = _check_bundle(bundle)
-    weights = _check_weights(weights)
+    weights = _training_weights(weights)
     check_expert_kind(kind)
     start = time.perf_counter()
     pairs_record: dict[str, Any] = {"given": pairs is not None}
@@ -380,90 +469,27 @@ def train_aligned(
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
     rewards = pairs.weighted_rewards(weights)
-    with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG untouched
-        torch.manual_seed(seed)
-        peft_model = _lora_model(bundle.base, kind, config.lora)
-    policy = _guided(peft_model, bundle)
-    spec = expert_spec(kind)
-    variance_params = [
-        p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad
-    ]
-    train_config = TrainConfig(
-        kl_coef=config.kl_coef,
-        labels="soft",
-        num_steps=config.num_steps,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        variance_lr=config.variance_lr,
-        max_grad_norm=config.max_grad_norm,
-        seed=seed,
-        log_every=max(1, config.num_steps // 20),
-    )
-    callback = None
-    if progress is not None:
-
-        def callback(record) -> None:
-            progress(record.step, config.num_steps, record.loss)
-
-    result = train_dpo(
-        policy,
-        pairs,
-        rewards,
-        bundle.schedule,
-        spec,
-        train_config,
-        variance_parameters=variance_params,
-        callback=callback,
-    )
+    peft_model, result = _fit(bundle, pairs, rewards, kind, config, seed, progress)
     adapter = _adapter_state(peft_model)
     model = peft_model.merge_and_unload().eval().requires_grad_(False)
-    name = f"{_weights_label(weights)}/{kind}"
-    expert = Expert(_guided(model, bundle), spec, float(config.kl_coef), name)
-    fit = evaluate_policy(expert.denoiser, pairs, rewards, bundle.schedule, spec, config.kl_coef)
-    metrics: dict[str, Any] = {
-        "train_loss": fit.loss,
-        "train_implicit_accuracy": fit.accuracy,
-        "kl_per_state": fit.kl,
-        "kl_per_step": {str(k): v for k, v in fit.kl_per_step.items()},
-        "train_seconds": result.seconds,
-    }
-    if kind == "learned":
-        metrics["log_variance_offset"] = variance_offsets(expert, pairs)
-    if config.eval_samples:
-        got = reward_samples(bundle, expert, config.eval_samples)
-        base = _base_reward_samples(bundle, config.eval_samples)
-        gains, gain_se = reward_gains(got, base)
-        metrics["eval_samples"] = config.eval_samples
-        metrics["rewards"] = {k: float(v.mean()) for k, v in got.items()}
-        metrics["base_rewards"] = {k: float(v.mean()) for k, v in base.items()}
-        metrics["reward_gains"] = gains  # held-out, paired with the base on the same noise
-        metrics["reward_gain_se"] = gain_se
-        metrics["weighted_reward_gain"] = sum(w * gains[n] for n, w in weights.items())
+    name, beta = f"{_weights_label(weights)}/{kind}", float(config.kl_coef)
+    expert = Expert(_guided(model, bundle), expert_spec(kind), beta, name)
+    metrics = _metrics(bundle, expert, pairs, rewards, weights, config, result)
     metrics["seconds"] = time.perf_counter() - start
+    pairs_record.update(
+        num_pairs=len(pairs), trained_steps=sorted(pairs.step_indices.unique().tolist())
+    )
     training = {
         "method": "step-level DPO, soft Bradley-Terry labels",
         "seed": seed,
         "weights": weights,
         "kind": kind,
         "config": config.to_dict(),
-        "pairs": {
-            **pairs_record,
-            "num_pairs": len(pairs),
-            "trained_steps": sorted(pairs.step_indices.unique().tolist()),
-        },
+        "pairs": pairs_record,
         "history": [asdict(r) for r in result.history],
     }
-    return AlignedModel(
-        model,
-        expert,
-        weights,
-        kind,
-        float(config.kl_coef),
-        adapter,
-        base_fingerprint(bundle.base),
-        metrics,
-        training,
-    )
+    fingerprint = base_fingerprint(bundle.base)
+    return AlignedModel(model, expert, weights, kind, beta, adapter, fingerprint, metrics, training)
 
 
 def train_expert(

@@ -37,15 +37,20 @@ from .models import (
 )
 from .rewards import REWARDS, RewardNormalisation, StandardisedReward, make_rewards, standardise
 from .schedule import NUM_INFERENCE_STEPS, make_schedule
-from .store import DEFAULT_WEIGHTS_DIR, EXPERT_KINDS, load_module_state, read_manifest
+from .store import (
+    DEFAULT_WEIGHTS_DIR,
+    EXPERT_KINDS,
+    check_expert_kind,
+    load_module_state,
+    read_manifest,
+)
 
 __all__ = ["DigitsBundle", "Oracle", "load_digits_bundle", "expert_spec", "load_denoiser"]
 
 
 def expert_spec(kind: str) -> StepSpec:
     """The step spec of an expert kind: epsilon prediction, fixed_small or learned_log."""
-    if kind not in EXPERT_KINDS:
-        raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
+    check_expert_kind(kind, "expert kind")
     return StepSpec("epsilon", "learned_log" if kind == "learned" else "fixed_small")
 
 
@@ -105,8 +110,7 @@ class DigitsBundle:
 
         ``seed`` is the training seed (None: :attr:`default_seed`).
         """
-        if kind not in EXPERT_KINDS:
-            raise ValueError(f"expert kind must be one of {EXPERT_KINDS}, got {kind!r}")
+        check_expert_kind(kind, "expert kind")
         experts = self._experts_of(seed)
         if (name, kind) not in experts:
             have = ", ".join(self.expert_names(kind, seed)) or "none"
@@ -114,7 +118,7 @@ class DigitsBundle:
             raise ValueError(
                 f"no {kind!r} expert{which} for reward {name!r} in {self.path} (available "
                 f"{kind} experts{which}: {have}; seeds here: {list(self.seeds) or 'none'}); "
-                "train them with `msdda toy train`"
+                "train them with `msdda train`"
             )
         return experts[(name, kind)]
 
@@ -232,6 +236,93 @@ def _entries(manifest: dict, key: str, where: Path) -> list[dict]:
     return entries
 
 
+@dataclass(frozen=True)
+class _Folder:
+    """What every model of a weights folder is loaded with."""
+
+    path: Path  # the weights folder
+    where: Path  # its manifest, for messages
+    manifest: dict
+    loader: _ModelLoader
+    guidance_scale: float
+    default_seed: int
+
+    def name(self, label: str, kind: str, seed: int) -> str:
+        """``<label>/<kind>``, plus ``/seed<k>`` for a seed other than the default."""
+        return f"{label}/{kind}" + ("" if seed == self.default_seed else f"/seed{seed}")
+
+    def expert(self, entry: dict, kind: str, name: str, where: str) -> Expert:
+        """The entry's model as an Expert called ``name`` (``where`` names it in errors)."""
+        model = self.loader.load(entry, kind, where)
+        return _as_expert(model, kind, entry.get("kl_coef"), name, self.guidance_scale)
+
+
+def _load_experts(folder: _Folder) -> dict[tuple[str, str, int], Expert]:
+    """Every expert of the manifest, by (reward, kind, seed)."""
+    out: dict[tuple[str, str, int], Expert] = {}
+    for entry in _entries(folder.manifest, "experts", folder.where):
+        reward, kind, seed = entry.get("reward"), entry.get("kind"), _seed_of(entry, folder.where)
+        if reward not in REWARDS or kind not in EXPERT_KINDS:
+            raise ValueError(
+                f"manifest {folder.where}: expert entry with reward {reward!r}, kind {kind!r}"
+            )
+        if (reward, kind, seed) in out:
+            raise ValueError(f"manifest {folder.where}: two experts {reward}/{kind} of seed {seed}")
+        name = folder.name(reward, kind, seed)
+        out[(reward, kind, seed)] = folder.expert(entry, kind, name, f"expert {name}")
+    return out
+
+
+def _load_oracles(folder: _Folder) -> list[Oracle]:
+    """Every oracle of the manifest, in its order."""
+    out: list[Oracle] = []
+    for entry in _entries(folder.manifest, "oracles", folder.where):
+        weights, kind, seed = entry.get("weights"), entry.get("kind"), _seed_of(entry, folder.where)
+        if not isinstance(weights, dict) or kind not in EXPERT_KINDS:
+            raise ValueError(
+                f"manifest {folder.where}: oracle entry with weights {weights!r}, kind {kind!r}"
+            )
+        try:
+            weights = {str(n): float(w) for n, w in weights.items()}
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"manifest {folder.where}: oracle weights {weights!r} are not numbers"
+            ) from None
+        name = folder.name(f"oracle {weights}", kind, seed)
+        expert = folder.expert(entry, kind, name, name)
+        out.append(Oracle(weights, kind, expert, seed))
+    return out
+
+
+def _load_rewards(
+    manifest: dict, classifier: DigitClassifier, where: Path
+) -> tuple[dict[str, Reward], dict[str, StandardisedReward]]:
+    """The raw rewards and their standardised versions (the manifest's normalisation)."""
+    raw = make_rewards(classifier, float(manifest["legibility_temperature"]))
+    try:
+        stats = {
+            n: RewardNormalisation(float(s["mean"]), float(s["std"]))
+            for n, s in manifest["reward_normalisation"].items()
+        }
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"manifest {where}: bad reward_normalisation: {err}") from None
+    return raw, standardise(raw, stats)
+
+
+def _load_classifier(weights_dir: Path, entry: Any) -> DigitClassifier:
+    file, sha = _entry_file(weights_dir, entry, "classifier")
+    classifier = DigitClassifier(_config(ClassifierConfig, entry.get("config"), f"{file}"))
+    load_module_state(file, classifier, sha)
+    return classifier
+
+
+def _load_base(weights_dir: Path, entry: dict) -> DigitDenoiser:
+    base = load_denoiser(weights_dir, entry, "base")
+    if base.config.variance_head:
+        raise ValueError(f"{weights_dir / entry['file']}: the base must not have a variance head")
+    return base
+
+
 def load_digits_bundle(
     path: str | Path | None = None, *, num_inference_steps: int = NUM_INFERENCE_STEPS
 ) -> DigitsBundle:
@@ -252,59 +343,13 @@ def load_digits_bundle(
     g = float(manifest.get("guidance_scale", 1.0))
     default_seed = _seed_of(manifest, where, "default_seed")
     schedule = make_schedule(num_inference_steps, manifest.get("scheduler"))
-
-    base = load_denoiser(weights_dir, manifest["base"], "base")
-    if base.config.variance_head:
-        raise ValueError(
-            f"{weights_dir / manifest['base']['file']}: the base must not have a variance head"
-        )
-    file, sha = _entry_file(weights_dir, manifest["classifier"], "classifier")
-    classifier = DigitClassifier(
-        _config(ClassifierConfig, manifest["classifier"].get("config"), f"{file}")
-    )
-    load_module_state(file, classifier, sha)
-
-    raw = make_rewards(classifier, float(manifest["legibility_temperature"]))
-    try:
-        stats = {
-            n: RewardNormalisation(float(s["mean"]), float(s["std"]))
-            for n, s in manifest["reward_normalisation"].items()
-        }
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"manifest {where}: bad reward_normalisation: {err}") from None
-    rewards = standardise(raw, stats)
-
+    base = _load_base(weights_dir, manifest["base"])
+    classifier = _load_classifier(weights_dir, manifest["classifier"])
+    raw, rewards = _load_rewards(manifest, classifier, where)
     loader = _ModelLoader(weights_dir, base, weights_dir / manifest["base"]["file"])
-    all_experts: dict[tuple[str, str, int], Expert] = {}
-    for entry in _entries(manifest, "experts", where):
-        reward, kind, seed = entry.get("reward"), entry.get("kind"), _seed_of(entry, where)
-        if reward not in REWARDS or kind not in EXPERT_KINDS:
-            raise ValueError(
-                f"manifest {where}: expert entry with reward {reward!r}, kind {kind!r}"
-            )
-        if (reward, kind, seed) in all_experts:
-            raise ValueError(f"manifest {where}: two experts {reward}/{kind} of seed {seed}")
-        name = f"{reward}/{kind}" + ("" if seed == default_seed else f"/seed{seed}")
-        model = loader.load(entry, kind, f"expert {name}")
-        all_experts[(reward, kind, seed)] = _as_expert(model, kind, entry.get("kl_coef"), name, g)
-    all_oracles: list[Oracle] = []
-    for entry in _entries(manifest, "oracles", where):
-        weights, kind, seed = entry.get("weights"), entry.get("kind"), _seed_of(entry, where)
-        if not isinstance(weights, dict) or kind not in EXPERT_KINDS:
-            raise ValueError(
-                f"manifest {where}: oracle entry with weights {weights!r}, kind {kind!r}"
-            )
-        try:
-            weights = {str(n): float(w) for n, w in weights.items()}
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"manifest {where}: oracle weights {weights!r} are not numbers"
-            ) from None
-        name = f"oracle {weights}/{kind}" + ("" if seed == default_seed else f"/seed{seed}")
-        model = loader.load(entry, kind, name)
-        expert = _as_expert(model, kind, entry.get("kl_coef"), name, g)
-        all_oracles.append(Oracle(weights, kind, expert, seed))
-
+    folder = _Folder(weights_dir, where, manifest, loader, g, default_seed)
+    all_experts = _load_experts(folder)
+    all_oracles = _load_oracles(folder)
     return DigitsBundle(
         path=weights_dir,
         manifest=manifest,

@@ -11,9 +11,6 @@ the same noise for comparison. Outputs: a table of rows, ``pareto.png``,
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,11 +19,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..io import atomic_dir, atomic_write_text
+from ..validation import check_int
 from .bundle import DigitsBundle
 from .data import NUM_CLASSES
 from .plots import save_grid, save_pareto_plot
 from .sampling import sample_expert, sample_msdda
-from .store import EXPERT_KINDS, atomic_write_text
+from .store import check_expert_kind
 
 __all__ = ["DemoConfig", "DemoRow", "weight_grid", "evaluate_images", "run_demo", "write_demo"]
 
@@ -47,19 +46,10 @@ class DemoConfig:
     compare: bool = True  # also run the base and the shipped oracles on the same noise
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.num_weights, bool)
-            or not isinstance(self.num_weights, int)
-            or self.num_weights < 2
-        ):
-            raise ValueError(f"num_weights must be an int >= 2, got {self.num_weights!r}")
-        spp = self.samples_per_prompt
-        if isinstance(spp, bool) or not isinstance(spp, int) or spp < 1:
-            raise ValueError(f"samples_per_prompt must be a positive int, got {spp!r}")
-        if self.expert_kind not in EXPERT_KINDS:
-            raise ValueError(f"expert_kind must be one of {EXPERT_KINDS}, got {self.expert_kind!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_int(self.num_weights, "num_weights", low=2)
+        check_int(self.samples_per_prompt, "samples_per_prompt", low=1)
+        check_expert_kind(self.expert_kind, "expert_kind")
+        check_int(self.seed, "seed")
 
 
 @dataclass(frozen=True)
@@ -170,17 +160,16 @@ def write_demo(
 ) -> list[DemoRow]:
     """:func:`run_demo` plus ``pareto.png`` and ``results.json``, published atomically.
 
-    Everything is written to a staging folder beside ``out_dir`` and renamed to it at the
-    end, so ``out_dir`` (which must not exist, or be an empty folder) appears complete or
-    not at all.
+    Everything is written to a staging folder beside ``out_dir`` and swapped in at the
+    end (:func:`msdda.io.atomic_dir`), so ``out_dir`` (which must not exist, or be an
+    empty folder) appears complete or not at all.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"output folder {out_dir} already exists and is not an empty folder")
     if not out_dir.parent.is_dir():
         raise ValueError(f"the folder {out_dir.parent} (parent of --out) does not exist")
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as stage:
         rows = run_demo(bundle, cfg, stage, progress)
         first, second = cfg.objectives
         msdda = [r for r in rows if r.method == "msdda"]
@@ -206,16 +195,4 @@ def write_demo(
             "rows": [asdict(r) for r in rows],
         }
         atomic_write_text(stage / "results.json", json.dumps(payload, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(stage, out_dir)
-        os.chmod(out_dir, 0o777 & ~_umask())
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return rows
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

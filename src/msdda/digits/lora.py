@@ -8,9 +8,11 @@ peft's adapter state dict (``get_peft_model_state_dict``), with keys
 - ``base_model.model.var_out.weight`` (64, hidden) and ``...var_out.bias`` (64,) for the
   ``"learned"`` kind: the whole variance head (peft's ``modules_to_save``).
 
-Merging is peft's for a plain ``nn.Linear``: ``W' = W + (alpha / r) * B @ A``, biases
-unchanged. Done here on state dicts, it costs a few small matrix products, so the
-shipped experts and oracles are stored as adapters (~0.1 MB each) and merged at load.
+These are the keys of the one LoRA format (:mod:`msdda.lora`): the merge is the core's,
+peft's for a plain ``nn.Linear``: ``W' = W + (alpha / r) * B @ A``
+(:func:`msdda.lora.factors_from_peft_state`, :func:`msdda.lora.merge_lora`), biases
+unchanged. Done on state dicts, it costs a few small matrix products, so the shipped
+experts and oracles are stored as adapters (~0.1 MB each) and merged at load.
 
 An adapter file is safetensors with string metadata: the format tag, the LoRA settings,
 the fingerprint of the base it was trained on (:func:`base_fingerprint`), and what the
@@ -30,6 +32,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..lora import (
+    PEFT_PREFIX,
+    LoRAFactors,
+    factors_from_peft_state,
+    lora_delta_weight,
+    merge_lora,
+    peft_lora_keys,
+    peft_saved_modules,
+)
 from .models import DigitDenoiser
 from .store import (
     EXPERT_KINDS,
@@ -55,7 +66,6 @@ __all__ = [
 ]
 
 ADAPTER_FORMAT = "msdda-digits-adapter/1"
-PEFT_PREFIX = "base_model.model."
 #: The variance head, trained in full for the "learned" kind (peft's modules_to_save).
 VARIANCE_HEAD = "var_out"
 
@@ -113,8 +123,11 @@ class LoraAdapter:
 
 
 def lora_delta(lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    """The weight update of one LoRA layer: scaling * B @ A, (out, r) @ (r, in) -> (out, in)."""
-    return (lora_b @ lora_a) * scaling
+    """The weight update of one LoRA layer: scaling * B @ A, (out, r) @ (r, in) -> (out, in).
+
+    :func:`msdda.lora.lora_delta_weight` of these factors.
+    """
+    return lora_delta_weight(LoRAFactors(lora_a, lora_b, scaling))
 
 
 def _targeted(name: str, targets: tuple[str, ...]) -> bool:
@@ -130,8 +143,9 @@ def adapter_keys(base: nn.Module, lora: LoraSettings, kind: str) -> dict[str, tu
         if isinstance(module, nn.Linear) and _targeted(name, lora.target_modules):
             if name == VARIANCE_HEAD:
                 continue  # the head is trained in full, never as LoRA
-            keys[f"{PEFT_PREFIX}{name}.lora_A.weight"] = (lora.rank, module.in_features)
-            keys[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (module.out_features, lora.rank)
+            down, up = peft_lora_keys(name)
+            keys[down] = (lora.rank, module.in_features)
+            keys[up] = (module.out_features, lora.rank)
     if kind == "learned":
         hidden, pixels = base.inp.out_features, base.out.out_features
         keys[f"{PEFT_PREFIX}{VARIANCE_HEAD}.weight"] = (pixels, hidden)
@@ -154,18 +168,9 @@ def merge_lora_state(
     ``base_state`` is the state dict of the model to merge into (with a variance head for
     the learned kind); ``adapter`` holds checked peft keys. Pure: nothing is modified.
     """
-    merged = dict(base_state)
-    for key, value in adapter.items():
-        name = key.removeprefix(PEFT_PREFIX)
-        if name.endswith(".lora_A.weight"):
-            module = name.removesuffix(".lora_A.weight")
-            b = adapter[f"{PEFT_PREFIX}{module}.lora_B.weight"]
-            weight = base_state[f"{module}.weight"]
-            merged[f"{module}.weight"] = weight + lora_delta(
-                value.to(weight), b.to(weight), scaling
-            )
-        elif not name.endswith(".lora_B.weight"):
-            merged[name] = value.to(base_state[name])
+    merged = merge_lora(base_state, factors_from_peft_state(adapter, scaling))
+    for name, value in peft_saved_modules(adapter).items():
+        merged[name] = value.to(base_state[name])
     return merged
 
 

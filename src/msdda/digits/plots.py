@@ -1,19 +1,17 @@
 """Figures of the digits domain (matplotlib, Agg backend): sample grids and Pareto fronts.
 
-Files are written to a temporary name in the target folder and renamed.
+Files are written whole or not at all (:func:`msdda.io.atomic_path`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from torch import Tensor
 
-from .store import publish_file
+from ..io import atomic_path
 
 __all__ = ["image_grid", "save_grid", "save_pareto_plot", "save_npy"]
 
@@ -34,18 +32,6 @@ def image_grid(images: Tensor, ncols: int | None = None, pad: int = 1) -> np.nda
     return grid
 
 
-def _atomic_savefig(fig, path: Path, **kwargs) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        publish_file(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_grid(
     images: Tensor, path: Path, ncols: int | None = None, title: str | None = None, scale: int = 12
 ) -> None:
@@ -64,7 +50,8 @@ def save_grid(
     if title:
         fig.suptitle(title, fontsize=10, y=0.995, va="top")
     try:
-        _atomic_savefig(fig, path, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
 
@@ -99,19 +86,13 @@ def save_pareto_plot(
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        _atomic_savefig(fig, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
 
 
 def save_npy(array: np.ndarray, path: Path) -> None:
     """Save ``array`` as .npy atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        publish_file(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)

@@ -12,18 +12,20 @@ is differentiable in the images:
 Raw rewards live in :data:`REWARDS` (a registry of factories by name); the
 standardised versions ``(r - mean) / std``, with mean and std measured on base
 samples and recorded in the weights' manifest, put them on comparable scales.
+Preference weights over them are ``{reward name: w}`` (:func:`check_reward_weights`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..rewards import Reward
+from ..validation import check_number
 from .data import IMAGE_SHAPE, check_prompts
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "symmetry",
     "make_reward",
     "make_rewards",
+    "check_reward_weights",
     "standardise",
     "fit_normalisation",
 ]
@@ -109,6 +112,29 @@ def make_rewards(classifier: nn.Module, temperature: float) -> dict[str, Reward]
     return {
         name: make_reward(name, classifier=classifier, temperature=temperature) for name in REWARDS
     }
+
+
+def check_reward_weights(
+    weights: Mapping[str, float], available: Sequence[str] = REWARD_NAMES
+) -> dict[str, float]:
+    """Preference weights ``{reward name: w}``: names in ``available``, each w >= 0 and finite.
+
+    Returns them as a new ``{name: float}`` dict, in their order. They need not sum to 1
+    (MSDDA puts lambda_0 = 1 - sum_i w_i beta_i / beta on the base).
+    """
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError("weights must be a non-empty mapping of reward name to weight")
+    out = {}
+    for name, w in weights.items():
+        if name not in available:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available)}")
+        try:
+            out[name] = check_number(w, f"weight of {name!r}", low=0.0)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"weight of {name!r} must be a non-negative finite number, got {w!r}"
+            ) from None
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,34 +1,40 @@
 """Sampling in the digits domain: the base, one expert, or MSDDA over the experts.
 
-Every method runs through msdda's one loop (:func:`msdda.sample_chain`) with
-:class:`msdda.SeededNoise`, so equal seeds give equal noise across methods and
-preference weights. Samples come back as images in [0, 1], (N, 1, 8, 8).
+MSDDA's step is the methods registry's (:func:`msdda.methods.msdda_policy` on the
+digits problem as the methods see it, :func:`method_context`); every method runs
+through msdda's one loop (:func:`msdda.sample_chain`) with :class:`msdda.SeededNoise`,
+so equal seeds give equal noise across methods and preference weights. Samples come
+back as images in [0, 1], (N, 1, 8, 8).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from ..experts import Expert, expert_policy, msdda_step
+from ..experts import Expert, expert_policy
+from ..methods import MethodContext
+from ..methods import msdda_policy as registry_msdda_policy
 from ..sampling import SeededNoise, StepPolicy, sample_chain
+from ..validation import check_int, check_positive
 from .bundle import DigitsBundle, load_digits_bundle
 from .data import IMAGE_SHAPE, check_prompts, decode
-from .rewards import REWARDS
+from .rewards import check_reward_weights
 from .store import check_expert_kind
 
 __all__ = [
     "torch_threads",
     "run_policy",
     "sample_expert",
-    "msdda_policy",
+    "method_context",
+    "fused_policy",
     "sample_msdda",
     "generate",
     "check_weights",
+    "msdda_policy",
 ]
 
 Callback = Callable[[int, int, Tensor], None]
@@ -44,8 +50,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads must be a positive int, got {n!r}")
+    check_int(n, "threads", low=1)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -81,26 +86,39 @@ def sample_expert(
     return run_policy(policy, prompts.shape[0], schedule, seed, callback)
 
 
-def check_weights(
-    weights: Mapping[str, float], available: Sequence[str] = REWARDS
-) -> dict[str, float]:
-    """Validate preference weights: names in ``available``, non-negative finite numbers.
+def method_context(
+    bundle: DigitsBundle,
+    objectives: Sequence[str],
+    expert_kind: str = "fixed",
+    *,
+    kl_coef: float | None = None,
+) -> MethodContext:
+    """The digits problem for :mod:`msdda.methods`: the experts of ``objectives`` (in order).
 
-    Returns them as a new ``{name: float}`` dict, in their order.
+    Experts of variance ``expert_kind``, their standardised rewards, the base as
+    reference, images (1, 8, 8) decoded to [0, 1]; ``kl_coef`` is the target beta.
     """
-    if not isinstance(weights, Mapping) or not weights:
-        raise ValueError("weights must be a non-empty mapping of reward name to weight")
-    out = {}
-    for name, w in weights.items():
-        if name not in available:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available)}")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight of {name!r} must be a non-negative finite number, got {w!r}")
-        out[name] = float(w)
-    return out
+    return MethodContext(
+        schedule=bundle.schedule,
+        reference=bundle.reference,
+        experts=tuple(bundle.expert(name, expert_kind) for name in objectives),
+        sample_shape=IMAGE_SHAPE,
+        rewards=tuple(bundle.rewards[name] for name in objectives),
+        decode=decode,
+        kl_coef=kl_coef,
+    )
 
 
-def msdda_policy(
+def _check_kl_coef(kl_coef: float | None) -> float | None:
+    if kl_coef is None:
+        return None
+    try:
+        return check_positive(kl_coef, "kl_coef")
+    except (TypeError, ValueError):
+        raise ValueError(f"kl_coef must be a positive finite number, got {kl_coef!r}") from None
+
+
+def fused_policy(
     bundle: DigitsBundle,
     prompts: Tensor,
     weights: Mapping[str, float],
@@ -111,25 +129,15 @@ def msdda_policy(
     """MSDDA over the experts named in ``weights`` (e.g. ``{"legibility": 0.3, "boldness": 0.7}``).
 
     ``kl_coef`` is the target beta (default: the experts' common beta). When lambda_0 =
-    1 - sum_i w_i beta_i / beta is not 0 the base is the reference of the product.
+    1 - sum_i w_i beta_i / beta is not 0 the base is the reference of the product. The
+    weights need not sum to 1, so this is the registry's msdda builder itself
+    (:func:`msdda.methods.build_policy` asks for weights on the simplex).
     """
     check_expert_kind(expert_kind, "expert_kind")
-    weights = check_weights(weights)
+    weights = check_reward_weights(weights)
     prompts = check_prompts(prompts)
-    experts = [bundle.expert(name, expert_kind) for name in weights]
-    if kl_coef is not None and (
-        isinstance(kl_coef, bool)
-        or not isinstance(kl_coef, (int, float))
-        or not (math.isfinite(kl_coef) and kl_coef > 0)
-    ):
-        raise ValueError(f"kl_coef must be a positive finite number, got {kl_coef!r}")
-    return msdda_step(
-        [expert_policy(e, bundle.schedule, prompts) for e in experts],
-        list(weights.values()),
-        kl_coefs=[e.kl_coef for e in experts],
-        kl_coef=kl_coef,
-        reference=expert_policy(bundle.reference, bundle.schedule, prompts),
-    )
+    ctx = method_context(bundle, tuple(weights), expert_kind, kl_coef=_check_kl_coef(kl_coef))
+    return registry_msdda_policy(ctx, tuple(weights.values()), prompts)
 
 
 def sample_msdda(
@@ -143,7 +151,7 @@ def sample_msdda(
     callback: Callback | None = None,
 ) -> Tensor:
     """MSDDA samples for ``prompts`` (B,) as images in [0, 1], (B, 1, 8, 8)."""
-    policy = msdda_policy(bundle, prompts, weights, kl_coef=kl_coef, expert_kind=expert_kind)
+    policy = fused_policy(bundle, prompts, weights, kl_coef=kl_coef, expert_kind=expert_kind)
     return run_policy(policy, check_prompts(prompts).shape[0], bundle.schedule, seed, callback)
 
 
@@ -162,8 +170,10 @@ def generate(
 
     Same arguments, same images. ``bundle`` defaults to the shipped weights.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    try:
+        check_int(num_samples, "num_samples", low=1)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}") from None
     prompts = check_prompts(prompt, "prompt").expand(num_samples).clone()
     bundle = bundle if bundle is not None else load_digits_bundle()
     return sample_msdda(
@@ -175,3 +185,10 @@ def generate(
         expert_kind=expert_kind,
         callback=callback,
     )
+
+
+#: Old names, kept as aliases: ``check_weights`` is
+#: :func:`msdda.digits.rewards.check_reward_weights` (not :func:`msdda.methods.check_weights`),
+#: ``msdda_policy`` is :func:`fused_policy` (not :func:`msdda.methods.msdda_policy`).
+check_weights = check_reward_weights
+msdda_policy = fused_policy

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
+from .catalog import add_expert, add_oracle
 from .lora import LoraAdapter, LoraSettings, adapter_keys, base_fingerprint, merged_denoiser
 from .models import ClassifierConfig, DenoiserConfig, DigitClassifier, DigitDenoiser
 from .pipeline import write_domain_folder
 from .rewards import RewardNormalisation
-from .store import add_expert, add_oracle
 
 __all__ = [
     "TINY_DENOISER",

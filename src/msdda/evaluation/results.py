@@ -1,29 +1,34 @@
 """The results file of a sweep: JSON lines, a header first, then one row per result.
 
 Line 1 is the header ``{"kind": "header", "format": ..., "config": ..., ...}``; every
-other line is a row ``{"kind": "row", "method", "weights", "prompt", "seed", ...}``.
-Rows are appended one at a time with flush + fsync, so a killed sweep loses at most
-the row it was writing. Reading skips, with a warning naming the line, a corrupt line
-or a repeated row; a last line cut short by a kill is removed before appending.
+other line is a row ``{"kind": "row", "method", "weights", "prompt", "seed", ...}``,
+read and written as a :class:`ResultRow`. Rows are appended one at a time with flush
++ fsync, so a killed sweep loses at most the row it was writing. Reading skips, with
+a warning naming the line, a corrupt line or a repeated row; a last line cut short by
+a kill is removed before appending.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fcntl
 import json
 import math
 import os
-import tempfile
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..io import atomic_write_text
 
 __all__ = [
     "FORMAT",
     "ResultsError",
+    "ResultRow",
     "Results",
+    "result_key",
     "row_key",
     "read_results",
     "open_results",
@@ -33,7 +38,7 @@ __all__ = [
 ]
 
 FORMAT = "msdda-sweep/2"  # 2: settings per method name, tuning rules
-ROW_FIELDS = (
+ROW_FIELDS = (  # what every row holds; the other fields of ResultRow may be absent
     "method",
     "weights",
     "prompt",
@@ -42,34 +47,103 @@ ROW_FIELDS = (
     "seconds_per_image",
     "nfe_per_image",
 )
+OPTIONAL_FIELDS = (  # written only when known (None: absent from the JSON object)
+    "reward_evals_per_image",
+    "drift_from_base",
+    "kl_from_base",
+    "base_seconds_per_image",
+)
+
+Key = tuple[str, tuple[float, ...] | None, str, int]
 
 
 class ResultsError(ValueError):
     """A results file that cannot be read or appended to (names the file and the reason)."""
 
 
-def row_key(row: dict) -> tuple:
-    """What identifies a row: (method, weights or None, prompt, seed)."""
-    w = row["weights"]
-    weights = None if w is None else tuple(round(float(x), 9) for x in w)
-    return (row["method"], weights, json.dumps(row["prompt"]), int(row["seed"]))
+def result_key(method: str, weights, prompt: Any, seed: int) -> Key:
+    """What identifies a row: (method, weights rounded or None, prompt as JSON, seed)."""
+    w = None if weights is None else tuple(round(float(x), 9) for x in weights)
+    return (method, w, json.dumps(prompt), int(seed))
 
 
-def _check_row(row: Any) -> str | None:
-    if not isinstance(row, dict) or row.get("kind") != "row":
-        return "not a result row"
-    missing = [f for f in ROW_FIELDS if f not in row]
-    if missing:
-        return f"row without {missing}"
-    if not isinstance(row["rewards"], dict) or not all(
-        isinstance(v, (int, float)) and math.isfinite(v) for v in row["rewards"].values()
-    ):
-        return "rewards must be finite numbers by name"
-    try:
-        row_key(row)
-    except (TypeError, ValueError, KeyError) as err:
-        return f"bad key fields ({err})"
-    return None
+def row_key(row: Mapping[str, Any]) -> Key:
+    """:func:`result_key` of a row in its JSON form (a typed row has :attr:`ResultRow.key`)."""
+    return result_key(row["method"], row["weights"], row["prompt"], row["seed"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultRow:
+    """One result: a method at one weight vector (None: weight-free), one prompt, one seed.
+
+    Rewards are means over the row's images; ``per_image`` holds each image's reward in
+    (prompt, seed, index) order. Fields are in the order of the JSON object; numbers
+    keep the type they were given, so :meth:`to_json` writes back what was read.
+    """
+
+    method: str  # sweep method name ("rgg-matched" samples with rgg)
+    weights: tuple[float, ...] | None
+    prompt: Any  # a JSON value
+    seed: int
+    images: int = 1  # images averaged in the row
+    rewards: Mapping[str, float]  # reward name -> mean over the images
+    rewards_std: Mapping[str, float] = field(default_factory=dict)  # -> std over the images
+    per_image: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    seconds_per_image: float
+    nfe_per_image: float  # denoiser rows per image
+    reward_evals_per_image: float | None = None  # reward rows per image
+    drift_from_base: float | None = None  # mean RMS image difference from the base's, same noise
+    kl_from_base: float | None = None  # mean path KL to the base (nats)
+    base_seconds_per_image: float | None = None  # the base's time on the same batch
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rewards, Mapping) or not _finite(self.rewards.values()):
+            raise ValueError("rewards must be finite numbers by name")
+        if not isinstance(self.per_image, Mapping) or not all(
+            isinstance(v, (list, tuple)) and _finite(v) for v in self.per_image.values()
+        ):
+            raise ValueError("per_image must be lists of finite numbers by name")
+        object.__setattr__(self, "per_image", {n: tuple(v) for n, v in self.per_image.items()})
+        try:  # weights numbers, seed an int, prompt a JSON value
+            result_key(self.method, self.weights, self.prompt, self.seed)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"bad key fields ({err})") from None
+        if self.weights is not None:
+            object.__setattr__(self, "weights", tuple(self.weights))
+
+    @property
+    def key(self) -> Key:
+        return result_key(self.method, self.weights, self.prompt, self.seed)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row's JSON object: ``{"kind": "row", "method": ..., ...}``."""
+        out: dict[str, Any] = {"kind": "row"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in OPTIONAL_FIELDS:
+                continue
+            if f.name == "weights" and value is not None:
+                value = list(value)
+            elif f.name == "per_image":
+                value = {n: list(v) for n, v in value.items()}
+            elif f.name in ("rewards", "rewards_std"):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ResultRow:
+        """A row from its JSON object; ValueError saying what is wrong with it."""
+        if not isinstance(obj, dict) or obj.get("kind") != "row":
+            raise ValueError("not a result row")
+        missing = [f for f in ROW_FIELDS if f not in obj]
+        if missing:
+            raise ValueError(f"row without {missing}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in obj.items() if k in names})
+        except TypeError as err:
+            raise ValueError(f"bad fields ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -78,7 +152,7 @@ class Results:
 
     path: Path
     header: dict
-    rows: tuple[dict, ...]
+    rows: tuple[ResultRow, ...]
     skipped: tuple[tuple[int, str], ...]  # (line number, reason)
     truncated_tail: bool  # the last line was cut short (no newline, not valid JSON)
 
@@ -86,12 +160,47 @@ class Results:
     def config(self) -> dict:
         return self.header["config"]
 
-    def keys(self) -> set[tuple]:
-        return {row_key(r) for r in self.rows}
+    def keys(self) -> set[Key]:
+        return {r.key for r in self.rows}
 
 
 def _warn(path: Path, line: int, reason: str) -> None:
     warnings.warn(f"{path}: line {line} skipped: {reason}", stacklevel=3)
+
+
+def _finite(values: Iterable[Any]) -> bool:
+    """Whether every value is a finite number."""
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def _read_header(path: Path, first_line: bytes) -> dict:
+    try:
+        header = json.loads(first_line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or header.get("kind") != "header":
+        raise ResultsError(f"{path}: line 1 is not a results header")
+    if header.get("format") != FORMAT:
+        raise ResultsError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(header.get("config"), dict):
+        raise ResultsError(f"{path}: the header has no config")
+    return header
+
+
+CUT_SHORT = "cut short (an interrupted write)"  # why a last line without newline is skipped
+
+
+def _parse_row(raw: bytes, seen: set[Key], is_tail: bool) -> ResultRow | str:
+    """The row of one line, or why it is skipped."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return CUT_SHORT if is_tail else "not valid JSON"
+    try:
+        row = ResultRow.from_json(obj)
+    except ValueError as err:
+        return str(err)
+    return f"repeats the row {row.key}" if row.key in seen else row
 
 
 def read_results(path: str | Path, *, warn: bool = True) -> Results:
@@ -108,38 +217,22 @@ def read_results(path: str | Path, *, warn: bool = True) -> Results:
         raise ResultsError(f"results file {path} is empty")
     lines = data.split(b"\n")
     complete = data.endswith(b"\n")
-    try:
-        header = json.loads(lines[0])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    if not isinstance(header, dict) or header.get("kind") != "header":
-        raise ResultsError(f"{path}: line 1 is not a results header")
-    if header.get("format") != FORMAT:
-        raise ResultsError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-    if not isinstance(header.get("config"), dict):
-        raise ResultsError(f"{path}: the header has no config")
-    rows, skipped, seen = [], [], set()
+    header = _read_header(path, lines[0])
+    rows: list[ResultRow] = []
+    skipped: list[tuple[int, str]] = []
+    seen: set[Key] = set()
     truncated = False
-    body = lines[1:]
-    for n, raw in enumerate(body, start=2):
+    for n, raw in enumerate(lines[1:], start=2):
         if not raw.strip():
             continue
         is_tail = n == len(lines) and not complete
-        try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            reason = "cut short (an interrupted write)" if is_tail else "not valid JSON"
-            truncated |= is_tail
-            skipped.append((n, reason))
+        got = _parse_row(raw, seen, is_tail)
+        if isinstance(got, str):
+            truncated |= got == CUT_SHORT
+            skipped.append((n, got))
             continue
-        problem = _check_row(row)
-        if problem is None and row_key(row) in seen:
-            problem = f"repeats the row {row_key(row)}"
-        if problem is not None:
-            skipped.append((n, problem))
-            continue
-        seen.add(row_key(row))
-        rows.append(row)
+        seen.add(got.key)
+        rows.append(got)
     if warn:
         for n, reason in skipped:
             _warn(path, n, reason)
@@ -172,24 +265,10 @@ def check_same_configuration(existing: Results, header: dict) -> None:
             )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class ResultsWriter:
     """Appends rows durably (flush + fsync per row) under an exclusive lock on the file."""
 
-    def __init__(self, path: Path, done: set[tuple]) -> None:
+    def __init__(self, path: Path, done: set[Key]) -> None:
         self.path = path
         self.done = set(done)
         self._f = open(path, "a")  # noqa: SIM115  (closed by close())
@@ -199,19 +278,14 @@ class ResultsWriter:
             self._f.close()
             raise ResultsError(f"{path} is being written by another sweep") from None
 
-    def append(self, row: dict) -> bool:
+    def append(self, row: ResultRow) -> bool:
         """Write ``row`` unless a row with its key exists; True if written."""
-        row = {"kind": "row", **row}
-        problem = _check_row(row)
-        if problem:
-            raise ValueError(f"refusing to write a bad row: {problem}")
-        key = row_key(row)
-        if key in self.done:
+        if row.key in self.done:
             return False
-        self._f.write(json.dumps(row, sort_keys=False) + "\n")
+        self._f.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
-        self.done.add(key)
+        self.done.add(row.key)
         return True
 
     def close(self) -> None:
@@ -252,7 +326,7 @@ def open_results(path: str | Path, header: dict) -> tuple[ResultsWriter, Results
     header = {"kind": "header", "format": FORMAT, **header}
     if not path.exists() or path.stat().st_size == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(header) + "\n")
+        atomic_write_text(path, json.dumps(header) + "\n")
         return ResultsWriter(path, set()), None
     existing = read_results(path)
     check_same_configuration(existing, header)

@@ -1,10 +1,9 @@
 """The Pareto sweep: methods x preference weights x prompts x seeds, resumable.
 
-Every (method, weights, seed) unit samples all prompts in one batch, from per-sample
-seeds that depend only on (seed, prompt, image index): every method sees the same
-x_T and the same step noise. Each finished unit's rows (one per prompt) are appended
-to the results file at once, durably; a sweep started again on the same file skips
-the rows already there.
+The sweep is a plan of units (:mod:`.units`: one method at one weight for one seed,
+all prompts in one batch, on noise shared by every method). Each finished unit's rows
+(one per prompt) are appended to the results file at once, durably; a sweep started
+again on the same file skips the rows already there.
 """
 
 from __future__ import annotations
@@ -12,31 +11,25 @@ from __future__ import annotations
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..methods import METHODS, MethodSettings, check_method, derive_seed, run_method, weight_key
+from ..methods import METHODS, MethodSettings, check_method, weight_key
+from ..validation import check_int, check_seeds
 from .domains import SweepDomain, load_domain
-from .results import (
-    Results,
-    ResultsError,
-    check_same_configuration,
-    open_results,
-    read_results,
-    row_key,
-)
-from .tuning import TuningConfig, method_of, sweep_methods, tune_settings
+from .results import Results, ResultsError, check_same_configuration, open_results, read_results
+from .tuning import TuningConfig, sweep_methods, tune_settings
+from .units import SweepUnit, run_unit, unit_keys
+from .variants import method_of
 
 __all__ = [
     "SweepConfig",
-    "SweepUnit",
     "SweepSummary",
     "simplex_grid",
-    "sample_seeds",
     "plan_units",
     "run_sweep",
 ]
@@ -67,10 +60,8 @@ def _check_grid(weights) -> tuple[tuple[float, ...], ...]:
     return tuple(grid)
 
 
-def _check_ints(values, name: str) -> tuple[int, ...]:
-    out = tuple(values)
-    if not out or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
-        raise ValueError(f"{name} must be a non-empty list of ints, got {list(out)}")
+def _check_seeds(values, name: str) -> tuple[int, ...]:
+    out = tuple(check_seeds(values, name))
     if len(set(out)) != len(out):
         raise ValueError(f"{name} repeats a value: {list(out)}")
     return out
@@ -107,15 +98,13 @@ class SweepConfig:
             raise ValueError(f"methods repeats a method: {list(methods)}")
         object.__setattr__(self, "methods", methods)
         object.__setattr__(self, "weights", _check_grid(self.weights))
-        object.__setattr__(self, "seeds", _check_ints(self.seeds, "seeds"))
+        object.__setattr__(self, "seeds", _check_seeds(self.seeds, "seeds"))
         object.__setattr__(self, "domain_options", tuple(sorted(dict(self.domain_options).items())))
         if self.prompts is not None:
             object.__setattr__(self, "prompts", tuple(self.prompts))
             if not self.prompts or len(set(map(repr, self.prompts))) != len(self.prompts):
                 raise ValueError("prompts must be non-empty and without repeats")
-        n = self.images_per_prompt
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"images_per_prompt must be a positive int, got {n!r}")
+        check_int(self.images_per_prompt, "images_per_prompt", low=1)
         if self.tuning is not None:
             clash = set(self.tuning.seeds) & set(self.seeds)
             if clash:
@@ -132,20 +121,6 @@ class SweepConfig:
         d = asdict(self)
         d["domain_options"] = dict(self.domain_options)
         return d
-
-
-def sample_seeds(seed: int, prompt: Any, images: int) -> list[int]:
-    """Per-sample seeds of a (seed, prompt) row: a function of (seed, prompt, index) alone."""
-    return [derive_seed("sample", seed, repr(prompt), j) for j in range(images)]
-
-
-@dataclass(frozen=True)
-class SweepUnit:
-    """One batch of the sweep: a method at one weight (None: weight-free) for one seed."""
-
-    method: str  # a sweep method name ("rgg-matched" samples with rgg)
-    weights: tuple[float, ...] | None
-    seed: int
 
 
 def sweep_weights(config: SweepConfig, domain: SweepDomain) -> tuple[tuple[float, ...], ...]:
@@ -178,92 +153,6 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
                     continue
                 units.append(SweepUnit(m, w, seed))
     return units
-
-
-def unit_keys(unit: SweepUnit, prompts: Sequence[Any]) -> set[tuple]:
-    """The row keys a unit writes, one per prompt."""
-    w = None if unit.weights is None else list(unit.weights)
-    return {
-        row_key({"method": unit.method, "weights": w, "prompt": p, "seed": unit.seed})
-        for p in prompts
-    }
-
-
-@torch.no_grad()
-def evaluate_rewards(domain: SweepDomain, x0: torch.Tensor, cond: Any) -> dict[str, torch.Tensor]:
-    """Every reported reward of final samples x0 (model space): name -> (B,)."""
-    images = domain.context.decode(x0)
-    return {n: r(images, cond).detach().double() for n, r in domain.eval_rewards.items()}
-
-
-def drift(images: torch.Tensor, base_images: torch.Tensor) -> torch.Tensor:
-    """(B,) RMS difference per image from the base's image of the same noise (image units)."""
-    return (images - base_images).double().pow(2).flatten(1).mean(1).sqrt()
-
-
-def _rows(unit: SweepUnit, prompts, per_prompt: int, rewards, run) -> list[dict]:
-    rows = []
-    for p, prompt in enumerate(prompts):
-        sl = slice(p * per_prompt, (p + 1) * per_prompt)
-        rows.append(
-            {
-                "method": unit.method,
-                "weights": None if unit.weights is None else list(unit.weights),
-                "prompt": prompt,
-                "seed": unit.seed,
-                "images": per_prompt,
-                "rewards": {n: float(v[sl].mean()) for n, v in rewards.items()},
-                "rewards_std": {
-                    n: float(v[sl].std()) if per_prompt > 1 else 0.0 for n, v in rewards.items()
-                },
-                "per_image": {n: [round(float(x), 7) for x in v[sl]] for n, v in rewards.items()},
-                "seconds_per_image": run.seconds_per_image,
-                "nfe_per_image": run.nfe_per_image,
-                "reward_evals_per_image": run.reward_rows / run.images,
-            }
-        )
-    return rows
-
-
-def run_unit(
-    unit: SweepUnit,
-    domain: SweepDomain,
-    prompts: Sequence[Any],
-    images_per_prompt: int,
-    settings: MethodSettings,
-    *,
-    companion: bool = False,
-) -> list[dict]:
-    """Sample one unit (all prompts in one batch) and return its rows, one per prompt.
-
-    With ``companion``, the base is sampled on the same batch just before the method: the
-    rows then record the mean drift of the images from the base images of the same
-    noise, their mean path KL to the base (nats, see :func:`msdda.methods.run_method`)
-    and the base's time per image measured under the same machine load.
-    """
-    per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
-    seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
-    cond = domain.condition(per_sample_prompts)
-    method = method_of(unit.method)
-    base = None
-    if companion and method != "base":
-        base = run_method("base", domain.context, None, cond, seeds, settings=settings)
-    run = run_method(
-        method, domain.context, unit.weights, cond, seeds, settings=settings, measure_kl=companion
-    )
-    if companion and base is None:
-        base = run
-    rewards = evaluate_rewards(domain, run.samples, cond)
-    rows = _rows(unit, prompts, images_per_prompt, rewards, run)
-    if base is not None:
-        decode = domain.context.decode
-        drifts = drift(decode(run.samples), decode(base.samples))
-        for p, row in enumerate(rows):
-            sl = slice(p * images_per_prompt, (p + 1) * images_per_prompt)
-            row["drift_from_base"] = float(drifts[sl].mean())
-            row["kl_from_base"] = float(run.kl[sl].mean())
-            row["base_seconds_per_image"] = base.seconds_per_image
-    return rows
 
 
 @dataclass(frozen=True)
@@ -306,6 +195,29 @@ def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
     }
 
 
+def _settings(
+    config: SweepConfig,
+    domain: SweepDomain,
+    prompts: tuple[Any, ...],
+    header: dict,
+    path: Path,
+    progress: Progress | None,
+) -> tuple[dict[str, MethodSettings], dict | None]:
+    """The settings per sweep method and the tuning record: tuned now, or read on resume."""
+    if path.exists() and path.stat().st_size > 0:  # resume: the header's tuned settings
+        existing = read_results(path, warn=False)
+        check_same_configuration(existing, header)
+        return _settings_in(existing), existing.header.get("tuning")
+    settings = {m: config.settings for m in config.sweep_methods}
+    record = None
+    if config.tuning is not None:
+        tuned, record = tune_settings(
+            domain, config.tuning, config.methods, prompts, config.settings, progress=progress
+        )
+        settings.update(tuned)
+    return settings, record
+
+
 def run_sweep(
     config: SweepConfig,
     path: str | Path,
@@ -328,18 +240,7 @@ def run_sweep(
         )
     prompts = tuple(domain.check_prompt(p) for p in (config.prompts or domain.prompts))
     header = _header(config, domain, prompts)
-    if path.exists() and path.stat().st_size > 0:  # resume: the header's tuned settings
-        existing = read_results(path, warn=False)
-        check_same_configuration(existing, header)
-        settings, record = _settings_in(existing), existing.header.get("tuning")
-    else:
-        settings = {m: config.settings for m in config.sweep_methods}
-        record = None
-        if config.tuning is not None:
-            tuned, record = tune_settings(
-                domain, config.tuning, config.methods, prompts, config.settings, progress=progress
-            )
-            settings.update(tuned)
+    settings, record = _settings(config, domain, prompts, header, path, progress)
     header.update(settings={m: v.to_dict() for m, v in settings.items()}, tuning=record)
     writer, _ = open_results(path, header)
     units = plan_units(config, domain)
@@ -347,17 +248,14 @@ def run_sweep(
     with writer:
         for n, unit in enumerate(units):
             if progress:
-                progress(f"{unit.method} w={_fmt(unit.weights)} seed={unit.seed}", n, len(units))
+                what = f"{unit.method} w={_fmt_weights(unit.weights)} seed={unit.seed}"
+                progress(what, n, len(units))
             if unit_keys(unit, prompts) <= writer.done:
                 continue
             rows = run_unit(
-                unit,
-                domain,
-                prompts,
-                config.images_per_prompt,
-                settings[unit.method],
+                unit, domain, prompts, config.images_per_prompt, settings[unit.method],
                 companion=True,
-            )
+            )  # fmt: skip
             units_run += 1
             written += sum(writer.append(r) for r in rows)
         total = len(writer.done)
@@ -379,5 +277,5 @@ def _settings_in(results: Results) -> dict[str, MethodSettings]:
     return {m: MethodSettings(**recorded[m]) for m in methods}
 
 
-def _fmt(weights) -> str:
+def _fmt_weights(weights) -> str:
     return "-" if weights is None else "(" + ", ".join(f"{w:.2f}" for w in weights) + ")"

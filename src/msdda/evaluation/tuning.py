@@ -28,70 +28,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..methods import METHODS, MethodSettings, check_method
+from ..methods import MethodSettings, check_method
+from ..validation import check_int, check_seeds
+from .domains import SweepDomain
+from .results import ResultRow
+from .units import SweepUnit, run_unit
+from .variants import TUNED, TUNING_RULES, check_rule, method_of, rule_of, variant_name
 
-if TYPE_CHECKING:
-    from .domains import SweepDomain
-
-__all__ = [
+__all__ = [  # TUNED ... variant_name: re-exported from .variants, their home
     "TUNED",
     "TUNING_RULES",
     "TuningConfig",
     "choose",
+    "check_rule",
     "method_of",
+    "rule_of",
     "sweep_methods",
     "tune_settings",
     "variant_name",
     "weighted_score",
 ]
-
-#: rule -> what it picks (see the module docstring)
-TUNING_RULES: dict[str, str] = {
-    "reward": "the highest mean weighted reward on the tuning seeds",
-    "matched": "the mean KL to the base closest to the match method's (MSDDA's)",
-    "regularised": "the highest mean weighted reward - beta * KL to the base",
-}
-
-#: method -> the MethodSettings fields tuning picks for it
-TUNED: dict[str, tuple[str, ...]] = {
-    "rgg": ("rgg_scale",),
-    "code": ("code_candidates", "code_block"),
-}
-
-
-def check_rule(rule: str) -> str:
-    if rule not in TUNING_RULES:
-        known = "; ".join(f"{r} ({what})" for r, what in TUNING_RULES.items())
-        raise ValueError(f"unknown tuning rule {rule!r}; known: {known}")
-    return rule
-
-
-def variant_name(method: str, rule: str) -> str:
-    """The sweep's name for ``method`` tuned by ``rule``: 'rgg' (reward) or 'rgg-matched'."""
-    return method if check_rule(rule) == "reward" else f"{method}-{rule}"
-
-
-def method_of(name: str) -> str:
-    """The sampling method behind a sweep method name: 'rgg-matched' -> 'rgg'."""
-    if name in METHODS:
-        return name
-    method, _, rule = name.rpartition("-")
-    if method in TUNED and rule in TUNING_RULES and rule != "reward":
-        return method
-    if method in TUNED:
-        check_rule(rule)
-    variants = [variant_name(m, r) for m in TUNED for r in TUNING_RULES if r != "reward"]
-    raise ValueError(f"unknown method {name!r}; known: {', '.join([*METHODS, *variants])}")
-
-
-def rule_of(name: str) -> str | None:
-    """The tuning rule of a sweep method name ('rgg' -> 'reward'), None for untuned methods."""
-    method = method_of(name)
-    if method not in TUNED:
-        return None
-    return "reward" if name == method else name.rpartition("-")[2]
 
 
 @dataclass(frozen=True)
@@ -109,17 +67,12 @@ class TuningConfig:
     )  # candidate (N, B) of code
 
     def __post_init__(self) -> None:
-        seeds = tuple(self.seeds)
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            raise ValueError(f"tuning seeds must be a non-empty list of ints, got {list(seeds)}")
-        object.__setattr__(self, "seeds", seeds)
+        object.__setattr__(self, "seeds", tuple(check_seeds(self.seeds, "tuning seeds")))
         if self.weights is not None:
             object.__setattr__(
                 self, "weights", tuple(tuple(float(x) for x in w) for w in self.weights)
             )
-        n = self.images_per_prompt
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"tuning images_per_prompt must be a positive int, got {n!r}")
+        check_int(self.images_per_prompt, "tuning images_per_prompt", low=1)
         rules = tuple(self.rules)
         if not rules or len(set(rules)) != len(rules):
             raise ValueError(f"tuning rules must be a non-empty list without repeats, got {rules}")
@@ -162,11 +115,11 @@ def sweep_methods(methods: Sequence[str], tuning: TuningConfig | None) -> tuple[
 
 
 def weighted_score(
-    rows: Sequence[dict], objectives: Sequence[str], weights: Sequence[float]
+    rows: Sequence[ResultRow], objectives: Sequence[str], weights: Sequence[float]
 ) -> float:
     """Mean over rows of sum_i w_i r_i (rows of equal image counts)."""
     return sum(
-        sum(w * r["rewards"][n] for w, n in zip(weights, objectives, strict=True)) for r in rows
+        sum(w * r.rewards[n] for w, n in zip(weights, objectives, strict=True)) for r in rows
     ) / len(rows)
 
 
@@ -217,8 +170,6 @@ def _measure(
     prompts: Sequence[Any],
 ) -> dict[str, float]:
     """Mean weighted reward, KL to the base and drift from it over the tuning weights and seeds."""
-    from .sweep import SweepUnit, run_unit
-
     weights = tuning.tuning_weights(domain.context.num_objectives)
     sums = {"score": 0.0, "kl": 0.0, "drift": 0.0}
     for w in weights:
@@ -228,10 +179,51 @@ def _measure(
                 unit, domain, prompts, tuning.images_per_prompt, settings, companion=True
             )
             sums["score"] += weighted_score(rows, domain.objectives, w)
-            sums["kl"] += math.fsum(r["kl_from_base"] for r in rows) / len(rows)
-            sums["drift"] += math.fsum(r["drift_from_base"] for r in rows) / len(rows)
+            sums["kl"] += math.fsum(r.kl_from_base for r in rows) / len(rows)
+            sums["drift"] += math.fsum(r.drift_from_base for r in rows) / len(rows)
     n = len(weights) * len(tuning.seeds)
     return {key: v / n for key, v in sums.items()}
+
+
+def _pick(
+    method: str,
+    measured: Sequence[Mapping[str, Any]],
+    rules: Sequence[str],
+    settings: MethodSettings,
+    *,
+    target_kl: float | None,
+    kl_coef: float | None,
+) -> tuple[dict[str, MethodSettings], dict[str, dict]]:
+    """Each rule's choice among a method's measured candidates: settings and record by name."""
+    out, record = {}, {}
+    for rule in rules:
+        best = choose(measured, rule, target_kl=target_kl, kl_coef=kl_coef)
+        picked = {key: best[key] for key in TUNED[method]}
+        name = variant_name(method, rule)
+        out[name] = replace(settings, **picked)
+        record[name] = {
+            "rule": rule,
+            "settings": picked,
+            "score": best["score"],
+            "kl": best["kl"],
+            "drift": best["drift"],
+            "target_kl": target_kl if rule == "matched" else None,
+            "at_grid_edge": at_grid_edge(picked, measured),
+        }
+    return out, record
+
+
+def _counter(progress: Progress | None, total: int) -> Callable[[str], None]:
+    """A ``step(what)`` that reports ``what`` as the next of ``total`` tuning steps."""
+    done = 0
+
+    def step(what: str) -> None:
+        nonlocal done
+        if progress:
+            progress(f"tuning {what}", done, total)
+        done += 1
+
+    return step
 
 
 def tune_settings(
@@ -256,9 +248,7 @@ def tune_settings(
         if len(w) != k or any(x < 0 for x in w) or abs(sum(w) - 1) > 1e-6:
             raise ValueError(f"tuning weights {list(w)} must be K = {k} weights on the simplex")
     tuned = [m for m in methods if m in TUNED]
-    kl_coef = None
-    if "regularised" in tuning.rules:
-        kl_coef = domain.context.target_kl_coef()
+    kl_coef = domain.context.target_kl_coef() if "regularised" in tuning.rules else None
     record: dict[str, Any] = {
         **asdict(tuning),
         "weights": [list(w) for w in tune_weights],
@@ -267,14 +257,7 @@ def tune_settings(
         "chosen": {},
     }
     total = sum(len(tuning.candidates(m)) for m in tuned) + int("matched" in tuning.rules)
-    done = 0
-
-    def step(what: str) -> None:
-        nonlocal done
-        if progress:
-            progress(f"tuning {what}", done, total)
-        done += 1
-
+    step = _counter(progress, total)
     target = None
     if tuned and "matched" in tuning.rules:
         step(f"{tuning.match_method} (KL to match)")
@@ -289,18 +272,9 @@ def tune_settings(
             trial = replace(settings, **cand)
             measured.append({**cand, **_measure(method, trial, domain, tuning, prompts)})
         record["candidates"][method] = measured
-        for rule in tuning.rules:
-            best = choose(measured, rule, target_kl=target, kl_coef=kl_coef)
-            picked = {key: best[key] for key in TUNED[method]}
-            name = variant_name(method, rule)
-            out[name] = replace(settings, **picked)
-            record["chosen"][name] = {
-                "rule": rule,
-                "settings": picked,
-                "score": best["score"],
-                "kl": best["kl"],
-                "drift": best["drift"],
-                "target_kl": target if rule == "matched" else None,
-                "at_grid_edge": at_grid_edge(picked, measured),
-            }
+        picked, chosen = _pick(
+            method, measured, tuning.rules, settings, target_kl=target, kl_coef=kl_coef
+        )
+        out.update(picked)
+        record["chosen"].update(chosen)
     return out, record

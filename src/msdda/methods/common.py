@@ -2,28 +2,28 @@
 
 A method is built for one :class:`MethodContext` (schedule, reference, experts,
 objective rewards), one weight vector and one condition, and is then a step policy
-for :func:`msdda.sample_chain`. All methods of a comparison draw their step noise
-from one :class:`NoiseTape`, so they see identical noise; a method that needs more
-randomness (a drawn expert, extra candidates, a resampling choice) draws it from its
-own :class:`SampleGenerators`, never from the tape.
+for :func:`msdda.sample_chain`. The noise each sample sees follows the one rule of
+:mod:`msdda.sampling` (where :class:`NoiseTape`, :class:`SampleGenerators` and
+:func:`derive_seed` live; they are re-exported here): all methods of a comparison read
+their step noise from one tape, and a method's own randomness comes from its own
+stream, never from the tape.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..experts import Expert
+from ..experts import Denoiser, Expert, JointDenoiser, Member
 from ..fusion import Gaussian, fusion_coefficients
 from ..gaussians import Schedule
 from ..rewards import Reward
-from ..sampling import NoiseSampler, SeededNoise
+from ..sampling import NoiseTape, SampleGenerators, derive_seed  # re-exported here
+from ..validation import check_int, check_positive, check_sequence, check_simplex_weights
 
 __all__ = [
     "MethodContext",
@@ -60,6 +60,11 @@ class MethodContext:
     oracles: Mapping[tuple[float, ...], Expert] = field(default_factory=dict)  # by weights
     kl_coef: float | None = None  # target beta; default the experts' common beta
     dtype: torch.dtype = torch.float32  # dtype of x_T and of the chain
+    #: members (expert indices, None = reference) evaluated in one call; msdda and db use it
+    joint: JointDenoiser | None = None
+    #: (members, coefficients) -> the denoiser with parameters sum_j c_j theta_j (rs);
+    #: None: :func:`parameter_soup` of the members' ``nn.Module`` denoisers
+    soup: Callable[[tuple[Member, ...], tuple[float, ...]], Denoiser] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
@@ -68,7 +73,18 @@ class MethodContext:
             raise TypeError("reference must be a msdda.Expert")
         object.__setattr__(self, "experts", tuple(self.experts))
         object.__setattr__(self, "rewards", tuple(self.rewards))
-        object.__setattr__(self, "sample_shape", tuple(int(s) for s in self.sample_shape))
+        shape = check_sequence(self.sample_shape, "sample_shape")
+        object.__setattr__(
+            self,
+            "sample_shape",
+            tuple(check_int(v, f"sample_shape[{i}]", low=1) for i, v in enumerate(shape)),
+        )
+        if self.kl_coef is not None:
+            check_positive(self.kl_coef, "kl_coef")
+        if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        if not callable(self.decode):
+            raise TypeError("decode must be callable: model space -> reward input")
         if not self.experts:
             raise ValueError("experts is empty: a multi-objective problem needs K >= 1 experts")
         for i, e in enumerate(self.experts):
@@ -87,6 +103,9 @@ class MethodContext:
                 raise ValueError(
                     f"oracles must map K = {len(self.experts)} weights to an Expert, got {key!r}"
                 )
+        for name in ("joint", "soup"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable or None")
 
     @property
     def num_objectives(self) -> int:
@@ -115,10 +134,19 @@ class MethodContext:
             raise ValueError(f"method {method!r} needs the objective rewards: context.rewards")
 
     def counted(self, counter: EvalCounter) -> MethodContext:
-        """The same problem with every denoiser and reward counted by ``counter``."""
+        """The same problem with every denoiser, joint call, soup and reward counted by ``counter``.
+
+        A joint call counts its rows once per member asked for.
+        """
 
         def expert(e: Expert) -> Expert:
             return replace(e, denoiser=counter.wrap_denoiser(e.denoiser))
+
+        soup = self.soup
+        if soup is not None:
+
+            def soup(members, coefficients, _soup=self.soup):
+                return counter.wrap_denoiser(_soup(members, coefficients))
 
         return replace(
             self,
@@ -126,6 +154,8 @@ class MethodContext:
             experts=tuple(expert(e) for e in self.experts),
             oracles={k: expert(e) for k, e in self.oracles.items()},
             rewards=tuple(counter.wrap_reward(r) for r in self.rewards),
+            joint=None if self.joint is None else counter.wrap_joint(self.joint),
+            soup=soup,
         )
 
 
@@ -149,6 +179,14 @@ class EvalCounter:
         counted.counter = self
         return counted
 
+    def wrap_joint(self, joint: JointDenoiser) -> JointDenoiser:
+        def counted(x_t: Tensor, t: Tensor, cond: Any, members: Sequence[Member]):
+            self.denoiser_rows += int(x_t.shape[0]) * len(members)
+            return joint(x_t, t, cond, members)
+
+        counted.__wrapped__ = getattr(joint, "__wrapped__", joint)
+        return counted
+
     def wrap_reward(self, reward):
         def counted(images: Tensor, cond: Any = None) -> Tensor:
             self.reward_rows += int(images.shape[0])
@@ -163,126 +201,16 @@ def unwrap(fn):
     return getattr(fn, "__wrapped__", fn)
 
 
-class NoiseTape:
-    """Step noise drawn once per step index, in order, and remembered.
-
-    The sampling loop and a method that looks ahead (``code``, ``target``) read the
-    same tape, so the noise of step i is one tensor whoever asks first; the draw order
-    is that of the wrapped sampler, so a tape over ``SeededNoise(seeds)`` gives the
-    loop exactly the noise ``SeededNoise(seeds)`` gives it directly.
-    """
-
-    def __init__(self, noise: NoiseSampler) -> None:
-        self._noise = noise
-        self._tape: list[Tensor] = []
-
-    def initial(self, shape: Sequence[int]) -> Tensor:
-        if not hasattr(self._noise, "initial"):
-            raise TypeError("the wrapped noise sampler has no initial(shape)")
-        if self._tape:
-            raise RuntimeError("initial() must be drawn before any step noise")
-        return self._noise.initial(shape)
-
-    def __call__(self, step_index: int, like: Tensor) -> Tensor:
-        if step_index < 0:
-            raise ValueError(f"step_index must be >= 0, got {step_index}")
-        while len(self._tape) <= step_index:
-            self._tape.append(self._noise(len(self._tape), like))
-        z = self._tape[step_index]
-        if z.shape != like.shape:
-            raise ValueError(
-                f"step {step_index} noise has shape {tuple(z.shape)}, asked for {tuple(like.shape)}"
-            )
-        return z.to(like)
-
-    @classmethod
-    def seeded(cls, seeds: int | Sequence[int]) -> NoiseTape:
-        return cls(SeededNoise(seeds))
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from integers and names (numpy SeedSequence): distinct inputs, distinct streams."""
-    entropy = []
-    for p in parts:
-        if isinstance(p, str):
-            entropy.extend(p.encode())
-        elif isinstance(p, (int, np.integer)) and not isinstance(p, bool):
-            if p < 0:
-                entropy.extend([1, -int(p)])
-            else:
-                entropy.append(int(p))
-        else:
-            raise TypeError(f"seed parts must be ints or strings, got {p!r}")
-    hi, lo = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    return ((int(hi) << 32) | int(lo)) & ((1 << 63) - 1)
-
-
-class SampleGenerators:
-    """A method's own randomness: one generator per sample (or one for the batch).
-
-    Seeded from the samples' seeds and a stream name, so it never touches the step
-    noise and a sample's draws do not depend on the rest of its batch.
-    """
-
-    UNIFORM_BLOCK = 64  # uniforms drawn per generator at a time (one draw per call is slow)
-
-    def __init__(self, seeds: int | Sequence[int], stream: str) -> None:
-        if isinstance(seeds, int) and not isinstance(seeds, bool):
-            self._gens = [torch.Generator().manual_seed(derive_seed(seeds, stream))]
-            self.per_sample = False
-        else:
-            if not isinstance(seeds, Sequence) or isinstance(seeds, (str, bytes)) or not seeds:
-                raise TypeError("seeds must be an int or a non-empty sequence of ints")
-            self._gens = [torch.Generator().manual_seed(derive_seed(s, stream)) for s in seeds]
-            self.per_sample = True
-        self._uniforms: Tensor | None = None  # (B, UNIFORM_BLOCK) not yet used
-        self._used = 0
-
-    def _check(self, batch: int) -> None:
-        if self.per_sample and batch != len(self._gens):
-            raise ValueError(f"batch of {batch} samples for {len(self._gens)} seeds")
-
-    def randn(self, n: int, like: Tensor) -> Tensor:
-        """(n, B, ...) standard normal draws, sample b's from its own generator."""
-        self._check(like.shape[0])
-        if not self.per_sample:
-            return torch.randn((n, *like.shape), generator=self._gens[0]).to(like)
-        per = [torch.randn((n, *like.shape[1:]), generator=g) for g in self._gens]
-        return torch.stack(per, dim=1).to(like)
-
-    def uniform(self, batch: int) -> Tensor:
-        """(B,) float64 uniforms on [0, 1), sample b's from its own generator."""
-        self._check(batch)
-        if not self.per_sample:
-            return torch.rand(batch, generator=self._gens[0], dtype=torch.float64)
-        if self._uniforms is None or self._used == self.UNIFORM_BLOCK:
-            block = self.UNIFORM_BLOCK
-            self._uniforms = torch.stack(
-                [torch.rand(block, generator=g, dtype=torch.float64) for g in self._gens]
-            )
-            self._used = 0
-        u = self._uniforms[:, self._used]
-        self._used += 1
-        return u
-
-    def categorical(self, probs: Tensor) -> Tensor:
-        """(B,) indices, row b drawn from the distribution ``probs[b]`` (B, M) (inverse CDF)."""
-        probs = probs.detach().to(torch.float64).cpu()
-        cdf = probs.cumsum(dim=1)
-        u = self.uniform(probs.shape[0]) * cdf[:, -1]
-        pick = torch.searchsorted(cdf, u[:, None], right=True).flatten()
-        return pick.clamp_max(probs.shape[1] - 1)
-
-
-def point_mass(x: Tensor) -> Gaussian:
-    """The step that lands exactly on ``x`` (the loop adds sqrt(0) * z = 0)."""
-    return Gaussian(x, torch.zeros_like(x))
+#: Former name of :meth:`msdda.Gaussian.point_mass` (kept as an alias).
+point_mass = Gaussian.point_mass
 
 
 def repeat_cond(cond: Any, n: int) -> Any:
     """The condition of ``n`` stacked copies of a batch (copy-major, like ``torch.cat([x] * n)``)."""
     if cond is None or n == 1:
         return cond
+    if hasattr(cond, "repeat") and not isinstance(cond, Tensor):
+        return cond.repeat(n)
     if isinstance(cond, Tensor):
         return torch.cat([cond] * n) if cond.ndim else cond
     if isinstance(cond, (list, tuple)):
@@ -290,25 +218,9 @@ def repeat_cond(cond: Any, n: int) -> Any:
     return cond
 
 
-def check_weights(weights, k: int, name: str = "weights") -> tuple[float, ...]:
-    """K finite, non-negative preference weights on the simplex (summing to 1), as floats."""
-    if isinstance(weights, Tensor):
-        weights = weights.tolist()
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise TypeError(f"{name} must be a sequence of {k} numbers, got {type(weights).__name__}")
-    if len(weights) != k:
-        raise ValueError(f"{name} must hold one weight per objective (K = {k}), got {len(weights)}")
-    out = []
-    for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer)):
-            raise TypeError(f"{name}[{i}] must be a number, got {w!r}")
-        w = float(w)
-        if not math.isfinite(w) or w < 0:
-            raise ValueError(f"{name}[{i}] = {w} must be a finite number >= 0")
-        out.append(w)
-    if abs(math.fsum(out) - 1.0) > 1e-6:
-        raise ValueError(f"{name} = {out} must lie on the simplex (sum to 1), sum = {sum(out):.6g}")
-    return tuple(out)
+#: K preference weights on the simplex, as floats: :func:`msdda.validation.check_simplex_weights`
+#: (this name is kept as an alias).
+check_weights = check_simplex_weights
 
 
 def weight_key(weights: Sequence[float]) -> tuple[float, ...]:

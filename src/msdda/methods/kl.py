@@ -4,7 +4,7 @@ MSDDA, the experts and the oracle solve max E[r] - beta KL(p || p_ref); comparin
 method that reads rewards at sampling time with them is fair only at an equal KL.
 The path KL (x_T..x_0) is the sum over steps of the step KL given the state (chain
 rule) and bounds the KL between the final images' distributions. Gaussian steps give
-it exactly (:func:`gaussian_kl` against the reference step, via :func:`metered`); a
+it exactly (:func:`gaussian_kl`, the float64 :meth:`msdda.Gaussian.kl`, against the reference step, via :func:`metered`); a
 search method's steps are reference steps except for its choices, whose KL it adds
 itself (:func:`best_of_n_kl` for a best-of-N choice).
 """
@@ -20,21 +20,17 @@ from torch import Tensor
 from ..fusion import Gaussian
 from ..gaussians import Schedule
 from ..sampling import StepPolicy
+from ..validation import check_callable, check_int
 
 __all__ = ["gaussian_kl", "best_of_n_kl", "KLMeter", "metered"]
 
 
 def gaussian_kl(p: Gaussian, q: Gaussian) -> Tensor:
-    """(B,) KL(N(p.mean, p.variance) || N(q.mean, q.variance)) in nats, float64.
+    """(B,) KL(p || q) in nats, in float64: :meth:`msdda.Gaussian.kl` of the upcast steps.
 
-    Diagonal Gaussians over (B, ...) tensors (variances broadcast to the means), summed
-    over all but the batch dimension: 1/2 sum [log(v_q / v_p) + (v_p + (m_p - m_q)^2) / v_q - 1].
     A zero variance gives inf or nan: the KL of a point mass is not finite.
     """
-    mp, vp, mq, vq = (v.to(torch.float64) for v in (p.mean, p.variance, q.mean, q.variance))
-    mp, vp, mq, vq = torch.broadcast_tensors(mp, vp, mq, vq)
-    terms = 0.5 * (torch.log(vq / vp) + (vp + (mp - mq) ** 2) / vq - 1.0)
-    return terms.flatten(1).sum(1)
+    return p.to(torch.float64).kl(q.to(torch.float64))
 
 
 class KLMeter:
@@ -47,6 +43,7 @@ class KLMeter:
     """
 
     def __init__(self, batch: int) -> None:
+        batch = check_int(batch, "batch", low=1)
         self.total = torch.zeros(batch, dtype=torch.float64)
         self.seconds = 0.0
 
@@ -57,6 +54,7 @@ class KLMeter:
 
 def best_of_n_kl(n: int) -> float:
     """KL (nats) of the best of n i.i.d. draws (continuous scores) to one draw: log n - (n-1)/n."""
+    n = check_int(n, "n", low=1)
     return math.log(n) - (n - 1) / n
 
 
@@ -70,6 +68,12 @@ def metered(
     KL of the mixture from above. The reference evaluations and their time are the
     meter's, not the method's.
     """
+    check_callable(policy, "policy", "a step policy (x_t, t) -> Gaussian")
+    check_callable(reference, "reference", "a step policy (x_t, t) -> Gaussian")
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a msdda.Schedule, got {type(schedule).__name__}")
+    if not isinstance(meter, KLMeter):
+        raise TypeError(f"meter must be a KLMeter, got {type(meter).__name__}")
     last = int(schedule.timesteps[-1])
 
     def step(x_t: Tensor, t: int) -> Gaussian:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -11,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling import StepPolicy, sample_chain
+from ..sampling import StepPolicy, check_seed_arg, sample_chain
+from ..validation import check_callable, check_number, check_seeds
 from . import strategies as s
 from .common import EvalCounter, MethodContext, NoiseTape, SampleGenerators, check_weights
 from .kl import KLMeter, metered
@@ -38,13 +38,11 @@ class MethodSettings:
     target_candidates: int = 8  # M reference candidates per step of target
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.rgg_scale, (int, float)) and math.isfinite(self.rgg_scale)):
-            raise ValueError(f"rgg_scale must be a finite number, got {self.rgg_scale!r}")
-        s.guidance_schedule(self.rgg_schedule)
-        for name in ("code_candidates", "code_block", "target_candidates"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_number(self.rgg_scale, "rgg_scale", low=0.0)
+        s.guidance_schedule(self.rgg_schedule, "rgg_schedule")
+        s.check_count(self.code_candidates, "code_candidates", high=s.MAX_CANDIDATES)
+        s.check_count(self.code_block, "code_block")
+        s.check_count(self.target_candidates, "target_candidates", high=s.MAX_CANDIDATES)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,6 +112,12 @@ class _Draws:
     noise: NoiseTape
     kl: KLMeter | None = None  # a search method's choices add their KL here
 
+    def __post_init__(self) -> None:
+        check_seed_arg(self.seeds)
+        check_callable(self.noise, "noise", "the NoiseTape the sampling loop reads")
+        if self.kl is not None and not isinstance(self.kl, KLMeter):
+            raise TypeError(f"kl must be a KLMeter or None, got {type(self.kl).__name__}")
+
     def rng(self, method: str) -> SampleGenerators:
         return SampleGenerators(self.seeds, method)
 
@@ -159,8 +163,12 @@ def build_policy(
     be the tape the sampling loop reads; a search method adds its choices' KL to ``kl``.
     """
     info = check_method(method)
+    if not isinstance(ctx, MethodContext):
+        raise TypeError(f"ctx must be a MethodContext, got {type(ctx).__name__}")
     if info.uses_weights or weights is not None:
         weights = check_weights(weights, ctx.num_objectives)
+    if settings is not None and not isinstance(settings, MethodSettings):
+        raise TypeError(f"settings must be a MethodSettings or None, got {type(settings).__name__}")
     draws = _Draws(seeds, noise, kl)
     return _BUILDERS[method](ctx, weights, cond, draws, settings or MethodSettings())
 
@@ -207,9 +215,19 @@ def run_method(
     for Gaussian steps (the reference is evaluated again, uncounted and untimed), the
     choices' KL for search methods (exact for ``code``, an upper bound for ``target``).
     """
-    if isinstance(seeds, int) or not isinstance(seeds, Sequence) or not seeds:
-        raise TypeError("seeds must be a non-empty sequence of per-sample ints")
+    if isinstance(seeds, (int, str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
+        raise TypeError(
+            "seeds must be a non-empty sequence of per-sample ints (one seed per image), "
+            f"got {type(seeds).__name__}"
+        )
+    seeds = check_seeds(seeds)
     info = check_method(method)
+    if not isinstance(ctx, MethodContext):
+        raise TypeError(f"ctx must be a MethodContext, got {type(ctx).__name__}")
+    if callback is not None:
+        check_callable(callback, "callback", "a callable (step_index, t, x) or None")
+    if not isinstance(measure_kl, bool):
+        raise TypeError(f"measure_kl must be a bool, got {type(measure_kl).__name__}")
     counter = EvalCounter()
     counted = ctx.counted(counter)
     tape = NoiseTape.seeded(list(seeds))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from ..validation import check_number, check_sequence
 
 __all__ = ["parameter_soup"]
 
@@ -58,11 +59,10 @@ def parameter_soup(modules: Sequence[nn.Module], weights: Sequence[float]) -> nn
     for i, m in enumerate(modules):
         if not isinstance(m, nn.Module):
             raise TypeError(f"modules[{i}] must be a torch.nn.Module, got {type(m).__name__}")
-    w = [float(x) for x in weights]
-    if len(w) != len(modules):
-        raise ValueError(f"weights has {len(w)} entries for {len(modules)} modules")
-    if not all(math.isfinite(x) for x in w):
-        raise ValueError(f"weights must be finite, got {w}")
+    items = check_sequence(weights, "weights")
+    if len(items) != len(modules):
+        raise ValueError(f"weights has {len(items)} entries for {len(modules)} modules")
+    w = [check_number(x, f"weights[{i}]") for i, x in enumerate(items)]  # finite numbers
     states = _check_same_architecture(modules)
     soup_state = {}
     for key, first in states[0].items():

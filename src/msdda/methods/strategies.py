@@ -11,7 +11,7 @@ from the method's :class:`SampleGenerators`.
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -19,17 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..experts import Expert, expert_policy, msdda_step
+from ..experts import Denoiser, Expert, Member, expert_policy, joint_policy, msdda_step
 from ..fusion import Gaussian
 from ..gaussians import StepSpec, step_gaussian
 from ..rewards import StepReward, tweedie_step_reward
-from ..sampling import StepPolicy
+from ..sampling import StepPolicy, sample_chain
+from ..validation import ArgumentKindError, check_callable, check_number, check_sequence
 from .common import (
     EvalCounter,
     MethodContext,
     NoiseTape,
     SampleGenerators,
-    point_mass,
     repeat_cond,
     unwrap,
     weight_key,
@@ -47,7 +47,9 @@ __all__ = [
     "db_policy",
     "db_ls_policy",
     "rgg_policy",
+    "MAX_CANDIDATES",
     "Search",
+    "check_count",
     "code_policy",
     "target_policy",
     "msdda_policy",
@@ -64,16 +66,22 @@ GUIDANCE_SCHEDULES: dict[str, GuidanceSchedule] = {
 }
 
 
-def guidance_schedule(schedule: str | GuidanceSchedule) -> GuidanceSchedule:
+def guidance_schedule(schedule: str | GuidanceSchedule, name: str = "schedule") -> GuidanceSchedule:
     """A named schedule of :data:`GUIDANCE_SCHEDULES`, or a callable ``(i, n) -> float``."""
     if callable(schedule):
         return schedule
-    if schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(
-            f"guidance schedule must be one of {sorted(GUIDANCE_SCHEDULES)} or a callable "
-            f"(step_index, num_steps) -> float, got {schedule!r}"
+    if not isinstance(schedule, str) or schedule not in GUIDANCE_SCHEDULES:
+        error = ValueError if isinstance(schedule, str) else ArgumentKindError
+        raise error(
+            f"guidance schedule ({name}) must be one of {sorted(GUIDANCE_SCHEDULES)} or a "
+            f"callable (step_index, num_steps) -> float, got {schedule!r}"
         )
     return GUIDANCE_SCHEDULES[schedule]
+
+
+def _check_ctx(ctx: MethodContext) -> None:
+    if not isinstance(ctx, MethodContext):
+        raise TypeError(f"ctx must be a MethodContext, got {type(ctx).__name__}")
 
 
 def _step_index(ctx: MethodContext) -> Callable[[int], int]:
@@ -81,7 +89,9 @@ def _step_index(ctx: MethodContext) -> Callable[[int], int]:
 
     def lookup(t: int) -> int:
         if int(t) not in index:
-            raise ValueError(f"timestep {t} is not in this schedule")
+            raise ValueError(
+                f"timestep {t} is not in this schedule: t must be one of ctx.schedule.timesteps"
+            )
         return index[int(t)]
 
     return lookup
@@ -92,6 +102,10 @@ def _t_batch(x: Tensor, t: int) -> Tensor:
 
 
 def _select_cond(cond: Any, idx: Tensor) -> Any:
+    """The condition of rows ``idx`` of a batch; a domain's own condition type may define
+    ``select(idx)`` (and ``repeat(n)``, see :func:`repeat_cond`)."""
+    if hasattr(cond, "select") and not isinstance(cond, Tensor):
+        return cond.select(idx)
     if isinstance(cond, Tensor) and cond.ndim:
         return cond[idx]
     if isinstance(cond, (list, tuple)):
@@ -100,7 +114,13 @@ def _select_cond(cond: Any, idx: Tensor) -> Any:
 
 
 def _weighted_reward(ctx: MethodContext, weights: Sequence[float]):
-    active = [(float(w), r) for w, r in zip(weights, ctx.rewards, strict=True) if w != 0]
+    items = check_sequence(weights, "weights")
+    if len(items) != len(ctx.rewards):
+        raise ValueError(
+            f"weights must hold one weight per objective (K = {len(ctx.rewards)}), got {len(items)}"
+        )
+    items = [check_number(w, f"weights[{i}]") for i, w in enumerate(items)]
+    active = [(w, r) for w, r in zip(items, ctx.rewards, strict=True) if w != 0]
 
     def reward(images: Tensor, cond: Any) -> Tensor:
         total = None
@@ -114,6 +134,7 @@ def _weighted_reward(ctx: MethodContext, weights: Sequence[float]):
 
 def weighted_step_reward(ctx: MethodContext, weights: Sequence[float]) -> StepReward:
     """sum_i w_i r_i of the reference's Tweedie x0 at the landing timestep (one denoiser call)."""
+    _check_ctx(ctx)
     ctx.require_rewards("weighted step reward")
     return tweedie_step_reward(
         _weighted_reward(ctx, weights),
@@ -126,39 +147,65 @@ def weighted_step_reward(ctx: MethodContext, weights: Sequence[float]) -> StepRe
 
 def base_policy(ctx: MethodContext, cond: Any = None) -> StepPolicy:
     """The reference model alone."""
+    _check_ctx(ctx)
     return expert_policy(ctx.reference, ctx.schedule, cond)
 
 
-def _members(ctx: MethodContext, weights) -> tuple[list[Expert], list[float]]:
-    """The models with a nonzero exponent and their lambdas (reference last if lambda_0 != 0)."""
+def _members(ctx: MethodContext, weights) -> tuple[list[Member], list[float]]:
+    """The members with a nonzero exponent and their lambdas (None, the reference, last)."""
     coefs = ctx.coefficients(weights)
-    members = [e for e, lam in zip(ctx.experts, coefs.lambdas, strict=True) if lam != 0.0]
+    members: list[Member] = [i for i, lam in enumerate(coefs.lambdas) if lam != 0.0]
     lambdas = [lam for lam in coefs.lambdas if lam != 0.0]
     if coefs.lambda0 != 0.0:
-        members.append(ctx.reference)
+        members.append(None)
         lambdas.append(coefs.lambda0)
     return members, lambdas
 
 
-def rs_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
-    """Rewarded soups: the model with parameters sum_i lambda_i theta_i (+ lambda_0 theta_ref).
+def _expert(ctx: MethodContext, member: Member) -> Expert:
+    return ctx.reference if member is None else ctx.experts[member]
 
-    The experts' denoisers must be ``torch.nn.Module`` s of one architecture; the soup
-    steps with the experts' common :class:`StepSpec`.
-    """
-    members, lambdas = _members(ctx, weights)
+
+def _model_outputs(
+    ctx: MethodContext, members: Sequence[Member], cond: Any
+) -> Callable[[Tensor, Tensor], list[Tensor]]:
+    """``(x_t, t (B,)) -> [output of m for m in members]``: one joint call when ``ctx.joint``."""
+    if ctx.joint is not None:
+        return lambda x_t, tb: list(ctx.joint(x_t, tb, cond, members))
+    experts = [_expert(ctx, m) for m in members]
+    return lambda x_t, tb: [e.denoiser(x_t, tb, cond) for e in experts]
+
+
+def _module_soup(members: Sequence[Expert], lambdas: Sequence[float]) -> Denoiser:
+    """:func:`parameter_soup` of the members' ``nn.Module`` denoisers, counted like them."""
     modules = [unwrap(e.denoiser) for e in members]
     for e, m in zip(members, modules, strict=True):
         if not isinstance(m, torch.nn.Module):
             raise TypeError(
                 f"rs needs denoisers that are torch.nn.Module; {e.name!r} is {type(m).__name__}"
             )
+    soup = parameter_soup(modules, lambdas)
+    counter = getattr(members[0].denoiser, "counter", None)
+    return counter.wrap_denoiser(soup) if isinstance(counter, EvalCounter) else soup
+
+
+def rs_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
+    """Rewarded soups: the model with parameters sum_i lambda_i theta_i (+ lambda_0 theta_ref).
+
+    The soup is ``ctx.soup(members, lambdas)`` when the domain gives one; otherwise the
+    experts' denoisers must be ``torch.nn.Module`` s of one architecture. The soup steps
+    with the experts' common :class:`StepSpec`.
+    """
+    _check_ctx(ctx)
+    ids, lambdas = _members(ctx, weights)
+    members = [_expert(ctx, m) for m in ids]
     specs = {e.spec for e in members}
     if len(specs) != 1:
         raise ValueError(f"rs needs experts with one StepSpec, got {sorted(map(str, specs))}")
-    soup = parameter_soup(modules, lambdas)
-    counter = getattr(members[0].denoiser, "counter", None)
-    denoiser = counter.wrap_denoiser(soup) if isinstance(counter, EvalCounter) else soup
+    if ctx.soup is not None:
+        denoiser = ctx.soup(tuple(ids), tuple(lambdas))
+    else:
+        denoiser = _module_soup(members, lambdas)
     souped = Expert(denoiser, members[0].spec, members[0].kl_coef, name="rewarded soup")
     return expert_policy(souped, ctx.schedule, cond)
 
@@ -181,17 +228,19 @@ def db_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
     The model outputs' prediction channels are mixed with the fusion exponents (the
     weights, for experts of one beta on the simplex); a learned variance channel is
     dropped and the step uses ``fixed_small``. With equal step variances this is the
-    MSDDA step (DDPM and DDIM means are affine in the model output).
+    MSDDA step (DDPM and DDIM means are affine in the model output). With ``ctx.joint``
+    all members are evaluated in one joint call.
     """
-    members, lambdas = _members(ctx, weights)
-    spec = _mixing_spec(members)
+    _check_ctx(ctx)
+    ids, lambdas = _members(ctx, weights)
+    spec = _mixing_spec([_expert(ctx, m) for m in ids])
+    outputs = _model_outputs(ctx, ids, cond)
     schedule = ctx.schedule
 
     def step(x_t: Tensor, t: int) -> Gaussian:
-        tb = _t_batch(x_t, t)
         mixed = None
-        for e, lam in zip(members, lambdas, strict=True):
-            out = e.denoiser(x_t, tb, cond)[:, : x_t.shape[1]]
+        for out, lam in zip(outputs(x_t, _t_batch(x_t, t)), lambdas, strict=True):
+            out = out[:, : x_t.shape[1]]
             mixed = lam * out if mixed is None else mixed + lam * out
         g = step_gaussian(mixed, x_t, t, schedule, spec)
         return Gaussian(g.mean, g.variance)
@@ -206,7 +255,11 @@ def db_ls_policy(
 
     One network evaluation per sample and step; the draw uses ``rng``, not the step noise.
     """
-    members, lambdas = _members(ctx, weights)
+    _check_ctx(ctx)
+    if not isinstance(rng, SampleGenerators):
+        raise TypeError(f"rng must be a SampleGenerators, got {type(rng).__name__}")
+    ids, lambdas = _members(ctx, weights)
+    members = [_expert(ctx, m) for m in ids]
     if min(lambdas) < 0:
         raise ValueError(
             f"db-ls draws models with probabilities lambda; got lambda = {lambdas} (lambda_0 < 0)"
@@ -244,10 +297,10 @@ def rgg_policy(
     (one forward and one backward per step); s_t = scale * schedule(i, n). Steps with
     s_t = 0 take no gradient and are the reference step.
     """
+    _check_ctx(ctx)
     ctx.require_rewards("rgg")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    shape_of = guidance_schedule(schedule)
+    scale = check_number(scale, "scale", low=0.0)
+    shape_of = guidance_schedule(schedule, "schedule")
     reward = _weighted_reward(ctx, weights)
     index = _step_index(ctx)
     n = len(ctx.schedule.timesteps)
@@ -255,7 +308,8 @@ def rgg_policy(
     reference = base_policy(ctx, cond)
 
     def step(x_t: Tensor, t: int) -> Gaussian:
-        s = float(scale) * float(shape_of(index(t), n))
+        i = index(t)
+        s = scale * check_number(shape_of(i, n), f"guidance schedule at step {i}")
         if s == 0.0:
             return reference(x_t, t)
         with torch.enable_grad():
@@ -269,10 +323,25 @@ def rgg_policy(
     return step
 
 
-def _check_count(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+#: The most candidates a search may draw per step or block: each is one more copy of the
+#: batch through the reference model.
+MAX_CANDIDATES = 4096
+
+
+def check_count(value: int, name: str, high: int | None = None) -> int:
+    """A positive int (a bool or a float is refused, as a TypeError that is also a ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentKindError(
+            f"{name} must be a positive int, got {value!r} ({type(value).__name__})"
+        )
+    if value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be a positive int <= {high}, got {value!r}")
+    return int(value)
+
+
+_check_count = check_count
 
 
 @dataclass(frozen=True, eq=False)
@@ -290,7 +359,12 @@ class Search:
     kl: KLMeter | None = None  # where each choice's KL to the base is added, if measured
 
     def __post_init__(self) -> None:
-        _check_count(self.candidates, "candidates")
+        check_count(self.candidates, "candidates", high=MAX_CANDIDATES)
+        check_callable(self.noise, "noise", "the NoiseTape the sampling loop reads")
+        if not isinstance(self.rng, SampleGenerators):
+            raise TypeError(f"rng must be a SampleGenerators, got {type(self.rng).__name__}")
+        if self.kl is not None and not isinstance(self.kl, KLMeter):
+            raise TypeError(f"kl must be a KLMeter or None, got {type(self.kl).__name__}")
 
     def step_noise(self, i: int, x: Tensor) -> Tensor:
         """(N B, ...) noise of step ``i`` for the N candidates of ``x`` (B, ...), candidate-major."""
@@ -309,6 +383,41 @@ def _take(stacked: Tensor, n: int, pick: Tensor) -> Tensor:
 #: ``scores (N, B) -> (pick (B,), kl (B,))``: the candidate each sample keeps, and the KL
 #: (nats) of that choice against keeping a reference draw (an upper bound where not exact).
 Choice = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+def _continuations(
+    reference: StepPolicy,
+    ref_many: StepPolicy,
+    search: Search,
+    timesteps: Sequence[int],
+    x_t: Tensor,
+    start: int,
+    end: int,
+) -> list[Tensor]:
+    """(N B, ...) states of the N reference continuations of ``x_t`` after steps start..end-1.
+
+    One :func:`sample_chain` on the slice of the timesteps, with each step's noise from
+    ``search.step_noise`` (candidate 0: the loop's tape) at its index in the schedule.
+    """
+    n = search.candidates
+
+    def candidates_step(x: Tensor, t: int) -> Gaussian:
+        if t != timesteps[start]:
+            return ref_many(x, t)
+        g = reference(x_t, t)  # every candidate starts at x_t: one evaluation
+        return Gaussian(*(torch.cat([v.expand_as(x_t)] * n) for v in (g.mean, g.variance)))
+
+    path: list[Tensor] = []
+    sample_chain(
+        candidates_step,
+        torch.cat([x_t] * n),
+        timesteps[start:end],
+        lambda j, like: search.step_noise(j, x_t),
+        callback=lambda j, t, x: path.append(x),
+        first_index=start,
+        ends_chain=end == len(timesteps),
+    )
+    return path
 
 
 def _blockwise_search(
@@ -331,22 +440,9 @@ def _blockwise_search(
     ref_many = expert_policy(ctx.reference, ctx.schedule, repeat_cond(cond, n))
     chosen: dict[int, Tensor] = {}
 
-    def continuations(x_t: Tensor, start: int, end: int) -> list[Tensor]:
-        """(N B, ...) states of the N candidates after each step start..end-1."""
-        g = reference(x_t, ts[start])  # every candidate starts at x_t: one evaluation
-        mean, var = (torch.cat([v.expand_as(x_t)] * n) for v in (g.mean, g.variance))
-        path = []
-        for j in range(start, end):
-            if j > start:
-                g = ref_many(path[-1], ts[j])
-                mean, var = g.mean, g.variance
-            noise = search.step_noise(j, x_t) if j < last else 0.0
-            path.append(mean + var.clamp_min(0).sqrt() * noise)
-        return path
-
     def run_block(x_t: Tensor, start: int) -> None:
         end = min(start + block, len(ts))
-        path = continuations(x_t, start, end)
+        path = _continuations(reference, ref_many, search, ts, x_t, start, end)
         if n > 1:
             r = score(path[-1], prev[end - 1], repeat_cond(cond, n)).reshape(n, -1)
             pick, kl = choose(r)
@@ -359,10 +455,10 @@ def _blockwise_search(
     def step(x_t: Tensor, t: int) -> Gaussian:
         i = index(t)
         if i == last and i not in chosen:
-            return point_mass(reference(x_t, t).mean)
+            return Gaussian.point_mass(reference(x_t, t).mean)
         if i not in chosen:
             run_block(x_t, i)
-        return point_mass(chosen.pop(i))
+        return Gaussian.point_mass(chosen.pop(i))
 
     return step
 
@@ -376,7 +472,10 @@ def code_policy(
     are drawn; each sample keeps the one whose x0_hat at the block's end scores best on
     sum_i w_i r_i; the block's steps then follow it as point masses.
     """
-    block = _check_count(block, "block (B)")
+    _check_ctx(ctx)
+    block = check_count(block, "block (B)")
+    if not isinstance(search, Search):
+        raise TypeError(f"search must be a Search, got {type(search).__name__}")
     n = search.candidates
     kl = best_of_n_kl(n)
 
@@ -395,6 +494,9 @@ def target_policy(ctx: MethodContext, weights, cond: Any = None, *, search: Sear
     target KL coefficient: a one-step block search that samples its choice. As M grows
     this samples p_ref exp(r / beta) exactly.
     """
+    _check_ctx(ctx)
+    if not isinstance(search, Search):
+        raise TypeError(f"search must be a Search, got {type(search).__name__}")
     beta = ctx.target_kl_coef()
     m = search.candidates
 
@@ -407,7 +509,20 @@ def target_policy(ctx: MethodContext, weights, cond: Any = None, *, search: Sear
 
 
 def msdda_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
-    """MSDDA: the closed-form weighted product of the experts' step Gaussians."""
+    """MSDDA: the closed-form weighted product of the experts' step Gaussians.
+
+    With ``ctx.joint`` the active experts and, when lambda_0 != 0, the reference are
+    evaluated in one joint call per step.
+    """
+    _check_ctx(ctx)
+    if ctx.joint is not None:
+        return msdda_step(
+            joint_policy(ctx.joint, ctx.experts, ctx.reference, ctx.schedule, cond),
+            weights,
+            kl_coefs=[e.kl_coef for e in ctx.experts],
+            kl_coef=ctx.kl_coef,
+            num_experts=ctx.num_objectives,
+        )
     return msdda_step(
         [expert_policy(e, ctx.schedule, cond) for e in ctx.experts],
         weights,
@@ -419,6 +534,7 @@ def msdda_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
 
 def oracle_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
     """The model trained on the weighted reward itself, where one exists for these weights."""
+    _check_ctx(ctx)
     key = weight_key(weights)
     for k, expert in ctx.oracles.items():
         if weight_key(k) == key:

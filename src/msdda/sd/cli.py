@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from ..io import atomic_path
+from ..validation import check_int, check_number, check_positive, check_seed
 
 __all__ = ["IMAGE_SUFFIXES", "generate_sd", "is_sdxl", "image_grid"]
 
@@ -48,6 +50,7 @@ def image_grid(images: list, columns: int | None = None):
 def _check_args(
     base, experts, weights, prompt, out, num_samples, seed, steps, guidance_scale, eta, kl_coef
 ) -> Path:
+    """What the pipeline does not check itself (the weights' values it does, once)."""
     if not isinstance(base, (str, os.PathLike)) or not os.fspath(base):
         raise ValueError(f"base must be a pipeline folder or hub id, got {base!r}")
     if not isinstance(experts, Mapping) or not experts:
@@ -57,32 +60,18 @@ def _check_args(
             raise ValueError(f"experts must map names to paths or hub ids, got {name!r}: {src!r}")
     if not isinstance(weights, Mapping) or not weights:
         raise ValueError("weights must be a non-empty mapping {expert name: weight}")
-    unknown = [k for k in weights if k not in experts]
-    if unknown:
-        raise ValueError(
-            f"weights name unknown expert(s) {unknown}; the experts are {list(experts)}"
-        )
-    for k, v in weights.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v < math.inf):
-            raise ValueError(f"weight of {k!r} must be a non-negative finite number, got {v!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
     out = Path(out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"out must be an image file ending in one of {IMAGE_SUFFIXES}, got {out}")
-    for what, v, lo in (("num_samples", num_samples, 1), ("steps", steps, 1), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{what} must be an int >= {lo}, got {v!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0 <= eta < math.inf):
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if kl_coef is not None and (
-        isinstance(kl_coef, bool)
-        or not isinstance(kl_coef, (int, float))
-        or not (0 < kl_coef < math.inf)
-    ):
-        raise ValueError(f"kl_coef must be a positive number or None, got {kl_coef!r}")
+    check_int(num_samples, "num_samples", low=1)
+    check_int(steps, "steps", low=1)
+    check_seed(seed)
+    check_number(guidance_scale, "guidance_scale")
+    check_number(eta, "eta", low=0.0)
+    if kl_coef is not None:
+        check_positive(kl_coef, "kl_coef")
     return out
 
 
@@ -149,12 +138,6 @@ def generate_sd(
     ).images
     picture = images[0] if len(images) == 1 else image_grid(images)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         picture.save(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from .lora import LoRAFactors, extract_lora_factors
+from ..lora import LoRAFactors, extract_lora_factors
 
 __all__ = [
     "diffusers_dtype",

@@ -2,7 +2,7 @@
 
 :class:`ExpertRegistry` keeps them in the order they were added (that order is the
 expert order of weights given as a sequence), the LoRA experts' factors in one
-:class:`~msdda.sd.lora.LoRABank` over the base UNet (and one per text encoder when
+:class:`~msdda.lora.LoRABank` over the base UNet (and one per text encoder when
 an adapter changes it), and writes/reads them beside a saved pipeline.
 """
 
@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..lora import LORA_MODES, LoRABank, LoRAFactors
 from .loading import (
     ExpertSource,
     load_expert_unet,
     load_lora_factors,
     resolve_expert_source,
 )
-from .lora import LORA_MODES, LoRABank, LoRAFactors
 
 __all__ = ["REFERENCE", "MANIFEST", "ExpertEntry", "ExpertRegistry"]
 

@@ -1,0 +1,125 @@
+"""The unit of work of sweeps and tuning: one method at one weight for one seed, all prompts.
+
+Every unit samples all prompts in one batch, from per-sample seeds that depend only on
+(seed, prompt, image index): every method sees the same x_T and the same step noise.
+It returns one :class:`~msdda.evaluation.results.ResultRow` per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..methods import MethodRun, MethodSettings, derive_seed, run_method
+from .domains import SweepDomain
+from .results import Key, ResultRow, result_key
+from .variants import method_of
+
+__all__ = ["SweepUnit", "sample_seeds", "unit_keys", "score_samples", "drift", "run_unit"]
+
+
+@dataclass(frozen=True)
+class SweepUnit:
+    """One batch of the sweep: a method at one weight (None: weight-free) for one seed."""
+
+    method: str  # a sweep method name ("rgg-matched" samples with rgg)
+    weights: tuple[float, ...] | None
+    seed: int
+
+
+def sample_seeds(seed: int, prompt: Any, images: int) -> list[int]:
+    """Per-sample seeds of a (seed, prompt) row: a function of (seed, prompt, index) alone."""
+    return [derive_seed("sample", seed, repr(prompt), j) for j in range(images)]
+
+
+def unit_keys(unit: SweepUnit, prompts: Sequence[Any]) -> set[Key]:
+    """The row keys a unit writes, one per prompt."""
+    return {result_key(unit.method, unit.weights, p, unit.seed) for p in prompts}
+
+
+@torch.no_grad()
+def score_samples(domain: SweepDomain, x0: torch.Tensor, cond: Any) -> dict[str, torch.Tensor]:
+    """Every reported reward of final samples x0 (B, ...) in model space: name -> (B,) float64."""
+    images = domain.context.decode(x0)
+    return {n: r(images, cond).detach().double() for n, r in domain.eval_rewards.items()}
+
+
+def drift(images: torch.Tensor, base_images: torch.Tensor) -> torch.Tensor:
+    """(B,) RMS difference per image from the base's image of the same noise (image units)."""
+    return (images - base_images).double().pow(2).flatten(1).mean(1).sqrt()
+
+
+def _row(
+    unit: SweepUnit,
+    prompt: Any,
+    rewards: Mapping[str, torch.Tensor],
+    run: MethodRun,
+    companion: Mapping[str, float],
+) -> ResultRow:
+    """The row of one prompt from its slice of the rewards, (n,) each."""
+    n = len(next(iter(rewards.values())))
+    return ResultRow(
+        method=unit.method,
+        weights=unit.weights,
+        prompt=prompt,
+        seed=unit.seed,
+        images=n,
+        rewards={k: float(v.mean()) for k, v in rewards.items()},
+        rewards_std={k: float(v.std()) if n > 1 else 0.0 for k, v in rewards.items()},
+        per_image={k: tuple(round(float(x), 7) for x in v) for k, v in rewards.items()},
+        seconds_per_image=run.seconds_per_image,
+        nfe_per_image=run.nfe_per_image,
+        reward_evals_per_image=run.reward_rows / run.images,
+        **companion,
+    )
+
+
+def _companion(run: MethodRun, base: MethodRun, drifts: torch.Tensor, sl: slice) -> dict:
+    """Mean drift from the base, path KL to it and the base's time, over the images ``sl``."""
+    return {
+        "drift_from_base": float(drifts[sl].mean()),
+        "kl_from_base": float(run.kl[sl].mean()),
+        "base_seconds_per_image": base.seconds_per_image,
+    }
+
+
+def run_unit(
+    unit: SweepUnit,
+    domain: SweepDomain,
+    prompts: Sequence[Any],
+    images_per_prompt: int,
+    settings: MethodSettings,
+    *,
+    companion: bool = False,
+) -> list[ResultRow]:
+    """Sample one unit (all prompts in one batch) and return its rows, one per prompt.
+
+    With ``companion``, the base is sampled on the same batch just before the method: the
+    rows then record the mean drift of the images from the base images of the same
+    noise, their mean path KL to the base (nats, see :func:`msdda.methods.run_method`)
+    and the base's time per image measured under the same machine load.
+    """
+    per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
+    seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
+    cond = domain.condition(per_sample_prompts)
+    method = method_of(unit.method)
+    base = None
+    if companion and method != "base":
+        base = run_method("base", domain.context, None, cond, seeds, settings=settings)
+    run = run_method(
+        method, domain.context, unit.weights, cond, seeds, settings=settings, measure_kl=companion
+    )
+    if companion and base is None:
+        base = run
+    rewards = score_samples(domain, run.samples, cond)
+    if base is not None:
+        drifts = drift(domain.context.decode(run.samples), domain.context.decode(base.samples))
+    rows = []
+    for p, prompt in enumerate(prompts):
+        sl = slice(p * images_per_prompt, (p + 1) * images_per_prompt)
+        extra = {} if base is None else _companion(run, base, drifts, sl)
+        rows.append(_row(unit, prompt, {k: v[sl] for k, v in rewards.items()}, run, extra))
+    return rows
