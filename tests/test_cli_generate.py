@@ -111,9 +111,9 @@ def test_corrupt_weights_are_named(tmp_path: Path) -> None:
     broken.write_bytes(broken.read_bytes()[:1000])
     out = tmp_path / "x.npy"
     args = [*SEVENS, "--weights-dir", str(weights), "--out", str(out)]
-    _refused(args, "expert-boldness-fixed.safetensors is corrupt")
+    _refused(args, "expert-boldness-fixed.safetensors: the weight file is truncated")
     broken.unlink()
-    _refused(args, "expert-boldness-fixed.safetensors is missing")
+    _refused(args, "expert-boldness-fixed.safetensors: no such weight file")
     assert not out.exists()
 
 

@@ -97,7 +97,7 @@ def test_adapters_that_do_not_fit_are_refused(base) -> None:
         merged_denoiser(base, good, TINY_LORA, "fixed")  # a learned adapter is not a fixed one
     with pytest.raises(ValueError, match="kind must be one of"):
         merged_denoiser(base, good, TINY_LORA, "wide")
-    with pytest.raises(ValueError, match="rank must be a positive int"):
+    with pytest.raises(ValueError, match="rank must be >= 1"):
         LoraSettings(rank=0)
     with pytest.raises(ValueError, match="bad LoRA settings"):
         merged_denoiser(base, good, {"rank": 2}, "learned")
@@ -132,20 +132,24 @@ def test_adapter_file_round_trip_and_refusals(base, tmp_path: Path) -> None:
         "seed": 1,
         "base": base_fingerprint(base),
     }
-    with pytest.raises(ValueError, match=r"a.safetensors is corrupt: its sha256 differs"):
+    with pytest.raises(
+        ValueError, match=r"a.safetensors: the adapter file is corrupt: its sha256 differs"
+    ):
         read_adapter_file(path, "0" * 64)
-    with pytest.raises(ValueError, match=r"weight file .*nope.safetensors is missing"):
+    with pytest.raises(
+        ValueError, match=r"nope.safetensors: no such weight file \(the file is missing\)"
+    ):
         read_adapter_file(tmp_path / "nope.safetensors", what="weight file")
     (tmp_path / "junk.safetensors").write_bytes(b"junk")
-    with pytest.raises(ValueError, match=r"junk.safetensors is not a valid safetensors file"):
+    with pytest.raises(ValueError, match=r"junk.safetensors: not a safetensors adapter file"):
         read_adapter_file(tmp_path / "junk.safetensors")
     save_module(tmp_path / "full.safetensors", base)
-    with pytest.raises(ValueError, match=rf"full.safetensors is not a {ADAPTER_FORMAT} file"):
+    with pytest.raises(ValueError, match=rf"full.safetensors: not a {ADAPTER_FORMAT} adapter file"):
         read_adapter_file(tmp_path / "full.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(
         encode_adapter(adapter.tensors, {**meta, "seed": "x"})
     )
-    with pytest.raises(ValueError, match="bad.safetensors has bad metadata"):
+    with pytest.raises(ValueError, match="bad.safetensors: the adapter file has bad metadata"):
         read_adapter_file(tmp_path / "bad.safetensors")
 
 

@@ -114,7 +114,7 @@ def test_train_all_refuses_a_file_as_folder(tmp_path: Path) -> None:
         DigitsTrainConfig(experts=(("beauty", "fixed"),))
     with pytest.raises(ValueError, match="align_seeds must be distinct"):
         DigitsTrainConfig(align_seeds=(1, 1))
-    with pytest.raises(ValueError, match="align_seeds must be non-negative ints"):
+    with pytest.raises(ValueError, match=r"align_seeds\[1\] must be >= 0"):
         DigitsTrainConfig(align_seeds=(0, -1))
     with pytest.raises(ValueError, match="oracle kinds must be in"):
         DigitsTrainConfig(oracle_kinds=("wide",))

@@ -130,7 +130,7 @@ def test_normalisation_fitted_on_samples_standardises_them() -> None:
         assert abs(r.mean().item()) < 1e-5 and abs(r.std().item() - 1) < 1e-5
     with pytest.raises(ValueError, match="no normalisation recorded"):
         standardise(raw, {"boldness": RewardNormalisation(0.0, 1.0)})
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(ValueError, match="std must be > 0"):
         RewardNormalisation(0.0, 0.0)
     assert isinstance(std["boldness"], StandardisedReward)
 

@@ -23,6 +23,7 @@ from msdda.digits import (
 from msdda.digits.lora import merged_denoiser
 from msdda.digits.store import DEFAULT_WEIGHTS_DIR, EXPERT_KINDS
 from msdda.digits.testing import TINY_DENOISER, make_tiny_weights, perturbed, random_adapter
+from msdda.errors import InputFileError
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def test_add_expert_replaces_and_checks(tiny_copy: Path) -> None:
         add_expert(tiny_copy, new, reward="boldness", kind="learned", kl_coef=1.0)
     with pytest.raises(ValueError, match="unknown reward 'beauty'"):
         add_expert(tiny_copy, new, reward="beauty", kind="fixed", kl_coef=1.0)
-    with pytest.raises(ValueError, match="kl_coef must be positive"):
+    with pytest.raises(ValueError, match="kl_coef must be > 0"):
         add_expert(tiny_copy, new, reward="boldness", kind="fixed", kl_coef=0.0)
     add_oracle(
         tiny_copy, new, weights={"legibility": 0.25, "boldness": 0.75}, kind="fixed", kl_coef=1.0
@@ -123,13 +124,15 @@ def test_add_expert_replaces_and_checks(tiny_copy: Path) -> None:
 def test_truncated_file_is_reported_by_name(tiny_copy: Path, file: str) -> None:
     path = tiny_copy / file
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(ValueError, match=rf"weight file .*{file} is corrupt"):
+    with pytest.raises(InputFileError, match=rf"{file}: the weight file is truncated"):
         load_digits_bundle(tiny_copy)
 
 
 def test_missing_file_is_reported_by_name(tiny_copy: Path) -> None:
     (tiny_copy / "expert-legibility-fixed.safetensors").unlink()
-    with pytest.raises(ValueError, match=r"expert-legibility-fixed.safetensors is missing"):
+    with pytest.raises(
+        InputFileError, match=r"expert-legibility-fixed.safetensors: no such weight file"
+    ):
         load_digits_bundle(tiny_copy)
 
 
@@ -138,24 +141,28 @@ def test_invalid_safetensors_and_wrong_shapes(tiny_copy: Path) -> None:
     manifest["base"].pop("sha256")  # without a checksum the format check still catches it
     (tiny_copy / "manifest.json").write_text(json.dumps(manifest))
     (tiny_copy / "base.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    with pytest.raises(ValueError, match=r"base.safetensors is not a valid safetensors file"):
+    with pytest.raises(InputFileError, match=r"base.safetensors: not a safetensors weight file"):
         load_digits_bundle(tiny_copy)
     wide = DigitDenoiser(type(TINY_DENOISER)(hidden=24, num_blocks=1, time_dim=8))
     save_module(tiny_copy / "base.safetensors", wide)
-    with pytest.raises(ValueError, match=r"base.safetensors does not fit the model: .* has shape"):
+    with pytest.raises(
+        InputFileError,
+        match=r"base.safetensors: the weight file does not fit the model: .* has shape",
+    ):
         load_digits_bundle(tiny_copy)
     deeper = DigitDenoiser(type(TINY_DENOISER)(hidden=16, num_blocks=2, time_dim=8))
     save_module(tiny_copy / "base.safetensors", deeper)
     with pytest.raises(
-        ValueError, match=r"base.safetensors does not fit the model: missing keys \[\]"
+        InputFileError,
+        match=r"base.safetensors: the weight file does not fit the model: missing keys \[\]",
     ):
         load_digits_bundle(tiny_copy)
 
 
 def test_missing_or_broken_manifest(tmp_path: Path, tiny_copy: Path) -> None:
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(InputFileError, match="nowhere: no such weights folder"):
         load_digits_bundle(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="no manifest.json in"):
+    with pytest.raises(InputFileError, match="no manifest.json: not a digits weights folder"):
         load_digits_bundle(tmp_path)
     manifest = json.loads((tiny_copy / "manifest.json").read_text())
     manifest["experts"][0]["reward"] = "beauty"
@@ -163,10 +170,10 @@ def test_missing_or_broken_manifest(tmp_path: Path, tiny_copy: Path) -> None:
     with pytest.raises(ValueError, match="expert entry with reward 'beauty'"):
         load_digits_bundle(tiny_copy)
     (tiny_copy / "manifest.json").write_text("{not json")
-    with pytest.raises(ValueError, match="manifest .* is not valid JSON"):
+    with pytest.raises(ValueError, match="manifest.json: the manifest is not valid JSON"):
         load_digits_bundle(tiny_copy)
     (tiny_copy / "manifest.json").write_text('{"format": "other"}')
-    with pytest.raises(ValueError, match="is not a msdda-digits/1 manifest"):
+    with pytest.raises(ValueError, match="manifest.json: not a msdda-digits/1 manifest"):
         load_digits_bundle(tiny_copy)
 
 
@@ -272,7 +279,7 @@ def test_adapters_that_do_not_belong_are_refused(tiny_copy: Path) -> None:
         )
     with pytest.raises(TypeError, match="adapter must be a LoraAdapter"):
         add_expert(tiny_copy, bundle.base, reward="boldness", kind="fixed", kl_coef=1.0, adapter={})
-    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+    with pytest.raises(ValueError, match="seed must be >= 0"):
         add_expert(tiny_copy, bundle.base, reward="boldness", kind="fixed", kl_coef=1.0, seed=-1)
 
 
@@ -282,7 +289,7 @@ def test_adapters_of_a_replaced_base_are_refused_by_name(tiny_copy: Path) -> Non
     manifest["base"]["sha256"] = save_module(tiny_copy / "base.safetensors", other)
     (tiny_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
-        ValueError, match=r"expert-legibility-fixed.safetensors is an adapter of another base"
+        InputFileError, match=r"expert-legibility-fixed.safetensors: is an adapter of another base"
     ):
         load_digits_bundle(tiny_copy)
 

@@ -141,7 +141,7 @@ def test_report_cli_writes_png_and_markdown(tmp_path):
     path = write_results(tmp_path / "r.jsonl", HAND_ROWS, extra_lines=["{not json"])
     result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    assert "line 9 skipped: not valid JSON" in result.output
+    assert "1 bad line skipped (line 9: not valid JSON)" in result.output
     png = (tmp_path / "out" / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (tmp_path / "out" / "report.md").read_text()

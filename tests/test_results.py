@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -79,7 +80,27 @@ def test_a_row_missing_a_field_is_skipped_with_a_warning_naming_it(tmp_path):
     incomplete = {k: v for k, v in json.loads(SWEEP_LINE).items() if k != "nfe_per_image"}
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(map(json.dumps, [header, incomplete])) + "\n" + SWEEP_LINE + "\n")
-    with pytest.warns(UserWarning, match=r"line 2 skipped: row without \['nfe_per_image'\]"):
+    with pytest.warns(
+        UserWarning, match=r"1 bad line skipped \(line 2: row without \['nfe_per_image'\]\)"
+    ):
         results = read_results(path)
     assert [r.method for r in results.rows] == ["rgg-matched"]
     assert results.skipped == ((2, "row without ['nfe_per_image']"),)
+
+
+def test_many_bad_lines_are_counted_in_one_warning(tmp_path):
+    header = {"kind": "header", "format": FORMAT, "config": {}}
+    lines = [json.dumps(header), SWEEP_LINE] + ["{not json"] * 37 + [SWEEP_LINE]  # + a repeat
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = read_results(path)
+    assert [str(w.message) for w in caught] == [
+        f"{path}: 38 bad lines skipped (first: line 3: not valid JSON)"
+    ]
+    assert len(results.rows) == 1 and len(results.skipped) == 38
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_results(path, warn=False)
+    assert caught == []

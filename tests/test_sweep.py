@@ -244,7 +244,7 @@ def test_resume_after_a_cut_last_line_loses_and_duplicates_nothing(complete, tmp
     cut = "".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2]  # killed mid-write
     path = tmp_path / "cut.jsonl"
     path.write_text(cut)
-    with pytest.warns(UserWarning, match=rf"line {len(lines) - 2} skipped: cut short"):
+    with pytest.warns(UserWarning, match=rf"1 bad line skipped \(line {len(lines) - 2}: cut short"):
         assert len(read_results(path).rows) == len(lines) - 4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -286,7 +286,7 @@ def test_a_corrupt_line_is_skipped_with_a_warning_naming_it(complete, tmp_path, 
     lines[4] = '{"kind": "row", "method": "rs", "weig\n'
     path = tmp_path / "corrupt.jsonl"
     path.write_text("".join(lines))
-    with pytest.warns(UserWarning, match="line 5 skipped: not valid JSON"):
+    with pytest.warns(UserWarning, match=r"1 bad line skipped \(line 5: not valid JSON\)"):
         results = read_results(path)
     assert len(results.rows) == len(lines) - 2
     with warnings.catch_warnings():
@@ -319,12 +319,14 @@ def test_bad_sweep_configurations_are_refused(toy, tmp_path):
     with pytest.raises(ValueError, match="outside the simplex"):
         small_config(weights=((0.5, 0.6),))
     with pytest.raises(ValueError, match="outside the simplex"):
+        small_config(weights=((0.5, 0.5), (1.5, 0.5)))
+    with pytest.raises(ValueError, match=r"weights\[0\]\[1\] must be >= 0"):
         small_config(weights=((1.5, -0.5),))
     with pytest.raises(ValueError, match="tune on separate seeds"):
         small_config(seeds=(900,))
     with pytest.raises(ValueError, match="K = 2"):
         run_sweep(small_config(weights=((0.2, 0.3, 0.5),)), tmp_path / "k.jsonl", domain=toy)
-    with pytest.raises(ValueError, match="at least 2 points"):
+    with pytest.raises(ValueError, match=r"points \(of a weight grid\) must be >= 2"):
         simplex_grid(1)
     assert not (tmp_path / "k.jsonl").exists()
 

@@ -8,16 +8,17 @@ from rich.table import Table
 
 from ..testbed import run_check
 from . import app
+from .common import checked, integer, number, seed_value
 
 BOUND = 1e-9
 
 
 @app.command()
 def check(
-    samples: int = typer.Option(256, min=1, help="Samples per chain."),
-    steps: int = typer.Option(50, min=2, help="Reverse steps per chain."),
-    seed: int = typer.Option(0, help="Seed of the mixture, rewards and noise."),
-    bound: float = typer.Option(BOUND, min=0.0, help="Largest error allowed (float64)."),
+    samples: int = checked(256, check=integer(1), help="Samples per chain."),
+    steps: int = checked(50, check=integer(2), help="Reverse steps per chain."),
+    seed: int = checked(0, check=seed_value, help="Seed of the mixture, rewards and noise."),
+    bound: float = checked(BOUND, check=number(0.0), help="Largest error allowed (float64)."),
 ) -> None:
     """Prove the closed form on the analytic testbed: fused step vs direct optimum."""
     console = Console(width=max(Console().width, 110))

@@ -31,16 +31,17 @@ from ..validation import MAX_SEED, check_int, check_number, check_seed
 
 __all__ = [
     "MAX_COUNT",
+    "MAX_THREADS",
     "Rule",
     "checked",
     "number",
     "integer",
-    "seed",
+    "seed_value",
     "numbers",
     "integers",
-    "seeds",
+    "seed_list",
     "weight_vectors",
-    "code_grid",
+    "nxb_pairs",
     "named_numbers",
     "output_file",
     "output_folder",
@@ -50,19 +51,27 @@ __all__ = [
     "check_output_file",
     "check_output_folder",
     "writes_to",
+    "reads_from",
     "fail",
     "user_errors",
+    "option_errors",
     "show_warnings",
     "progress_bar",
     "parse_floats",
     "parse_ints",
     "parse_named_numbers",
+    "parse_seeds",
+    "split_weight_vectors",
+    "split_code_grid",
     "check_kind",
 ]
 
 #: The largest count (samples, steps, threads ...) an integer option accepts unless it says
 #: less: what fits a signed 64-bit integer, the same bound as seeds.
 MAX_COUNT = 2**63 - 1
+
+#: The most torch threads a ``--threads`` option accepts.
+MAX_THREADS = 1024
 
 
 def fail(message: str) -> None:
@@ -83,9 +92,20 @@ def user_errors() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def option_errors(name: str) -> Iterator[None]:
+    """:func:`user_errors` for checks of one option: the message names ``name``."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        fail(message if message.startswith(name + " ") else f"{name}: {message}")
+
+
+@contextlib.contextmanager
 def writes_to(path: str | os.PathLike) -> Iterator[None]:
-    """Turn an OS error on writing ``path`` (or its temporary sibling, or creating its
-    folders) into :class:`msdda.errors.OutputError`; other OS errors pass unchanged."""
+    """Turn an OS error on writing ``path`` (a file or a folder: its contents, a hidden
+    temporary sibling, creating its folders) into :class:`msdda.errors.OutputError`; an OS
+    error on any other path passes unchanged (a reading error is the reader's to name)."""
     target = Path(path).absolute()
     try:
         yield
@@ -93,11 +113,23 @@ def writes_to(path: str | os.PathLike) -> Iterator[None]:
         names = [n for n in (err.filename, getattr(err, "filename2", None)) if n is not None]
         for name in names:
             p = Path(os.fsdecode(name)).absolute()
-            ours = p == target or p in target.parents
-            sibling = p.parent in (target.parent, target) and p.name.startswith(".")
-            if ours or sibling:
+            ours = p == target or p in target.parents or target in p.parents
+            staged = any(
+                q.parent == target.parent and q.name.startswith(".") for q in (p, *p.parents)
+            )
+            if ours or staged:
                 raise OutputError(path, describe(err)) from err
         raise
+
+
+@contextlib.contextmanager
+def reads_from(path: str | os.PathLike) -> Iterator[None]:
+    """Turn an OS error while reading ``path`` into :class:`msdda.errors.InputFileError`
+    (the reader's own errors, already naming the file, pass unchanged)."""
+    try:
+        yield
+    except OSError as err:
+        raise InputFileError(path, describe(err)) from err
 
 
 # --------------------------------------------------------------------------- checked options
@@ -145,13 +177,14 @@ def _name(param: Any) -> str:
 
 
 def _callback(rule: Rule, check: Callable[[Any, str], Any]) -> Callable:
-    """A typer callback applying ``check(value, option name)``; None (not given) passes."""
+    """A typer callback applying ``check(value, option name)``: a refusal is one line naming
+    the option (:func:`fail`), while the command line is parsed; None (not given) passes."""
 
     def callback(ctx, param, value):
         if value is None:
             return None
         name = _name(param)
-        try:
+        with option_errors(name):
             if isinstance(value, (list, tuple)) and rule.kind in ("number", "int", "seed", "pairs"):
                 if rule.kind == "pairs":
                     check(value, name)
@@ -160,11 +193,6 @@ def _callback(rule: Rule, check: Callable[[Any, str], Any]) -> Callable:
                         check(v, name)
             else:
                 check(value, name)
-        except (ValueError, TypeError) as err:
-            message = str(err)
-            if message.startswith(name + " "):
-                message = message[len(name) + 1 :]
-            raise typer.BadParameter(message, ctx=ctx, param=param) from None
         return value
 
     callback.rule = rule  # type: ignore[attr-defined]
@@ -176,7 +204,7 @@ def checked(default: Any, *flags: str, check: Callable, help: str, **kwargs: Any
     its range appended to ``help``."""
     text = check.rule.text
     return typer.Option(
-        default, *flags, callback=check, help=f"{help} [{text}]" if text else help, **kwargs
+        default, *flags, callback=check, help=f"{help} ({text})" if text else help, **kwargs
     )
 
 
@@ -193,7 +221,7 @@ def integer(low: int | None = None, high: int = MAX_COUNT):
 
 
 #: A seed, or each of a repeated option's: an int in [0, 2**63-1], in every domain.
-seed = _callback(Rule("seed", 0, MAX_SEED), lambda v, name: check_seed(v, name))
+seed_value = _callback(Rule("seed", 0, MAX_SEED), lambda v, name: check_seed(v, name))
 
 
 def numbers(low: float | None = None, high: float | None = None, *, count: int | None = None):
@@ -209,35 +237,38 @@ def integers(low: int | None = None, high: int = MAX_COUNT):
 
 
 #: Comma-separated seeds.
-seeds = _callback(Rule("seeds", 0, MAX_SEED), lambda v, name: _split(v, name, Rule("seeds", 0, MAX_SEED)))
+seed_list = _callback(
+    Rule("seeds", 0, MAX_SEED), lambda v, name: _split(v, name, Rule("seeds", 0, MAX_SEED))
+)
 
 
 def weight_vectors():
     """Preference weight vectors 'a,b;c,d': finite non-negative numbers."""
-    rule = Rule("weights", 0.0)
+    return _callback(Rule("weights", 0.0), lambda v, name: split_weight_vectors(v, name))
+
+
+def nxb_pairs(high: int = MAX_COUNT):
+    """(N, B) pairs 'NxB,NxB': ints >= 1, N <= ``high``."""
+    return _callback(Rule("grid", 1, high), lambda v, name: split_code_grid(v, name, high))
+
+
+def split_weight_vectors(text: str, name: str) -> list[tuple[float, ...]]:
+    """'a,b;c,d' as tuples of finite non-negative floats (ValueError naming ``name``)."""
     item = Rule("numbers", 0.0)
-
-    def check(text: str, name: str) -> list[list[float]]:
-        return [_split(part, name, item) for part in text.split(";") if part.strip()]
-
-    return _callback(rule, check)
+    return [tuple(_split(part, name, item)) for part in text.split(";") if part.strip()]
 
 
-def code_grid(high: int = MAX_COUNT):
-    """(N, B) pairs 'NxB,NxB': ints in [1, high]."""
-    rule = Rule("grid", 1, high)
-
-    def check(text: str, name: str) -> list[tuple[int, int]]:
-        out = []
-        for part in text.split(","):
-            try:
-                n, b = (int(x) for x in part.lower().split("x"))
-            except ValueError:
-                raise ValueError(f"{name} must be NxB pairs like '2x1,4x5', got {text!r}") from None
-            out.append((check_int(n, f"{name} N", low=1, high=high), check_int(b, f"{name} B", low=1)))
-        return out
-
-    return _callback(rule, check)
+def split_code_grid(text: str, name: str, high: int = MAX_COUNT) -> list[tuple[int, int]]:
+    """'2x1,4x5' as (N, B) pairs of ints >= 1, N <= ``high`` (ValueError naming ``name``)."""
+    out = []
+    for part in text.split(","):
+        try:
+            n, b = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"{name} must be NxB pairs like '2x1,4x5', got {text!r}") from None
+        n = check_int(n, f"{name} N", low=1, high=high)
+        out.append((n, check_int(b, f"{name} B", low=1, high=MAX_COUNT)))
+    return out
 
 
 def named_numbers():
@@ -267,14 +298,13 @@ def input_folder():
 
 
 def results_file():
-    """A results file: read if it exists, then appended to; so it must be writable."""
-    return _callback(Rule("results"), lambda v, name: check_output_file(v, name))
+    """A results file: read if it exists, then appended to, so it must be writable (its
+    folders are made if missing)."""
+    return _callback(Rule("results"), lambda v, name: check_output_path(v))
 
 
 def _check_number(value: Any, name: str, rule: Rule) -> float:
-    return check_number(
-        value, name, low=rule.low, high=rule.high, low_inclusive=rule.low_inclusive
-    )
+    return check_number(value, name, low=rule.low, high=rule.high, low_inclusive=rule.low_inclusive)
 
 
 def _split(text: str, name: str, rule: Rule) -> list:
@@ -301,7 +331,8 @@ def _split(text: str, name: str, rule: Rule) -> list:
             else:
                 out.append(check_int(v, label, low=rule.low, high=rule.high))
     if rule.count is not None and len(out) != rule.count:
-        raise ValueError(f"{name} must be {rule.count} numbers, got {text!r}")
+        count = {1: "one", 2: "two", 3: "three"}.get(rule.count, str(rule.count))
+        raise ValueError(f"{name} must be {count} numbers (comma-separated), got {text!r}")
     return out
 
 
@@ -313,7 +344,9 @@ def check_output_file(path: str | os.PathLike, name: str = "--out") -> Path:
     return path
 
 
-def check_output_folder(path: str | os.PathLike, name: str = "--out", *, empty: bool = False) -> Path:
+def check_output_folder(
+    path: str | os.PathLike, name: str = "--out", *, empty: bool = False
+) -> Path:
     """``path`` as a folder to write: writable, not a file, its parent existing; new or
     empty if ``empty``."""
     path = check_output_path(path, directory=True)
@@ -330,7 +363,7 @@ def _check_input_file(path: str | os.PathLike, name: str) -> Path:
         if path.is_dir():
             raise InputFileError(path, "is a folder, not a file")
         if not path.is_file():
-            raise InputFileError(path, "no such file")
+            raise InputFileError(path, "does not exist")
     except OSError as err:
         raise InputFileError(path, describe(err)) from err
     return path
@@ -342,7 +375,7 @@ def _check_input_folder(path: str | os.PathLike, name: str) -> Path:
         if path.exists() and not path.is_dir():
             raise InputFileError(path, "is not a folder")
         if not path.is_dir():
-            raise InputFileError(path, "no such folder")
+            raise InputFileError(path, "does not exist")
     except OSError as err:
         raise InputFileError(path, describe(err)) from err
     return path
@@ -360,10 +393,20 @@ def parse_floats(text: str, option: str, **range_: Any) -> list[float]:
         fail(str(err))
 
 
-def parse_ints(text: str, option: str, *, low: int | None = None, high: int = MAX_COUNT) -> list[int]:
+def parse_ints(
+    text: str, option: str, *, low: int | None = None, high: int = MAX_COUNT
+) -> list[int]:
     """``"0,1,2"`` as ints in [low, high], or :func:`fail` naming ``option``."""
     try:
         return _split(text, option, Rule("ints", low, high))
+    except ValueError as err:
+        fail(str(err))
+
+
+def parse_seeds(text: str, option: str) -> list[int]:
+    """``"0,1"`` as seeds (ints in [0, 2**63-1]), or :func:`fail` naming ``option``."""
+    try:
+        return _split(text, option, Rule("seeds", 0, MAX_SEED))
     except ValueError as err:
         fail(str(err))
 

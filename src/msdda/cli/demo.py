@@ -9,8 +9,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import check_output_path
 from . import app
-from .common import check_kind, progress_bar, user_errors
+from .common import (
+    MAX_THREADS,
+    check_kind,
+    check_output_folder,
+    checked,
+    input_folder,
+    integer,
+    number,
+    option_errors,
+    output_folder,
+    progress_bar,
+    seed_value,
+    user_errors,
+    writes_to,
+)
 
 
 def _results_table(rows, cfg) -> Table:
@@ -38,20 +53,30 @@ def _results_table(rows, cfg) -> Table:
 
 @app.command()
 def demo(
-    out: Path = typer.Option(
-        None, help="Output folder (new or empty) (default: msdda-out/demo-<timestamp>)."
+    out: Path = checked(
+        None,
+        check=output_folder(empty=True),
+        help="Output folder (new or empty) (default: msdda-out/demo-<timestamp>).",
     ),
-    seed: int = typer.Option(0, help="Noise seed, shared by every weight."),
-    samples_per_prompt: int = typer.Option(100, min=1, help="Images per digit and weight."),
-    num_weights: int = typer.Option(
-        11, min=2, help="Weights from legibility-only to boldness-only."
+    seed: int = checked(0, check=seed_value, help="Noise seed, shared by every weight."),
+    samples_per_prompt: int = checked(100, check=integer(1), help="Images per digit and weight."),
+    num_weights: int = checked(
+        11, check=integer(2), help="Weights from legibility-only to boldness-only."
     ),
     expert_kind: str = typer.Option("fixed", help="Experts' variance: fixed or learned."),
-    kl_coef: float = typer.Option(None, help="Target beta (default: the experts' common beta)."),
+    kl_coef: float = checked(
+        None,
+        check=number(0.0, above=True),
+        help="Target beta (default: the experts' common beta).",
+    ),
     compare: bool = typer.Option(True, help="Also run the base and the shipped oracles."),
-    weights_dir: Path = typer.Option(None, help="Weights folder (default: the shipped weights)."),
-    threads: int = typer.Option(
-        1, min=1, help="torch threads (the models are small: 1 is fastest)."
+    weights_dir: Path = checked(
+        None, check=input_folder(), help="Weights folder (default: the shipped weights)."
+    ),
+    threads: int = checked(
+        1,
+        check=integer(1, MAX_THREADS),
+        help="torch threads (the models are small: 1 is fastest).",
     ),
 ) -> None:
     """MSDDA on the digits: legibility vs boldness over a sweep of preference weights."""
@@ -61,9 +86,12 @@ def demo(
 
     check_kind(expert_kind)
     console = Console(width=max(Console().width, 100))
-    if out is None:
-        out = Path("msdda-out") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
-        out.parent.mkdir(exist_ok=True)
+    with option_errors("--out"):  # before anything is loaded: the output can be written
+        if out is None:
+            out = Path("msdda-out") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
+            check_output_path(out, directory=True)  # msdda-out/ is made if missing
+        else:
+            check_output_folder(out, empty=True)
     with user_errors(), torch_threads(threads):
         cfg = DemoConfig(
             num_weights=num_weights,
@@ -83,7 +111,9 @@ def demo(
             def progress(label: str, step: int, total: int) -> None:
                 bar.update(task, advance=1, description=label)
 
-            rows = write_demo(bundle, cfg, out, progress)
+            with writes_to(out):
+                out.parent.mkdir(exist_ok=True)
+                rows = write_demo(bundle, cfg, out, progress)
             bar.update(task, completed=runs * steps, description="done")
     console.print(_results_table(rows, cfg))
     console.print(f"wrote {out}/ (pareto.png, samples-w*.png, results.json)")

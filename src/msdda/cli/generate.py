@@ -7,22 +7,36 @@ shipped ones. Stable Diffusion (``--base PATH`` with ``--expert NAME=PATH``): ha
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 
-from ..validation import check_positive
 from . import app
-from .common import check_kind, fail, user_errors
+from .common import (
+    MAX_THREADS,
+    check_kind,
+    check_output_file,
+    checked,
+    fail,
+    input_folder,
+    integer,
+    named_numbers,
+    number,
+    option_errors,
+    output_file,
+    parse_named_numbers,
+    seed_value,
+    user_errors,
+    writes_to,
+)
 
 DOMAINS = ("digits",)
 DIGIT_SUFFIXES = (".png", ".npy")
 
 
-def parse_pairs(items: list[str], option: str, numeric: bool) -> dict:
+def parse_pairs(items: list[str], option: str) -> dict[str, str]:
     """``NAME=VALUE`` items into a dict; one clear error for a malformed or repeated one."""
-    out: dict = {}
+    out: dict[str, str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name, value = name.strip(), value.strip()
@@ -30,24 +44,14 @@ def parse_pairs(items: list[str], option: str, numeric: bool) -> dict:
             fail(f"{option} must look like NAME=VALUE, got {item!r}")
         if name in out:
             fail(f"{option} {name!r} is given twice")
-        if numeric:
-            try:
-                number = float(value)
-            except ValueError:
-                fail(f"{option} {name}={value!r}: the weight must be a number")
-            if not math.isfinite(number) or number < 0:
-                fail(f"{option} {name}={value}: the weight must be a non-negative finite number")
-            out[name] = number
-        else:
-            out[name] = value
+        out[name] = value
     return out
 
 
 def check_out(out: Path, suffixes: tuple[str, ...] | None) -> Path:
-    if out.is_dir():
-        fail(f"--out {out} is a folder; give a file name such as {out / 'samples.png'}")
-    if not out.parent.is_dir():
-        fail(f"--out {out}: its folder {out.parent} does not exist")
+    """``--out`` as a file that can be written (with one of ``suffixes``), or :func:`fail`."""
+    with option_errors("--out"):
+        check_output_file(out)
     if suffixes is not None and out.suffix.lower() not in suffixes:
         fail(f"--out {out}: the file must end in {' or '.join(suffixes)}")
     return out
@@ -96,11 +100,12 @@ def _generate_digits(
     with user_errors(), torch_threads(threads):
         bundle = load_digits_bundle(weights_dir)
         images = generate(digit, weights, num_samples, seed, kl_coef, expert_kind, bundle=bundle)
-        if out.suffix.lower() == ".npy":
-            save_npy(images[:, 0].numpy().astype("float32"), out)
-        else:
-            desc = ", ".join(f"{k} {v:g}" for k, v in weights.items())
-            save_grid(images, out, title=f"digit {digit}: {desc} ({expert_kind})")
+        with writes_to(out):
+            if out.suffix.lower() == ".npy":
+                save_npy(images[:, 0].numpy().astype("float32"), out)
+            else:
+                desc = ", ".join(f"{k} {v:g}" for k, v in weights.items())
+                save_grid(images, out, title=f"digit {digit}: {desc} ({expert_kind})")
     Console().print(f"wrote {num_samples} samples of digit {digit} to {out}")
 
 
@@ -119,7 +124,7 @@ def _generate_sd(
     kl_coef: float | None,
 ) -> None:
     """Hand a Stable Diffusion request to ``msdda.sd.cli.generate_sd`` (the ``sd`` extra)."""
-    experts = parse_pairs(expert, "--expert", numeric=False)
+    experts = parse_pairs(expert, "--expert")
     check_out(out, None)
     try:
         from ..sd.cli import generate_sd
@@ -127,7 +132,7 @@ def _generate_sd(
         fail(
             f"the Stable Diffusion extra is not available ({err}); install it with pip install 'msdda[sd]'"
         )
-    with user_errors():
+    with user_errors(), writes_to(out):  # only the call is ours: msdda.sd checks the rest
         written = generate_sd(
             base=base,
             experts=experts,
@@ -147,9 +152,13 @@ def _generate_sd(
 @app.command()
 def generate(
     prompt: str = typer.Option(..., help="digits: a digit 0-9; Stable Diffusion: the text prompt."),
-    weight: list[str] = typer.Option(..., help="Preference weight NAME=W (repeat per expert)."),
-    out: Path = typer.Option(
-        ..., help="Output file: .png grid, or .npy raw samples (N, 8, 8) in [0, 1]."
+    weight: list[str] = checked(
+        ..., check=named_numbers(), help="Preference weight NAME=W (repeat per expert)."
+    ),
+    out: Path = checked(
+        ...,
+        check=output_file(),
+        help="Output file: .png grid, or .npy raw samples (N, 8, 8) in [0, 1].",
     ),
     domain: str = typer.Option(
         None, help="Built-in domain: digits (the default when --base is not given)."
@@ -158,22 +167,29 @@ def generate(
         None, help="Stable Diffusion base pipeline (folder or cached hub id)."
     ),
     expert: list[str] = typer.Option([], help="Stable Diffusion expert NAME=PATH (repeat)."),
-    num_samples: int = typer.Option(64, min=1, help="Number of images."),
-    seed: int = typer.Option(0, help="Noise seed: same seed, same images."),
-    kl_coef: float = typer.Option(
+    num_samples: int = checked(64, check=integer(1), help="Number of images."),
+    seed: int = checked(0, check=seed_value, help="Noise seed: same seed, same images."),
+    kl_coef: float = checked(
         None,
+        check=number(0.0, above=True),
         help="Target beta (default: the experts' common beta); "
         "another value makes lambda_0 != 0 and uses the base as reference.",
     ),
     expert_kind: str = typer.Option("fixed", help="digits: experts' variance, fixed or learned."),
-    weights_dir: Path = typer.Option(
-        None, help="digits: weights folder (default: the shipped weights)."
+    weights_dir: Path = checked(
+        None,
+        check=input_folder(),
+        help="digits: weights folder (default: the shipped weights).",
     ),
-    steps: int = typer.Option(50, min=1, help="Stable Diffusion: DDIM steps."),
-    guidance_scale: float = typer.Option(7.5, help="Stable Diffusion: classifier-free guidance."),
-    eta: float = typer.Option(1.0, help="Stable Diffusion: DDIM eta (> 0)."),
-    threads: int = typer.Option(
-        1, min=1, help="digits: torch threads (small models: 1 is fastest)."
+    steps: int = checked(50, check=integer(1), help="Stable Diffusion: DDIM steps."),
+    guidance_scale: float = checked(
+        7.5, check=number(), help="Stable Diffusion: classifier-free guidance."
+    ),
+    eta: float = checked(1.0, check=number(0.0, above=True), help="Stable Diffusion: DDIM eta."),
+    threads: int = checked(
+        1,
+        check=integer(1, MAX_THREADS),
+        help="digits: torch threads (small models: 1 is fastest).",
     ),
 ) -> None:
     """Generate images with MSDDA for one prompt and one set of preference weights."""
@@ -182,10 +198,8 @@ def generate(
             "--domain and --base are mutually exclusive: --domain picks a built-in domain, "
             "--base a Stable Diffusion pipeline"
         )
-    if kl_coef is not None:
-        with user_errors():
-            check_positive(kl_coef, "--kl-coef")
-    weights = parse_pairs(weight, "--weight", numeric=True)
+    with user_errors():
+        weights = parse_named_numbers(weight, "--weight")
     if base is None:
         _check_builtin(domain, expert)
         _generate_digits(

@@ -10,7 +10,19 @@ from rich.console import Console
 from rich.table import Table
 
 from . import app
-from .common import fail, parse_floats, show_warnings
+from .common import (
+    check_output_folder,
+    checked,
+    input_file,
+    numbers,
+    option_errors,
+    output_folder,
+    parse_floats,
+    reads_from,
+    show_warnings,
+    user_errors,
+    writes_to,
+)
 
 COLUMNS = (
     "method",
@@ -56,37 +68,41 @@ def _write(results: Path, out: Path, ref: list[float] | None):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = read_results(results)
+        with reads_from(results):  # its own errors are ResultsErrors, already one line
+            data = read_results(results)
     show_warnings(caught)
     rep = build_report(data, ref)
-    png = plot_pareto(rep, out / "pareto.png")
-    md = write_markdown(rep, out / "report.md", plot_name=png.name)
+    with writes_to(out):
+        png = plot_pareto(rep, out / "pareto.png")
+        md = write_markdown(rep, out / "report.md", plot_name=png.name)
     return rep, png, md
 
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., help="Results file written by `msdda sweep`."),
-    out: Path = typer.Option(
-        None, help="Output folder (default: RESULTS without suffix + '-report')."
+    results: Path = typer.Argument(
+        ..., callback=input_file(), help="Results file written by `msdda sweep`."
     ),
-    reference: str = typer.Option(
-        None, help="Hypervolume reference point 'x,y' (default: below every point by 10%)."
+    out: Path = checked(
+        None,
+        check=output_folder(),
+        help="Output folder (default: RESULTS without suffix + '-report').",
+    ),
+    reference: str = checked(
+        None,
+        check=numbers(count=2),
+        help="Hypervolume reference point 'x,y' (default: below every point by 10%).",
     ),
 ) -> None:
     """Write pareto.png and report.md for RESULTS and print the summary table."""
     from ..evaluation import standings
 
-    out = out or results.with_name(results.stem + "-report")
-    ref = None
-    if reference:
-        ref = parse_floats(reference, "--reference")
-        if len(ref) != 2:
-            fail(f"--reference must be two numbers 'x,y', got {reference!r}")
-    try:
+    ref = parse_floats(reference, "--reference", count=2) if reference else None
+    if out is None:
+        with option_errors("--out"):
+            out = check_output_folder(results.with_name(results.stem + "-report"))
+    with user_errors():  # bad input, unwritable output: one line
         rep, png, md = _write(results, out, ref)
-    except (ValueError, TypeError, OSError) as err:  # bad input, unwritable output
-        fail(str(err))
     console = Console(width=max(Console().width, 120))
     console.print(_table(results, rep))
     if rep.reference is not None:

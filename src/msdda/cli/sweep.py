@@ -8,15 +8,31 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..methods.strategies import MAX_CANDIDATES
 from . import app
 from .common import (
+    MAX_THREADS,
     check_kind,
-    fail,
+    checked,
+    input_folder,
+    integer,
+    integers,
+    number,
+    numbers,
+    nxb_pairs,
     parse_floats,
     parse_ints,
+    parse_seeds,
     progress_bar,
+    reads_from,
+    results_file,
+    seed_list,
     show_warnings,
+    split_code_grid,
+    split_weight_vectors,
     user_errors,
+    weight_vectors,
+    writes_to,
 )
 
 DEFAULT_METHODS = "base,rs,db,db-ls,rgg,code,target,msdda,oracle"
@@ -40,21 +56,8 @@ def parse_weights(grid: int, weights: str | None) -> list[tuple[float, ...]]:
     from ..evaluation import simplex_grid
 
     if weights:
-        return [
-            tuple(parse_floats(part, "--weights")) for part in weights.split(";") if part.strip()
-        ]
+        return split_weight_vectors(weights, "--weights")
     return list(simplex_grid(grid))
-
-
-def parse_code_grid(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        try:
-            n, b = part.lower().split("x")
-            out.append((int(n), int(b)))
-        except ValueError:
-            fail(f"--code-grid must be NxB pairs like '2x1,4x5', got {text!r}")
-    return out
 
 
 def _domain_options(domain: str, weights_dir: str | None, expert_kind: str, objectives: str):
@@ -76,11 +79,11 @@ def _tuning(tune: bool, rules: str, seeds: str, images: int, rgg_scales: str, co
     if not tune:
         return None
     return TuningConfig(
-        seeds=tuple(parse_ints(seeds, "--tune-seeds")),
+        seeds=tuple(parse_seeds(seeds, "--tune-seeds")),
         images_per_prompt=images,
         rules=_names(rules),
-        rgg_scales=tuple(parse_floats(rgg_scales, "--rgg-scales")),
-        code_grid=tuple(parse_code_grid(code_grid)),
+        rgg_scales=tuple(parse_floats(rgg_scales, "--rgg-scales", low=0.0)),
+        code_grid=tuple(split_code_grid(code_grid, "--code-grid", MAX_CANDIDATES)),
     )
 
 
@@ -88,19 +91,24 @@ def _run(config, results: Path, threads: int):
     """Run the sweep on ``threads`` torch threads (0: torch's default) under a progress bar."""
     import torch
 
-    from ..evaluation import run_sweep
+    from ..evaluation import load_domain, read_results, run_sweep
 
+    if results.is_file() and results.stat().st_size > 0:  # a resume: a results file first
+        with reads_from(results):  # (an unreadable one is refused here, before any work)
+            read_results(results, warn=False)
     if threads:
         torch.set_num_threads(threads)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # the domain's files (a weights folder) are read and checked before the sweep starts
+        domain = load_domain(config.domain, **dict(config.domain_options))
         with progress_bar(Console(stderr=True)) as bar:
             task = bar.add_task("sweep", total=None)
 
             def progress(what: str, done: int, total: int) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
-            summary = run_sweep(config, results, progress=progress)
+            summary = run_sweep(config, results, domain=domain, progress=progress)
     show_warnings(caught)
     return summary
 
@@ -125,30 +133,50 @@ def _print_summary(summary) -> None:
 
 @app.command()
 def sweep(
-    results: Path = typer.Argument(..., help="Results file (JSON lines); resumed if it exists."),
+    results: Path = typer.Argument(
+        ..., callback=results_file(), help="Results file (JSON lines); resumed if it exists."
+    ),
     domain: str = typer.Option("digits", help="Domain: digits or toy."),
-    weights_dir: str = typer.Option(None, help="digits: weights folder (default: shipped)."),
+    weights_dir: str = checked(
+        None, check=input_folder(), help="digits: weights folder (default: shipped)."
+    ),
     expert_kind: str = typer.Option("fixed", help="digits: expert kind, fixed or learned."),
     objectives: str = typer.Option("legibility,boldness", help="digits: the K objectives."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods."),
-    grid: int = typer.Option(11, help="Evenly spaced weights (w, 1 - w) for 2 objectives."),
-    weights: str = typer.Option(None, help="Explicit weights, e.g. '0.3,0.7;0.5,0.5'."),
+    grid: int = checked(
+        11, check=integer(2), help="Evenly spaced weights (w, 1 - w) for 2 objectives."
+    ),
+    weights: str = checked(
+        None, check=weight_vectors(), help="Explicit weights, e.g. '0.3,0.7;0.5,0.5'."
+    ),
     oracle_weights: bool = typer.Option(True, help=ORACLE_WEIGHTS_HELP),
-    prompts: str = typer.Option(None, help="Comma-separated prompts (default: the domain's)."),
-    seeds: str = typer.Option("0,1", help="Comma-separated evaluation seeds."),
-    images: int = typer.Option(64, help="Images per (prompt, seed) row."),
+    prompts: str = checked(
+        None, check=integers(), help="Comma-separated prompts (default: the domain's)."
+    ),
+    seeds: str = checked("0,1", check=seed_list, help="Comma-separated evaluation seeds."),
+    images: int = checked(64, check=integer(1), help="Images per (prompt, seed) row."),
     tune: bool = typer.Option(True, help="Tune rgg's scale and code's (N, B) on tuning seeds."),
     tune_rules: str = typer.Option("reward,matched", help=TUNE_RULES_HELP),
-    tune_seeds: str = typer.Option("10000", help="Tuning seeds (disjoint from --seeds)."),
-    tune_images: int = typer.Option(8, help="Images per (prompt, tuning seed)."),
-    rgg_scales: str = typer.Option(DEFAULT_RGG_SCALES, help="rgg scales tried when tuning."),
-    code_grid: str = typer.Option(DEFAULT_CODE_GRID, help="code (N x B) tried when tuning."),
-    rgg_scale: float = typer.Option(1.0, help="rgg scale when not tuning."),
+    tune_seeds: str = checked(
+        "10000", check=seed_list, help="Tuning seeds (disjoint from --seeds)."
+    ),
+    tune_images: int = checked(8, check=integer(1), help="Images per (prompt, tuning seed)."),
+    rgg_scales: str = checked(
+        DEFAULT_RGG_SCALES, check=numbers(0.0), help="rgg scales tried when tuning."
+    ),
+    code_grid: str = checked(
+        DEFAULT_CODE_GRID, check=nxb_pairs(MAX_CANDIDATES), help="code (N x B) tried when tuning."
+    ),
+    rgg_scale: float = checked(1.0, check=number(0.0), help="rgg scale when not tuning."),
     rgg_schedule: str = typer.Option("constant", help="rgg step schedule of the scale."),
-    code_n: int = typer.Option(4, help="code: candidates N when not tuning."),
-    code_b: int = typer.Option(5, help="code: block length B when not tuning."),
-    target_m: int = typer.Option(8, help="target: candidates M per step."),
-    threads: int = typer.Option(1, help=THREADS_HELP),
+    code_n: int = checked(
+        4, check=integer(1, MAX_CANDIDATES), help="code: candidates N when not tuning."
+    ),
+    code_b: int = checked(5, check=integer(1), help="code: block length B when not tuning."),
+    target_m: int = checked(
+        8, check=integer(1, MAX_CANDIDATES), help="target: candidates M per step."
+    ),
+    threads: int = checked(1, check=integer(0, MAX_THREADS), help=THREADS_HELP),
 ) -> None:
     """Sample every method over preference weights, prompts and seeds; append rows as they finish."""
     from ..evaluation import SweepConfig
@@ -166,10 +194,11 @@ def sweep(
             weights=tuple(parse_weights(grid, weights)),
             oracle_weights=oracle_weights,
             prompts=tuple(parse_ints(prompts, "--prompts")) if prompts else None,
-            seeds=tuple(parse_ints(seeds, "--seeds")),
+            seeds=tuple(parse_seeds(seeds, "--seeds")),
             images_per_prompt=images,
             settings=settings,
             tuning=_tuning(tune, tune_rules, tune_seeds, tune_images, rgg_scales, code_grid),
         )
-        summary = _run(config, results, threads)
+        with writes_to(results):
+            summary = _run(config, results, threads)
     _print_summary(summary)

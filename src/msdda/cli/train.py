@@ -15,19 +15,27 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import app
-from .common import fail, progress_bar, user_errors
+from .common import (
+    MAX_THREADS,
+    check_output_folder,
+    checked,
+    fail,
+    integer,
+    option_errors,
+    output_folder,
+    progress_bar,
+    seed_value,
+    user_errors,
+    writes_to,
+)
 
 
 def _check_out(out: Path | None) -> Path:
     """The weights folder to write (default: the shipped one), or :func:`fail`."""
     from ..digits.store import DEFAULT_WEIGHTS_DIR
 
-    out = Path(DEFAULT_WEIGHTS_DIR if out is None else out)
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a folder")
-    if not out.parent.is_dir():
-        fail(f"--out {out}: its folder {out.parent} does not exist")
-    return out
+    with option_errors("--out"):
+        return check_output_folder(DEFAULT_WEIGHTS_DIR if out is None else out)
 
 
 def _stage_progress(bar: Progress):
@@ -65,17 +73,24 @@ def _summary(manifest: dict, out: Path, elapsed: float, console: Console) -> Non
 
 
 def train(
-    out: Path = typer.Option(
-        None, help="Weights folder to write (default: the shipped msdda/digits/weights)."
+    out: Path = checked(
+        None,
+        check=output_folder(),
+        help="Weights folder to write (default: the shipped msdda/digits/weights).",
     ),
     align: bool = typer.Option(
         True, help="Also train the experts and oracles (msdda.digits.align)."
     ),
-    threads: int = typer.Option(
-        1, min=1, help="torch threads (results depend on it; the shipped weights used 1)."
+    threads: int = checked(
+        1,
+        check=integer(1, MAX_THREADS),
+        help="torch threads (results depend on it; the shipped weights used 1).",
     ),
-    seeds: list[int] = typer.Option(
-        [0, 1], "--seed", help="Training seeds of the experts and oracles (repeat; first: default)."
+    seeds: list[int] = checked(
+        [0, 1],
+        "--seed",
+        check=seed_value,
+        help="Training seeds of the experts and oracles (repeat; first: default).",
     ),
 ) -> None:
     """Train the digits classifier, base, reward normalisation, experts and oracles (seeded)."""
@@ -90,12 +105,13 @@ def train(
                 f"training the experts needs peft ({err}); install it with "
                 "pip install 'msdda[sd]', or pass --no-align"
             )
-    out = _check_out(out)
+    out = _check_out(out)  # before anything is trained
     console = Console()
     start = time.perf_counter()
     with user_errors(), torch_threads(threads), progress_bar(console) as bar:
         cfg = DigitsTrainConfig(align=align, align_seeds=tuple(seeds))
-        manifest = train_all(out, cfg, _stage_progress(bar))
+        with writes_to(out):
+            manifest = train_all(out, cfg, _stage_progress(bar))
     _summary(manifest, out, time.perf_counter() - start, console)
 
 

@@ -50,8 +50,10 @@ from ..alignment import (
     training_step_indices,
     tweedie_step_rewards,
 )
+from ..errors import InputFileError, check_output_path, writing
 from ..experts import Expert
 from ..io import atomic_write_bytes
+from ..validation import check_int, check_number, check_positive, check_seed
 from .bundle import DigitsBundle, expert_spec
 from .data import IMAGE_SHAPE, NUM_CLASSES, decode
 from .lora import (
@@ -98,6 +100,9 @@ ORACLE_WEIGHTS: tuple[dict[str, float], ...] = tuple(
     {"legibility": w, "boldness": 1.0 - w} for w in (0.25, 0.5, 0.75)
 )
 
+#: The largest count (chains, steps, batch, samples) a config or argument may ask for.
+MAX_COUNT = 10_000_000
+
 #: ``progress(step, total, loss)``, as the domain's other trainers call it.
 Progress = Callable[[int, int, float], None]
 
@@ -122,6 +127,12 @@ class PairsConfig:
     skip_last: int = 3  # final, nearly deterministic steps left out of training
     batch_size: int = 1024  # chains rolled out together
 
+    def __post_init__(self) -> None:
+        check_int(self.num_chains, "PairsConfig.num_chains", low=1, high=MAX_COUNT)
+        check_int(self.pairs_per_state, "PairsConfig.pairs_per_state", low=1, high=1024)
+        check_int(self.skip_last, "PairsConfig.skip_last", low=0, high=1000)
+        check_int(self.batch_size, "PairsConfig.batch_size", low=1, high=MAX_COUNT)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -138,6 +149,19 @@ class AlignConfig:
     max_grad_norm: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     eval_samples: int = 1000  # held-out samples (digits cycling) for the reward metrics, 0: none
+
+    def __post_init__(self) -> None:
+        check_positive(self.kl_coef, "AlignConfig.kl_coef")
+        check_int(self.num_steps, "AlignConfig.num_steps", low=1, high=MAX_COUNT)
+        check_int(self.batch_size, "AlignConfig.batch_size", low=1, high=MAX_COUNT)
+        check_positive(self.lr, "AlignConfig.lr")
+        check_number(self.variance_lr, "AlignConfig.variance_lr", low=0.0)
+        check_positive(self.max_grad_norm, "AlignConfig.max_grad_norm")
+        if not isinstance(self.lora, LoraSettings):
+            raise TypeError(
+                f"AlignConfig.lora must be LoraSettings, got {type(self.lora).__name__}"
+            )
+        check_int(self.eval_samples, "AlignConfig.eval_samples", low=0, high=MAX_COUNT)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "lora": self.lora.to_dict()}
@@ -198,6 +222,9 @@ def collect_digit_pairs(
     landing timestep (:func:`msdda.alignment.tweedie_step_rewards`).
     """
     bundle = _check_bundle(bundle)
+    seed = check_seed(seed)
+    if not isinstance(config, PairsConfig):
+        raise TypeError(f"config must be a PairsConfig, got {type(config).__name__}")
     step_rewards = tweedie_step_rewards(
         bundle.rewards, bundle.reference.denoiser, bundle.schedule, decode, "epsilon"
     )
@@ -259,23 +286,28 @@ def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
         kl_coef=aligned.kl_coef,
         seed=aligned.training["seed"],
     )
-    atomic_write_bytes(Path(path), encode_adapter(aligned.adapter, meta))
+    path = check_output_path(path)
+    with writing(path):
+        atomic_write_bytes(path, encode_adapter(aligned.adapter, meta))
 
 
 def load_adapter(path: str | Path, base: DigitDenoiser) -> tuple[DigitDenoiser, dict[str, Any]]:
     """The merged model of an adapter file on ``base``, and its metadata (weights, kind, ...).
 
     Raises:
-        ValueError: naming ``path`` when it is missing, not a safetensors file, not an
-            adapter file, or trained on another base.
+        InputFileError: naming ``path`` when it is missing, empty, a pickle file, not a
+            safetensors file, not an adapter file, does not fit ``base`` (checked on its
+            header, before any tensor is loaded), or was trained on another base.
     """
-    adapter, info = read_adapter_file(path)
-    if info["base"] != base_fingerprint(base):
-        raise ValueError(f"adapter file {path} was trained on another base model")
+    if not isinstance(base, DigitDenoiser):
+        raise TypeError(f"base must be a DigitDenoiser, got {type(base).__name__}")
+    adapter, info = read_adapter_file(
+        path, base_config=base.config, fingerprint=base_fingerprint(base)
+    )
     try:
         model = merged_denoiser(base, adapter, info["lora"], info["kind"])
     except ValueError as err:
-        raise ValueError(f"adapter file {path} does not fit the base: {err}") from None
+        raise InputFileError(path, f"the adapter file does not fit the base: {err}") from None
     info = {k: v for k, v in info.items() if k != "base"}
     info["lora"] = info["lora"].to_dict()
     return model, info
@@ -300,6 +332,8 @@ def reward_samples(
     Prompts cycle through the digits; ``seed`` seeds the chains' noise, so two models
     evaluated with the same seed are compared on the same noise (paired).
     """
+    num_samples = check_int(num_samples, "num_samples", low=1, high=MAX_COUNT)
+    seed = check_seed(seed)
     prompts = torch.arange(num_samples) % NUM_CLASSES
     images = sample_expert(expert, prompts, bundle.schedule, seed)
     out = {name: r(images, prompts).double() for name, r in bundle.rewards.items()}
@@ -341,6 +375,7 @@ def variance_offsets(expert: Expert, pairs: PairSet, max_states: int = 4096) -> 
 
     Measured at (up to ``max_states``) reference states of ``pairs``.
     """
+    max_states = check_int(max_states, "max_states", low=1)
     n = min(max_states, len(pairs))
     idx = torch.linspace(0, len(pairs) - 1, n).long()
     out = expert.denoiser(pairs.states[idx], pairs.timesteps[idx], pairs.cond[idx])
@@ -461,6 +496,9 @@ def train_aligned(
     bundle = _check_bundle(bundle)
     weights = _training_weights(weights)
     check_expert_kind(kind)
+    seed = check_seed(seed)
+    if not isinstance(config, AlignConfig):
+        raise TypeError(f"config must be an AlignConfig, got {type(config).__name__}")
     start = time.perf_counter()
     pairs_record: dict[str, Any] = {"given": pairs is not None}
     if pairs is None:
@@ -538,6 +576,7 @@ def train_experts_and_oracles(
     ``progress(label, step, total, loss)`` with labels like ``"expert boldness/fixed"``.
     Save experts with ``add_expert`` (``len(m.weights) == 1``) and oracles with ``add_oracle``.
     """
+    seed = check_seed(seed)
     pairs = collect_digit_pairs(_check_bundle(bundle), pairs_config, seed)
     jobs = [(f"expert {r}/{k}", {r: 1.0}, k) for r in rewards for k in kinds]
     jobs += [

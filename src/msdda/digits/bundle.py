@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from ..errors import InputFileError, quiet_libraries
 from ..experts import Expert
 from ..gaussians import Schedule, StepSpec
 from ..rewards import Reward
+from ..validation import check_int, check_number, check_positive, check_seed
 from .lora import base_fingerprint, merged_denoiser, read_adapter_file
 from .models import (
     ClassifierConfig,
@@ -40,9 +42,13 @@ from .schedule import NUM_INFERENCE_STEPS, make_schedule
 from .store import (
     DEFAULT_WEIGHTS_DIR,
     EXPERT_KINDS,
+    MANIFEST_NAME,
     check_expert_kind,
-    load_module_state,
+    check_finite,
+    check_weights_dir,
     read_manifest,
+    read_safetensors,
+    state_shapes,
 )
 
 __all__ = ["DigitsBundle", "Oracle", "load_digits_bundle", "expert_spec", "load_denoiser"]
@@ -92,11 +98,15 @@ class DigitsBundle:
         return tuple(sorted(found, key=lambda s: (s != self.default_seed, s)))
 
     def _experts_of(self, seed: int | None) -> dict[tuple[str, str], Expert]:
+        if seed is not None:
+            check_seed(seed)
         if seed is None or seed == self.default_seed:
             return self.experts
         return {(r, k): e for (r, k, s), e in self.all_experts.items() if s == seed}
 
     def _oracles_of(self, seed: int | None) -> tuple[Oracle, ...]:
+        if seed is not None:
+            check_seed(seed)
         if seed is None or seed == self.default_seed:
             return self.oracles
         return tuple(o for o in self.all_oracles if o.seed == seed)
@@ -129,7 +139,10 @@ class DigitsBundle:
 
         ``seed`` is the training seed (None: :attr:`default_seed`).
         """
-        want = {n: float(w) for n, w in weights.items() if float(w) != 0.0}
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"weights must be a mapping of reward name to weight, got {weights!r}")
+        checked = {n: check_number(w, f"weight of {n!r}", low=0.0) for n, w in weights.items()}
+        want = {n: w for n, w in checked.items() if w != 0.0}
         oracles = self._oracles_of(seed)
         for o in oracles:
             have = {n: w for n, w in o.weights.items() if w != 0.0}
@@ -144,48 +157,109 @@ class DigitsBundle:
         )
 
 
-def _config(cls, raw: Any, where: str):
+def _config(cls, entry: Any, where: Path, label: str):
+    """The model config of a manifest entry (:class:`InputFileError` naming the manifest)."""
+    raw = entry.get("config") if isinstance(entry, dict) else None
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: config must be an object")
+        raise InputFileError(where, f"the {label} entry has no 'config' object")
     try:
         return cls(**raw)
-    except TypeError as err:
-        raise ValueError(f"{where}: bad config {raw}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise InputFileError(where, f"the {label} entry has a bad config {raw}: {err}") from None
 
 
-def _entry_file(weights_dir: Path, entry: Any, where: str) -> tuple[Path, str | None]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-        raise ValueError(f"manifest {where} entry has no 'file'")
-    return weights_dir / entry["file"], entry.get("sha256")
+def _entry_file(weights_dir: Path, entry: Any, where: Path, label: str) -> tuple[Path, str | None]:
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not entry["file"]:
+        raise InputFileError(where, f"the {label} entry has no 'file'")
+    name = entry["file"]
+    if Path(name).name != name:
+        raise InputFileError(where, f"the {label} entry's file {name!r} is not a plain file name")
+    sha = entry.get("sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise InputFileError(where, f"the {label} entry's sha256 is not a string")
+    return weights_dir / name, sha
+
+
+def _read_full(
+    weights_dir: Path, entry: Any, where: Path, label: str, cls, config
+) -> dict[str, Tensor]:
+    """The checked state dict of a network stored in full (no model built)."""
+    file, sha = _entry_file(weights_dir, entry, where, label)
+    tensors, _ = read_safetensors(file, sha, expected=state_shapes(cls, config))
+    check_finite(tensors, file)
+    return tensors
+
+
+def _build(cls, config, state: dict[str, Tensor]) -> nn.Module:
+    model = cls(config)
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def load_denoiser(weights_dir: Path, entry: dict, where: str = "model") -> DigitDenoiser:
-    """A :class:`DigitDenoiser` from a manifest entry (``file``, ``sha256``, ``config``)."""
-    file, sha = _entry_file(Path(weights_dir), entry, where)
-    model = DigitDenoiser(_config(DenoiserConfig, entry.get("config"), f"{file}"))
-    return load_module_state(file, model, sha)
+    """A :class:`DigitDenoiser` from a manifest entry (``file``, ``sha256``, ``config``).
+
+    Raises:
+        InputFileError: naming the manifest or the file when the entry, the file or its
+            fit to the config is wrong (checked before the model is built).
+    """
+    weights_dir = check_weights_dir(weights_dir)
+    manifest = weights_dir / MANIFEST_NAME
+    config = _config(DenoiserConfig, entry, manifest, where)
+    state = _read_full(weights_dir, entry, manifest, where, DigitDenoiser, config)
+    return _build(DigitDenoiser, config, state)
 
 
 def _wrap(model: nn.Module, guidance_scale: float) -> nn.Module:
     return model if guidance_scale == 1.0 else GuidedDenoiser(model, guidance_scale)
 
 
-def _as_expert(model: DigitDenoiser, kind: str, kl_coef: Any, name: str, g: float) -> Expert:
-    want = kind == "learned"
-    if model.config.variance_head != want:
-        raise ValueError(f"{name}: kind {kind!r} does not match the model's variance head")
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)) or not kl_coef > 0:
-        raise ValueError(f"{name}: kl_coef must be a positive number, got {kl_coef!r}")
-    return Expert(_wrap(model, g), expert_spec(kind), float(kl_coef), name)
+@dataclass
+class _ModelFile:
+    """An expert's or oracle's file, read and checked against the base; nothing built yet."""
+
+    file: Path
+    kind: str
+    kl_coef: float
+    storage: str  # "full" or "lora"
+    tensors: dict[str, Tensor]
+    config: DenoiserConfig | None = None  # full storage
+    info: dict[str, Any] | None = None  # lora storage: the adapter's metadata
 
 
-class _ModelLoader:
-    """Experts and oracles from manifest entries: full networks, or adapters merged into the base."""
+def _read_model(
+    weights_dir: Path, entry: dict, kind: str, base_config: DenoiserConfig, where: Path, label: str
+) -> _ModelFile:
+    """Read an expert's or oracle's file, checked (header first) against its config or base."""
+    try:
+        kl_coef = check_positive(entry.get("kl_coef"), "kl_coef")
+    except (TypeError, ValueError) as err:
+        raise InputFileError(where, f"the {label} entry: {err}") from None
+    storage = entry.get("storage", "full")
+    file, sha = _entry_file(weights_dir, entry, where, label)
+    if storage == "full":
+        config = _config(DenoiserConfig, entry, where, label)
+        if config.variance_head != (kind == "learned"):
+            raise InputFileError(
+                where, f"the {label} entry: kind {kind!r} does not match its config's variance head"
+            )
+        tensors = _read_full(weights_dir, entry, where, label, DigitDenoiser, config)
+        return _ModelFile(file, kind, kl_coef, storage, tensors, config=config)
+    if storage != "lora":
+        raise InputFileError(where, f"the {label} entry has an unknown storage {storage!r}")
+    tensors, info = read_adapter_file(file, sha, what="weight file", base_config=base_config)
+    if info["kind"] != kind:
+        raise InputFileError(file, f"holds a {info['kind']!r} adapter, the manifest says {kind!r}")
+    return _ModelFile(file, kind, kl_coef, storage, tensors, info=info)
 
-    def __init__(self, weights_dir: Path, base: DigitDenoiser, base_file: Path) -> None:
-        self.weights_dir = weights_dir
+
+class _Builder:
+    """Networks from checked files: full networks, or adapters merged into the base."""
+
+    def __init__(self, base: DigitDenoiser, base_file: Path, guidance_scale: float) -> None:
         self.base = base
         self.base_file = base_file
+        self.guidance_scale = guidance_scale
         self._fingerprint: str | None = None
         self._starts: dict[str, DigitDenoiser] = {}
 
@@ -200,127 +274,113 @@ class _ModelLoader:
             self._fingerprint = base_fingerprint(self.base)
         return self._fingerprint
 
-    def load(self, entry: dict, kind: str, where: str) -> DigitDenoiser:
-        storage = entry.get("storage", "full")
-        if storage == "full":
-            return load_denoiser(self.weights_dir, entry, where)
-        file, sha = _entry_file(self.weights_dir, entry, where)
-        if storage != "lora":
-            raise ValueError(f"manifest entry of {file}: unknown storage {storage!r}")
-        tensors, info = read_adapter_file(file, sha, what="weight file")
-        if info["base"] != self.fingerprint():
-            raise ValueError(
-                f"weight file {file} is an adapter of another base than {self.base_file}"
-            )
-        if info["kind"] != kind:
-            raise ValueError(
-                f"weight file {file} holds a {info['kind']!r} adapter, the manifest says {kind!r}"
-            )
-        try:
-            return merged_denoiser(self.base, tensors, info["lora"], kind, start=self.start(kind))
-        except ValueError as err:
-            raise ValueError(f"weight file {file}: {err}") from None
+    def expert(self, read: _ModelFile, name: str) -> Expert:
+        if read.storage == "full":
+            model = _build(DigitDenoiser, read.config, read.tensors)
+        else:
+            if read.info["base"] != self.fingerprint():
+                raise InputFileError(
+                    read.file, f"is an adapter of another base than {self.base_file}"
+                )
+            try:
+                model = merged_denoiser(
+                    self.base,
+                    read.tensors,
+                    read.info["lora"],
+                    read.kind,
+                    start=self.start(read.kind),
+                )
+            except ValueError as err:
+                raise InputFileError(read.file, str(err)) from None
+        return Expert(_wrap(model, self.guidance_scale), expert_spec(read.kind), read.kl_coef, name)
 
 
 def _seed_of(entry: dict, where: Path, key: str = "seed") -> int:
     seed = entry.get(key, 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"manifest {where}: {key} must be a non-negative int, got {seed!r}")
-    return seed
+    try:
+        return check_seed(seed, key)
+    except (TypeError, ValueError) as err:
+        raise InputFileError(where, str(err)) from None
 
 
 def _entries(manifest: dict, key: str, where: Path) -> list[dict]:
     entries = manifest.get(key, [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError(f"manifest {where}: {key!r} must be a list of objects")
+        raise InputFileError(where, f"{key!r} must be a list of objects")
     return entries
 
 
-@dataclass(frozen=True)
-class _Folder:
-    """What every model of a weights folder is loaded with."""
-
-    path: Path  # the weights folder
-    where: Path  # its manifest, for messages
-    manifest: dict
-    loader: _ModelLoader
-    guidance_scale: float
-    default_seed: int
-
-    def name(self, label: str, kind: str, seed: int) -> str:
-        """``<label>/<kind>``, plus ``/seed<k>`` for a seed other than the default."""
-        return f"{label}/{kind}" + ("" if seed == self.default_seed else f"/seed{seed}")
-
-    def expert(self, entry: dict, kind: str, name: str, where: str) -> Expert:
-        """The entry's model as an Expert called ``name`` (``where`` names it in errors)."""
-        model = self.loader.load(entry, kind, where)
-        return _as_expert(model, kind, entry.get("kl_coef"), name, self.guidance_scale)
+def _name(label: str, kind: str, seed: int, default_seed: int) -> str:
+    """``<label>/<kind>``, plus ``/seed<k>`` for a seed other than the default."""
+    return f"{label}/{kind}" + ("" if seed == default_seed else f"/seed{seed}")
 
 
-def _load_experts(folder: _Folder) -> dict[tuple[str, str, int], Expert]:
-    """Every expert of the manifest, by (reward, kind, seed)."""
-    out: dict[tuple[str, str, int], Expert] = {}
-    for entry in _entries(folder.manifest, "experts", folder.where):
-        reward, kind, seed = entry.get("reward"), entry.get("kind"), _seed_of(entry, folder.where)
+def _read_experts(weights_dir, manifest, where, base_config, default_seed) -> dict:
+    """Every expert file of the manifest, read and checked, by (reward, kind, seed)."""
+    out: dict[tuple[str, str, int], tuple[str, _ModelFile]] = {}
+    for entry in _entries(manifest, "experts", where):
+        reward, kind, seed = entry.get("reward"), entry.get("kind"), _seed_of(entry, where)
         if reward not in REWARDS or kind not in EXPERT_KINDS:
-            raise ValueError(
-                f"manifest {folder.where}: expert entry with reward {reward!r}, kind {kind!r}"
-            )
+            raise InputFileError(where, f"expert entry with reward {reward!r}, kind {kind!r}")
         if (reward, kind, seed) in out:
-            raise ValueError(f"manifest {folder.where}: two experts {reward}/{kind} of seed {seed}")
-        name = folder.name(reward, kind, seed)
-        out[(reward, kind, seed)] = folder.expert(entry, kind, name, f"expert {name}")
+            raise InputFileError(where, f"two experts {reward}/{kind} of seed {seed}")
+        name = _name(reward, kind, seed, default_seed)
+        read = _read_model(weights_dir, entry, kind, base_config, where, f"expert {name}")
+        out[(reward, kind, seed)] = (name, read)
     return out
 
 
-def _load_oracles(folder: _Folder) -> list[Oracle]:
-    """Every oracle of the manifest, in its order."""
-    out: list[Oracle] = []
-    for entry in _entries(folder.manifest, "oracles", folder.where):
-        weights, kind, seed = entry.get("weights"), entry.get("kind"), _seed_of(entry, folder.where)
+def _read_oracles(weights_dir, manifest, where, base_config, default_seed) -> list:
+    """Every oracle file of the manifest, read and checked, in its order."""
+    out = []
+    for entry in _entries(manifest, "oracles", where):
+        weights, kind, seed = entry.get("weights"), entry.get("kind"), _seed_of(entry, where)
         if not isinstance(weights, dict) or kind not in EXPERT_KINDS:
-            raise ValueError(
-                f"manifest {folder.where}: oracle entry with weights {weights!r}, kind {kind!r}"
-            )
+            raise InputFileError(where, f"oracle entry with weights {weights!r}, kind {kind!r}")
         try:
-            weights = {str(n): float(w) for n, w in weights.items()}
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"manifest {folder.where}: oracle weights {weights!r} are not numbers"
-            ) from None
-        name = folder.name(f"oracle {weights}", kind, seed)
-        expert = folder.expert(entry, kind, name, name)
-        out.append(Oracle(weights, kind, expert, seed))
+            weights = {
+                str(n): check_number(w, f"weight of {n!r}", low=0.0) for n, w in weights.items()
+            }
+        except (TypeError, ValueError) as err:
+            raise InputFileError(where, f"oracle weights {weights!r}: {err}") from None
+        name = _name(f"oracle {weights}", kind, seed, default_seed)
+        out.append(
+            (
+                weights,
+                kind,
+                seed,
+                name,
+                _read_model(weights_dir, entry, kind, base_config, where, name),
+            )
+        )
     return out
 
 
-def _load_rewards(
-    manifest: dict, classifier: DigitClassifier, where: Path
-) -> tuple[dict[str, Reward], dict[str, StandardisedReward]]:
-    """The raw rewards and their standardised versions (the manifest's normalisation)."""
-    raw = make_rewards(classifier, float(manifest["legibility_temperature"]))
+def _normalisation(manifest: dict, where: Path) -> dict[str, RewardNormalisation]:
+    raw = manifest["reward_normalisation"]
     try:
+        if not isinstance(raw, dict):
+            raise TypeError("not an object")
         stats = {
-            n: RewardNormalisation(float(s["mean"]), float(s["std"]))
-            for n, s in manifest["reward_normalisation"].items()
+            n: RewardNormalisation(
+                check_number(s["mean"], f"{n} mean"),
+                check_number(s["std"], f"{n} std", low=0.0, low_inclusive=False),
+            )
+            for n, s in raw.items()
         }
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"manifest {where}: bad reward_normalisation: {err}") from None
-    return raw, standardise(raw, stats)
+        raise InputFileError(where, f"bad reward_normalisation: {err}") from None
+    missing = [n for n in REWARDS if n not in stats]
+    if missing:
+        raise InputFileError(where, f"reward_normalisation has no entry for {missing}")
+    return stats
 
 
-def _load_classifier(weights_dir: Path, entry: Any) -> DigitClassifier:
-    file, sha = _entry_file(weights_dir, entry, "classifier")
-    classifier = DigitClassifier(_config(ClassifierConfig, entry.get("config"), f"{file}"))
-    load_module_state(file, classifier, sha)
-    return classifier
-
-
-def _load_base(weights_dir: Path, entry: dict) -> DigitDenoiser:
-    base = load_denoiser(weights_dir, entry, "base")
-    if base.config.variance_head:
-        raise ValueError(f"{weights_dir / entry['file']}: the base must not have a variance head")
-    return base
+def _manifest_number(manifest: dict, key: str, where: Path, default=None, **limits) -> float:
+    try:
+        return check_number(manifest.get(key, default), key, **limits)
+    except (TypeError, ValueError) as err:
+        raise InputFileError(where, str(err)) from None
 
 
 def load_digits_bundle(
@@ -328,28 +388,57 @@ def load_digits_bundle(
 ) -> DigitsBundle:
     """Load a digits weights folder (default: the shipped ``msdda/digits/weights``).
 
+    Every file is read and checked (existence, safetensors header, sha256, keys, shapes
+    and dtypes against its config or the base) before any model is built.
+
     Raises:
-        ValueError: naming the file, when the manifest or a weight file is missing,
-            corrupt or does not fit its model.
+        InputFileError: naming the folder, the manifest or the weight file, when one is
+            missing, empty, corrupt, truncated, a pickle file, or does not fit its model.
+        TypeError, ValueError: ``num_inference_steps`` is not an int in [1, 1000].
     """
-    weights_dir = Path(DEFAULT_WEIGHTS_DIR if path is None else path)
-    if not weights_dir.is_dir():
-        raise ValueError(f"weights folder {weights_dir} does not exist")
+    num_inference_steps = check_int(num_inference_steps, "num_inference_steps", low=1, high=1000)
+    weights_dir = check_weights_dir(DEFAULT_WEIGHTS_DIR if path is None else path)
     manifest = read_manifest(weights_dir)
-    where = weights_dir / "manifest.json"
+    where = weights_dir / MANIFEST_NAME
     for key in ("base", "classifier", "reward_normalisation", "legibility_temperature"):
         if key not in manifest:
-            raise ValueError(f"manifest {where} has no {key!r}")
-    g = float(manifest.get("guidance_scale", 1.0))
+            raise InputFileError(where, f"the manifest has no {key!r}")
+    g = _manifest_number(manifest, "guidance_scale", where, 1.0)
+    temperature = _manifest_number(
+        manifest, "legibility_temperature", where, low=0.0, low_inclusive=False
+    )
+    stats = _normalisation(manifest, where)
     default_seed = _seed_of(manifest, where, "default_seed")
-    schedule = make_schedule(num_inference_steps, manifest.get("scheduler"))
-    base = _load_base(weights_dir, manifest["base"])
-    classifier = _load_classifier(weights_dir, manifest["classifier"])
-    raw, rewards = _load_rewards(manifest, classifier, where)
-    loader = _ModelLoader(weights_dir, base, weights_dir / manifest["base"]["file"])
-    folder = _Folder(weights_dir, where, manifest, loader, g, default_seed)
-    all_experts = _load_experts(folder)
-    all_oracles = _load_oracles(folder)
+    scheduler = manifest.get("scheduler")
+    if scheduler is not None and not isinstance(scheduler, dict):
+        raise InputFileError(where, "'scheduler' must be an object")
+    try:
+        with quiet_libraries():
+            schedule = make_schedule(num_inference_steps, scheduler)
+    except (TypeError, ValueError) as err:
+        raise InputFileError(where, f"bad scheduler config: {err}") from None
+    # every file read and checked first, then the models built
+    base_cfg = _config(DenoiserConfig, manifest["base"], where, "base")
+    if base_cfg.variance_head:
+        raise InputFileError(where, "the base must not have a variance head")
+    base_state = _read_full(weights_dir, manifest["base"], where, "base", DigitDenoiser, base_cfg)
+    clf_cfg = _config(ClassifierConfig, manifest["classifier"], where, "classifier")
+    clf_state = _read_full(
+        weights_dir, manifest["classifier"], where, "classifier", DigitClassifier, clf_cfg
+    )
+    expert_files = _read_experts(weights_dir, manifest, where, base_cfg, default_seed)
+    oracle_files = _read_oracles(weights_dir, manifest, where, base_cfg, default_seed)
+
+    base = _build(DigitDenoiser, base_cfg, base_state)
+    classifier = _build(DigitClassifier, clf_cfg, clf_state)
+    raw = make_rewards(classifier, temperature)
+    rewards = standardise(raw, stats)
+    builder = _Builder(base, weights_dir / manifest["base"]["file"], g)
+    all_experts = {key: builder.expert(read, name) for key, (name, read) in expert_files.items()}
+    all_oracles = [
+        Oracle(weights, kind, builder.expert(read, name), seed)
+        for weights, kind, seed, name, read in oracle_files
+    ]
     return DigitsBundle(
         path=weights_dir,
         manifest=manifest,

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import check_output_path, writing
 from .bundle import load_denoiser
 from .lora import LoraAdapter, adapter_metadata, base_fingerprint, encode_adapter, merged_denoiser
 from .rewards import REWARDS, check_reward_weights
@@ -110,21 +111,26 @@ def _add_model(
     """
     check_model_kind(kind, model)
     seed = check_training_seed(seed)
+    kl_coef = check_kl_coef(kl_coef)
     manifest = read_manifest(weights_dir)
-    entry = _write_model(
-        weights_dir,
-        model_file_name(prefix, tag, kind, seed),
-        model,
-        adapter,
-        weights=weights,
-        kind=kind,
-        kl_coef=check_kl_coef(kl_coef),
-        seed=seed,
-    )
+    file = model_file_name(prefix, tag, kind, seed)
+    check_output_path(Path(weights_dir) / file)
+    with writing(Path(weights_dir) / file):
+        entry = _write_model(
+            weights_dir,
+            file,
+            model,
+            adapter,
+            weights=weights,
+            kind=kind,
+            kl_coef=kl_coef,
+            seed=seed,
+        )
     field, value = identity
     entry = {**entry, field: value, "metrics": dict(metrics or {})}
     entry["training"] = dict(training or {})
-    write_manifest(weights_dir, replace_entry(manifest, section, entry, field))
+    with writing(Path(weights_dir) / "manifest.json"):
+        write_manifest(weights_dir, replace_entry(manifest, section, entry, field))
     return entry
 
 

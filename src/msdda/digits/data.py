@@ -6,6 +6,7 @@ Model space is [-1, 1]; image space is [0, 1]. ``load_digits`` pixels are 0..16,
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -74,10 +75,10 @@ def check_prompts(prompts, name: str = "prompts") -> Tensor:
     """Validate digit prompts: an int or a (B,) integer tensor with values in 0..9."""
     if isinstance(prompts, bool):
         raise TypeError(f"{name} must be a digit 0-9 or a tensor of digits, got a bool")
-    if isinstance(prompts, int):
+    if isinstance(prompts, numbers.Integral):
         if not 0 <= prompts < NUM_CLASSES:
             raise ValueError(f"{name} must be a digit 0-9, got {prompts}")
-        return torch.tensor([prompts], dtype=torch.long)
+        return torch.tensor([int(prompts)], dtype=torch.long)
     if not isinstance(prompts, Tensor):
         raise TypeError(
             f"{name} must be a digit 0-9 or a tensor of digits, got {type(prompts).__name__}"

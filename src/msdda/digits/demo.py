@@ -19,15 +19,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import OutputError, check_output_path, writing
 from ..io import atomic_dir, atomic_write_text
-from ..validation import check_int
+from ..validation import check_int, check_positive, check_seed
 from .bundle import DigitsBundle
 from .data import NUM_CLASSES
 from .plots import save_grid, save_pareto_plot
+from .rewards import REWARDS
 from .sampling import sample_expert, sample_msdda
 from .store import check_expert_kind
 
 __all__ = ["DemoConfig", "DemoRow", "weight_grid", "evaluate_images", "run_demo", "write_demo"]
+
+#: The most weights and images per digit a demo runs (every weight samples 10 digits).
+MAX_WEIGHTS = 1001
+MAX_SAMPLES_PER_PROMPT = 100_000
 
 #: ``progress(label, step, total)`` after every reverse step of every run.
 DemoProgress = Callable[[str, int, int], None]
@@ -46,10 +52,23 @@ class DemoConfig:
     compare: bool = True  # also run the base and the shipped oracles on the same noise
 
     def __post_init__(self) -> None:
-        check_int(self.num_weights, "num_weights", low=2)
-        check_int(self.samples_per_prompt, "samples_per_prompt", low=1)
+        check_int(self.num_weights, "num_weights", low=2, high=MAX_WEIGHTS)
+        check_int(self.samples_per_prompt, "samples_per_prompt", low=1, high=MAX_SAMPLES_PER_PROMPT)
+        check_seed(self.seed, "seed")
         check_expert_kind(self.expert_kind, "expert_kind")
-        check_int(self.seed, "seed")
+        if self.kl_coef is not None:
+            check_positive(self.kl_coef, "kl_coef")
+        objectives = tuple(self.objectives) if not isinstance(self.objectives, str) else ()
+        if len(objectives) != 2 or len(set(objectives)) != 2:
+            raise ValueError(
+                f"objectives must be two distinct reward names, got {self.objectives!r}"
+            )
+        for name in objectives:
+            if name not in REWARDS:
+                raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+        object.__setattr__(self, "objectives", objectives)
+        if not isinstance(self.compare, bool):
+            raise TypeError(f"compare must be a bool, got {self.compare!r}")
 
 
 @dataclass(frozen=True)
@@ -165,11 +184,16 @@ def write_demo(
     empty folder) appears complete or not at all.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"output folder {out_dir} already exists and is not an empty folder")
+    if not isinstance(bundle, DigitsBundle):
+        raise TypeError(f"bundle must be a DigitsBundle, got {type(bundle).__name__}")
+    if not isinstance(cfg, DemoConfig):
+        raise TypeError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
     if not out_dir.parent.is_dir():
-        raise ValueError(f"the folder {out_dir.parent} (parent of --out) does not exist")
-    with atomic_dir(out_dir) as stage:
+        raise OutputError(out_dir, f"the folder {out_dir.parent} does not exist")
+    check_output_path(out_dir, directory=True)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputError(out_dir, "it already exists and is not an empty folder")
+    with writing(out_dir), atomic_dir(out_dir) as stage:
         rows = run_demo(bundle, cfg, stage, progress)
         first, second = cfg.objectives
         msdda = [r for r in rows if r.method == "msdda"]

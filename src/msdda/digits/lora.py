@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputFileError
 from ..lora import (
     PEFT_PREFIX,
     LoRAFactors,
@@ -41,10 +41,12 @@ from ..lora import (
     peft_lora_keys,
     peft_saved_modules,
 )
-from .models import DigitDenoiser
+from ..validation import check_int, check_number, check_positive, check_seed
+from .models import DenoiserConfig, DigitDenoiser
 from .store import (
     EXPERT_KINDS,
     check_expert_kind,
+    check_finite,
     check_state_fits,
     encode_safetensors,
     read_safetensors,
@@ -63,9 +65,12 @@ __all__ = [
     "adapter_metadata",
     "encode_adapter",
     "read_adapter_file",
+    "adapter_shapes",
 ]
 
 ADAPTER_FORMAT = "msdda-digits-adapter/1"
+#: The largest LoRA rank accepted (the digits layers are at most a few hundred wide).
+MAX_RANK = 4096
 #: The variance head, trained in full for the "learned" kind (peft's modules_to_save).
 VARIANCE_HEAD = "var_out"
 
@@ -87,12 +92,12 @@ class LoraSettings:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraSettings.rank must be a positive int, got {self.rank!r}")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)):
-            raise ValueError(f"LoraSettings.alpha must be a finite number, got {self.alpha!r}")
-        if not self.target_modules or not all(isinstance(m, str) for m in self.target_modules):
+        check_int(self.rank, "LoraSettings.rank", low=1, high=MAX_RANK)
+        object.__setattr__(self, "alpha", check_number(self.alpha, "LoraSettings.alpha"))
+        targets = self.target_modules
+        if isinstance(targets, str) or not targets or not all(isinstance(m, str) for m in targets):
             raise ValueError("LoraSettings.target_modules must be a non-empty tuple of names")
+        object.__setattr__(self, "target_modules", tuple(targets))
 
     @property
     def scaling(self) -> float:
@@ -235,32 +240,74 @@ def encode_adapter(tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> by
     return encode_safetensors(tensors, meta)
 
 
+def _adapter_info(path: Path, meta: Mapping[str, str], what: str) -> dict[str, Any]:
+    """The decoded metadata of an adapter file (:class:`InputFileError` if it is not one)."""
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise InputFileError(
+            path, f"not a {ADAPTER_FORMAT} {what} (its metadata has no such format)"
+        )
+    try:
+        weights = json.loads(meta["weights"])
+        info = {
+            "weights": {
+                str(n): check_number(w, f"weight of {n!r}", low=0.0) for n, w in weights.items()
+            },
+            "kind": meta["kind"],
+            "kl_coef": check_positive(float(meta["kl_coef"]), "kl_coef"),
+            "lora": LoraSettings.from_dict(json.loads(meta["lora"])),
+            "seed": check_seed(int(meta["seed"])),
+            "base": meta["base"],
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise InputFileError(path, f"the {what} has bad metadata: {err}") from None
+    if info["kind"] not in EXPERT_KINDS:
+        raise InputFileError(path, f"the {what} has bad metadata: kind {info['kind']!r}")
+    return info
+
+
+def adapter_shapes(
+    base_config: DenoiserConfig, lora: LoraSettings, kind: str
+) -> dict[str, tuple[int, ...]]:
+    """:func:`adapter_keys` of a base of ``base_config``, computed without building it."""
+    check_expert_kind(kind)
+    config = replace(base_config, variance_head=kind == "learned")
+    with torch.device("meta"):
+        start = DigitDenoiser(config)
+    return adapter_keys(start, lora, kind)
+
+
 def read_adapter_file(
-    path: str | Path, sha256: str | None = None, what: str = "adapter file"
+    path: str | Path,
+    sha256: str | None = None,
+    what: str = "adapter file",
+    *,
+    base_config: DenoiserConfig | None = None,
+    fingerprint: str | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The tensors of an adapter file and its decoded metadata.
 
     Metadata: ``weights`` (dict), ``kind``, ``kl_coef`` (float), ``lora``
-    (:class:`LoraSettings`), ``seed`` (int), ``base`` (fingerprint).
+    (:class:`LoraSettings`), ``seed`` (int), ``base`` (fingerprint). With
+    ``fingerprint`` (:func:`base_fingerprint` of a base), an adapter of another base is
+    refused, and with ``base_config`` the header's keys, shapes and dtypes are checked
+    against an adapter of that base, both before any tensor is loaded.
 
     Raises:
-        ValueError: naming ``path`` (as ``what``) when it is missing, does not match
-            ``sha256``, is not safetensors, or is not an adapter file.
+        InputFileError: naming ``path`` (as ``what``) when it is missing, empty, a pickle
+            file, truncated, not safetensors, does not match ``sha256``, is not an
+            adapter file, does not fit ``base_config`` or holds non-finite values.
     """
-    tensors, meta = read_safetensors(path, sha256, what)
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"{what} {path} is not a {ADAPTER_FORMAT} file")
-    try:
-        info = {
-            "weights": {str(n): float(w) for n, w in json.loads(meta["weights"]).items()},
-            "kind": meta["kind"],
-            "kl_coef": float(meta["kl_coef"]),
-            "lora": LoraSettings.from_dict(json.loads(meta["lora"])),
-            "seed": int(meta["seed"]),
-            "base": meta["base"],
-        }
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{what} {path} has bad metadata: {err}") from None
-    if info["kind"] not in EXPERT_KINDS:
-        raise ValueError(f"{what} {path} has bad metadata: kind {info['kind']!r}")
-    return tensors, info
+    path = Path(path)
+    decoded: dict[str, Any] = {}
+
+    def expected(meta: dict[str, str]):
+        decoded.update(_adapter_info(path, meta, what))
+        if fingerprint is not None and decoded["base"] != fingerprint:
+            raise InputFileError(path, f"the {what} was trained on another base model")
+        if base_config is None:
+            return None
+        return adapter_shapes(base_config, decoded["lora"], decoded["kind"])
+
+    tensors, _ = read_safetensors(path, sha256, what, expected=expected)
+    check_finite(tensors, path, what)
+    return tensors, decoded

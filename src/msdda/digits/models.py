@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..validation import check_int, check_number
 from .data import IMAGE_SHAPE, NUM_CLASSES
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
 
 NULL_CLASS = NUM_CLASSES  # the "no digit" condition used for classifier-free guidance
 NUM_PIXELS = math.prod(IMAGE_SHAPE)
+#: The largest width (and depth) a config may ask for: the digits networks are small.
+MAX_WIDTH = 65_536
 
 
 @dataclass(frozen=True)
@@ -50,15 +53,16 @@ class DenoiserConfig:
 
     def __post_init__(self) -> None:
         for name in ("hidden", "num_blocks", "time_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DenoiserConfig.{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), f"DenoiserConfig.{name}", low=1, high=MAX_WIDTH)
         if self.time_dim % 2:
             raise ValueError(f"DenoiserConfig.time_dim must be even, got {self.time_dim}")
-        if not (isinstance(self.variance_bound, (int, float)) and self.variance_bound > 0):
-            raise ValueError(
-                f"DenoiserConfig.variance_bound must be positive, got {self.variance_bound!r}"
+        if not isinstance(self.variance_head, bool):
+            raise TypeError(
+                f"DenoiserConfig.variance_head must be a bool, got {self.variance_head!r}"
             )
+        check_number(
+            self.variance_bound, "DenoiserConfig.variance_bound", low=0.0, low_inclusive=False
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,10 +161,10 @@ class ClassifierConfig:
     dropout: float = 0.1  # dropout during training
 
     def __post_init__(self) -> None:
-        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 1:
-            raise ValueError(f"ClassifierConfig.hidden must be a positive int, got {self.hidden!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
-            raise ValueError(f"ClassifierConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_int(self.hidden, "ClassifierConfig.hidden", low=1, high=MAX_WIDTH)
+        check_number(
+            self.dropout, "ClassifierConfig.dropout", low=0.0, high=1.0, high_inclusive=False
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,10 +207,8 @@ class GuidedDenoiser(nn.Module):
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0) -> None:
         super().__init__()
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        self.guidance_scale = check_number(guidance_scale, "guidance_scale")
         self.model = model
-        self.guidance_scale = float(guidance_scale)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         if self.guidance_scale == 1.0 or cond is None:

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ..errors import check_output_path, writing
 from ..experts import Expert
-from ..validation import check_seed
+from ..validation import check_int, check_number, check_positive, check_seed, check_seeds
 from .bundle import expert_spec
 from .data import NUM_CLASSES
 from .models import DigitClassifier, DigitDenoiser, GuidedDenoiser
@@ -98,18 +99,24 @@ class DigitsTrainConfig:
         for kind in self.oracle_kinds:
             if kind not in EXPERT_KINDS:
                 raise ValueError(f"oracle kinds must be in {EXPERT_KINDS}, got {kind!r}")
-        seeds = self.align_seeds
-        if not seeds or len(set(seeds)) != len(seeds):
+        seeds = tuple(check_seeds(self.align_seeds, "align_seeds"))
+        if len(set(seeds)) != len(seeds):
             raise ValueError(f"align_seeds must be distinct seeds, at least one, got {seeds!r}")
-        for seed in seeds:
-            try:
-                check_seed(seed, "align_seeds")
-            except (TypeError, ValueError):
-                raise ValueError(f"align_seeds must be non-negative ints, got {seed!r}") from None
-        if not self.legibility_temperature > 0:
-            raise ValueError("legibility_temperature must be positive")
-        if self.normalisation_samples_per_prompt < 2:
-            raise ValueError("normalisation_samples_per_prompt must be at least 2")
+        object.__setattr__(self, "align_seeds", seeds)
+        for name, cls in (("classifier", ClassifierTraining), ("base", BaseTraining)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"DigitsTrainConfig.{name} must be a {cls.__name__}")
+        check_number(self.guidance_scale, "guidance_scale")
+        check_positive(self.legibility_temperature, "legibility_temperature")
+        check_int(
+            self.normalisation_samples_per_prompt,
+            "normalisation_samples_per_prompt",
+            low=2,
+            high=1_000_000,
+        )
+        check_seed(self.normalisation_seed, "normalisation_seed")
+        if not isinstance(self.align, bool):
+            raise TypeError(f"align must be a bool, got {self.align!r}")
 
     def to_dict(self) -> dict:
         d = {
@@ -280,6 +287,10 @@ def write_domain_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"weights folder {folder} does not exist")
+    legibility_temperature = check_positive(legibility_temperature, "legibility_temperature")
+    guidance_scale = check_number(guidance_scale, "guidance_scale")
+    if normalisation_samples is not None:
+        check_int(normalisation_samples, "normalisation_samples", low=1)
     if base.config.variance_head:
         raise ValueError("base must not have a variance head")
     missing = [n for n in REWARDS if n not in normalisation]
@@ -404,13 +415,17 @@ def train_all(
     deterministic for a fixed machine and thread count.
     """
     out_dir = Path(out_dir)
+    if not isinstance(cfg, DigitsTrainConfig):
+        raise TypeError(f"cfg must be a DigitsTrainConfig, got {type(cfg).__name__}")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} exists and is not a folder")
     if not out_dir.parent.is_dir():
         raise ValueError(f"the folder of out_dir {out_dir} does not exist")
+    check_output_path(out_dir, directory=True)
     progress = progress or _noop
     start = time.perf_counter()
-    stage_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    with writing(out_dir):
+        stage_dir = Path(tempfile.mkdtemp(prefix=".msdda-staging-", dir=out_dir.parent))
     try:
         manifest = _train_domain(stage_dir, cfg, progress)
         if cfg.align:
@@ -420,7 +435,8 @@ def train_all(
         manifest["timings_s"]["total"] = time.perf_counter() - start
         manifest["torch_num_threads"] = torch.get_num_threads()
         write_manifest(stage_dir, manifest)
-        _publish(stage_dir, out_dir)
+        with writing(out_dir):
+            _publish(stage_dir, out_dir)
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return manifest

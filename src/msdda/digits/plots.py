@@ -11,13 +11,20 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor
 
+from ..errors import check_output_path, writing
 from ..io import atomic_path
+from ..validation import check_int, check_number, check_sequence
 
 __all__ = ["image_grid", "save_grid", "save_pareto_plot", "save_npy"]
 
 
 def image_grid(images: Tensor, ncols: int | None = None, pad: int = 1) -> np.ndarray:
     """Tile (N, 1, 8, 8) images in [0, 1] into one (H, W) array, ``ncols`` per row, pad 1."""
+    if not isinstance(images, Tensor) or images.ndim < 3 or images.shape[0] < 1:
+        raise ValueError("images must be a non-empty (N, 1, H, W) tensor")
+    if ncols is not None:
+        check_int(ncols, "ncols", low=1, high=10_000)
+    check_int(pad, "pad", low=0, high=100)
     arr = images.detach().cpu().float().numpy().reshape(images.shape[0], *images.shape[-2:])
     n, h, w = arr.shape
     ncols = ncols or int(np.ceil(np.sqrt(n)))
@@ -36,12 +43,14 @@ def save_grid(
     images: Tensor, path: Path, ncols: int | None = None, title: str | None = None, scale: int = 12
 ) -> None:
     """Save (N, 1, 8, 8) images in [0, 1] as a PNG grid (white ink on black, nearest pixels)."""
+    check_int(scale, "scale", low=1, high=100)
+    path = check_output_path(path)
+    grid = image_grid(images, ncols)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = image_grid(images, ncols)
     h, w = grid.shape
     fig = plt.figure(figsize=(w * scale / 100, (h * scale + (40 if title else 0)) / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, h * scale / (h * scale + (40 if title else 0))))
@@ -50,7 +59,7 @@ def save_grid(
     if title:
         fig.suptitle(title, fontsize=10, y=0.995, va="top")
     try:
-        with atomic_path(path) as tmp:
+        with writing(path), atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
@@ -67,6 +76,16 @@ def save_pareto_plot(
     extra: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """Save a Pareto-front plot: points (x_i, y_i) joined in order and labelled."""
+    x = [check_number(v, f"x[{i}]") for i, v in enumerate(check_sequence(x, "x"))]
+    y = [check_number(v, f"y[{i}]") for i, v in enumerate(check_sequence(y, "y"))]
+    if not (len(x) == len(y) == len(labels)):
+        raise ValueError(
+            f"x, y and labels must have equal lengths, got {len(x)}, {len(y)}, {len(labels)}"
+        )
+    for name, (xi, yi) in (extra or {}).items():
+        check_number(xi, f"extra[{name!r}] x")
+        check_number(yi, f"extra[{name!r}] y")
+    path = check_output_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,7 +105,7 @@ def save_pareto_plot(
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
+        with writing(path), atomic_path(path) as tmp:
             fig.savefig(tmp)
     finally:
         plt.close(fig)
@@ -94,5 +113,6 @@ def save_pareto_plot(
 
 def save_npy(array: np.ndarray, path: Path) -> None:
     """Save ``array`` as .npy atomically."""
-    with atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
+    path = check_output_path(path)
+    with writing(path), atomic_path(path, suffix=".npy") as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)

@@ -17,7 +17,6 @@ Preference weights over them are ``{reward name: w}`` (:func:`check_reward_weigh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..rewards import Reward
-from ..validation import check_number
+from ..validation import check_number, check_positive
 from .data import IMAGE_SHAPE, check_prompts
 
 __all__ = [
@@ -70,10 +69,8 @@ class Legibility:
             raise TypeError(
                 f"classifier must be a torch.nn.Module, got {type(classifier).__name__}"
             )
-        if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = check_positive(temperature, "temperature")
         self.classifier = classifier.eval()
-        self.temperature = float(temperature)
 
     def __call__(self, images: Tensor, prompts: Tensor) -> Tensor:
         _check_images(images)
@@ -130,8 +127,8 @@ def check_reward_weights(
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(available)}")
         try:
             out[name] = check_number(w, f"weight of {name!r}", low=0.0)
-        except (TypeError, ValueError):
-            raise ValueError(
+        except (TypeError, ValueError) as err:  # a TypeError for a bool or a string
+            raise type(err)(
                 f"weight of {name!r} must be a non-negative finite number, got {w!r}"
             ) from None
     return out
@@ -145,10 +142,8 @@ class RewardNormalisation:
     std: float
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.mean):
-            raise ValueError(f"RewardNormalisation.mean must be finite, got {self.mean!r}")
-        if not (math.isfinite(self.std) and self.std > 0):
-            raise ValueError(f"RewardNormalisation.std must be positive, got {self.std!r}")
+        object.__setattr__(self, "mean", check_number(self.mean, "RewardNormalisation.mean"))
+        object.__setattr__(self, "std", check_positive(self.std, "RewardNormalisation.std"))
 
 
 class StandardisedReward:

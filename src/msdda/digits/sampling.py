@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,7 +20,7 @@ from ..experts import Expert, expert_policy
 from ..methods import MethodContext
 from ..methods import msdda_policy as registry_msdda_policy
 from ..sampling import SeededNoise, StepPolicy, sample_chain
-from ..validation import check_int, check_positive
+from ..validation import check_callable, check_int, check_positive, check_seed, check_seeds
 from .bundle import DigitsBundle, load_digits_bundle
 from .data import IMAGE_SHAPE, check_prompts, decode
 from .rewards import check_reward_weights
@@ -39,6 +40,23 @@ __all__ = [
 
 Callback = Callable[[int, int, Tensor], None]
 
+#: The most samples one call draws (each is 64 floats per step and model).
+MAX_SAMPLES = 1_000_000
+
+
+def _check_seed_arg(seed: Any, num_samples: int) -> int | list[int]:
+    """One seed for the batch, or one per sample: ints in [0, 2**63 - 1]."""
+    if isinstance(seed, (Sequence, Tensor)) and not isinstance(seed, (str, bytes)):
+        seeds = check_seeds(seed, "seed")
+        if len(seeds) != num_samples:
+            raise ValueError(f"seed holds {len(seeds)} seeds for {num_samples} samples")
+        return seeds
+    return check_seed(seed)
+
+
+def _check_callback(callback: Any) -> Any:
+    return None if callback is None else check_callable(callback, "callback")
+
 
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
@@ -50,7 +68,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    check_int(n, "threads", low=1)
+    check_int(n, "threads", low=1, high=4096)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -68,7 +86,10 @@ def run_policy(
     callback: Callback | None = None,
 ) -> Tensor:
     """Run ``policy`` from seeded noise through ``schedule``; returns images in [0, 1]."""
-    noise = SeededNoise(seed)
+    check_callable(policy, "policy", "a step policy (x_t, t) -> Gaussian")
+    num_samples = check_int(num_samples, "num_samples", low=1, high=MAX_SAMPLES)
+    noise = SeededNoise(_check_seed_arg(seed, num_samples))
+    callback = _check_callback(callback)
     x_T = noise.initial((num_samples, *IMAGE_SHAPE))
     return decode(sample_chain(policy, x_T, schedule.timesteps, noise, callback=callback))
 
@@ -82,6 +103,7 @@ def sample_expert(
 ) -> Tensor:
     """Samples of one expert (or the base: ``bundle.reference``) for ``prompts`` (B,)."""
     prompts = check_prompts(prompts)
+    _check_seed_arg(seed, prompts.shape[0])
     policy = expert_policy(expert, schedule, prompts)
     return run_policy(policy, prompts.shape[0], schedule, seed, callback)
 
@@ -110,12 +132,7 @@ def method_context(
 
 
 def _check_kl_coef(kl_coef: float | None) -> float | None:
-    if kl_coef is None:
-        return None
-    try:
-        return check_positive(kl_coef, "kl_coef")
-    except (TypeError, ValueError):
-        raise ValueError(f"kl_coef must be a positive finite number, got {kl_coef!r}") from None
+    return None if kl_coef is None else check_positive(kl_coef, "kl_coef")
 
 
 def fused_policy(
@@ -151,6 +168,8 @@ def sample_msdda(
     callback: Callback | None = None,
 ) -> Tensor:
     """MSDDA samples for ``prompts`` (B,) as images in [0, 1], (B, 1, 8, 8)."""
+    _check_seed_arg(seed, check_prompts(prompts).shape[0])
+    _check_callback(callback)
     policy = fused_policy(bundle, prompts, weights, kl_coef=kl_coef, expert_kind=expert_kind)
     return run_policy(policy, check_prompts(prompts).shape[0], bundle.schedule, seed, callback)
 
@@ -170,11 +189,15 @@ def generate(
 
     Same arguments, same images. ``bundle`` defaults to the shipped weights.
     """
-    try:
-        check_int(num_samples, "num_samples", low=1)
-    except (TypeError, ValueError):
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}") from None
+    num_samples = check_int(num_samples, "num_samples", low=1, high=MAX_SAMPLES)
     prompts = check_prompts(prompt, "prompt").expand(num_samples).clone()
+    _check_seed_arg(seed, num_samples)
+    _check_kl_coef(kl_coef)
+    check_expert_kind(expert_kind, "expert_kind")
+    check_reward_weights(weights)
+    _check_callback(callback)
+    if bundle is not None and not isinstance(bundle, DigitsBundle):
+        raise TypeError(f"bundle must be a DigitsBundle, got {type(bundle).__name__}")
     bundle = bundle if bundle is not None else load_digits_bundle()
     return sample_msdda(
         bundle,

@@ -8,6 +8,7 @@ variance, or ``learned_log`` for experts with a variance head).
 from __future__ import annotations
 
 from ..gaussians import Schedule
+from ..validation import check_int
 
 __all__ = ["SCHEDULER_CONFIG", "NUM_INFERENCE_STEPS", "make_scheduler", "make_schedule"]
 
@@ -34,4 +35,13 @@ def make_schedule(
     num_inference_steps: int = NUM_INFERENCE_STEPS, config: dict | None = None
 ) -> Schedule:
     """msdda's :class:`~msdda.Schedule` for sampling in ``num_inference_steps`` DDPM steps."""
-    return Schedule.from_scheduler(make_scheduler(config), num_inference_steps)
+    if config is not None and not isinstance(config, dict):
+        raise TypeError(f"config must be a dict of DDPMScheduler settings, got {config!r}")
+    scheduler = make_scheduler(config)
+    check_int(
+        num_inference_steps,
+        "num_inference_steps",
+        low=1,
+        high=int(scheduler.config.num_train_timesteps),
+    )
+    return Schedule.from_scheduler(scheduler, num_inference_steps)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gaussians import Schedule
+from ..validation import check_int, check_number, check_positive, check_seed
 from .data import NUM_CLASSES, decode, load_digit_data
 from .models import (
     NULL_CLASS,
@@ -38,6 +39,10 @@ __all__ = [
 
 Progress = Callable[[int, int, float], None]
 
+#: The largest number of optimiser steps and the largest batch a training config accepts.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 1_000_000
+
 
 @dataclass(frozen=True)
 class ClassifierTraining:
@@ -50,6 +55,18 @@ class ClassifierTraining:
     weight_decay: float = 1e-4
     noise_std: float = 0.08  # Gaussian pixel noise added during training (robustness)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, ClassifierConfig):
+            raise TypeError(
+                f"ClassifierTraining.model must be a ClassifierConfig, got {self.model!r}"
+            )
+        check_int(self.steps, "ClassifierTraining.steps", low=1, high=MAX_STEPS)
+        check_int(self.batch_size, "ClassifierTraining.batch_size", low=1, high=MAX_BATCH)
+        check_positive(self.lr, "ClassifierTraining.lr")
+        check_number(self.weight_decay, "ClassifierTraining.weight_decay", low=0.0)
+        check_number(self.noise_std, "ClassifierTraining.noise_std", low=0.0)
+        check_seed(self.seed, "ClassifierTraining.seed")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +85,18 @@ class BaseTraining:
     class_dropout: float = 0.1  # fraction of labels replaced by the null class
     ema_decay: float = 0.999  # the shipped model is the EMA of the weights
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, DenoiserConfig):
+            raise TypeError(f"BaseTraining.model must be a DenoiserConfig, got {self.model!r}")
+        check_int(self.steps, "BaseTraining.steps", low=1, high=MAX_STEPS)
+        check_int(self.batch_size, "BaseTraining.batch_size", low=1, high=MAX_BATCH)
+        check_positive(self.lr, "BaseTraining.lr")
+        check_int(self.warmup, "BaseTraining.warmup", low=0, high=MAX_STEPS)
+        check_number(self.weight_decay, "BaseTraining.weight_decay", low=0.0)
+        check_number(self.class_dropout, "BaseTraining.class_dropout", low=0.0, high=1.0)
+        check_number(self.ema_decay, "BaseTraining.ema_decay", low=0.0, high=1.0)
+        check_seed(self.seed, "BaseTraining.seed")
 
     def to_dict(self) -> dict:
         return asdict(self)

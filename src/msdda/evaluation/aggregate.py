@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..methods import weight_key
+from ..validation import check_number, check_sequence
 from .hypervolume import default_reference_point, hypervolume_2d
-from .results import ResultRow, Results
+from .results import ResultRow, Results, ResultsError
 from .variants import known_rule, method_info
 
 __all__ = [
@@ -235,10 +236,67 @@ def _summary(
     )
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_header(results: Results) -> None:
+    """Refuse (:class:`ResultsError`) a header whose fields the report reads are malformed."""
+    h, path = results.header, results.path
+    names = set(results.rows[0].rewards)
+    if any(set(r.rewards) != names for r in results.rows):
+        raise ResultsError(path, "its rows do not all report the same rewards")
+    for key in ("objectives", "rewards", "methods"):
+        value = h.get(key)
+        if value is not None and (
+            not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+        ):
+            raise ResultsError(path, f"the header's {key!r} is not a list of names")
+    for key in ("objectives", "rewards"):
+        missing = [n for n in h.get(key) or [] if n not in names]
+        if missing:
+            raise ResultsError(path, f"the header's {key} {missing} are not rewards of its rows")
+    if h.get("objectives") is not None and not h["objectives"]:
+        raise ResultsError(path, "the header lists no objectives")
+    if h.get("kl_coef") is not None and not _is_number(h["kl_coef"]):
+        raise ResultsError(path, f"the header's kl_coef {h['kl_coef']!r} is not a number")
+    for key in ("settings", "tuning"):
+        if h.get(key) is not None and not isinstance(h[key], dict):
+            raise ResultsError(path, f"the header's {key!r} is not an object")
+    tuning = h.get("tuning") or {}
+    records = dict(tuning.get("chosen") or {})
+    if tuning.get("match"):
+        records["match"] = tuning["match"]
+    for name, c in records.items():
+        if not isinstance(c, dict) or not all(
+            _is_number(c.get(k)) for k in ("score", "kl", "drift")
+        ):
+            raise ResultsError(path, f"the header's tuning record of {name!r} is malformed")
+        if name != "match" and not (
+            isinstance(c.get("settings"), dict)
+            and isinstance(c.get("rule"), str)
+            and (c.get("target_kl") is None or _is_number(c["target_kl"]))
+            and isinstance(c.get("at_grid_edge", []), list)
+        ):
+            raise ResultsError(path, f"the header's tuning record of {name!r} is malformed")
+
+
 def build_report(results: Results, reference: Sequence[float] | None = None) -> Report:
-    """Summaries of every method in ``results`` (see the module docstring)."""
+    """Summaries of every method in ``results`` (see the module docstring).
+
+    ``reference`` is the hypervolume reference point: two finite numbers (None: below
+    every point by 10% of their range).
+    """
+    if not isinstance(results, Results):
+        raise TypeError(f"results must be Results (read_results), got {type(results).__name__}")
+    if reference is not None:
+        items = check_sequence(reference, "reference")
+        if len(items) != 2:
+            raise ValueError(f"reference must be two numbers (x, y), got {len(items)}")
+        reference = tuple(check_number(v, f"reference[{i}]") for i, v in enumerate(items))
     if not results.rows:
-        raise ValueError(f"{results.path} has no result rows")
+        raise ResultsError(results.path, "the results file has no result rows")
+    _check_header(results)
     header = results.header
     objectives = tuple(header.get("objectives") or list(results.rows[0].rewards)[:2])
     rewards = tuple(header.get("rewards") or results.rows[0].rewards)

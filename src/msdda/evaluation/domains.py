@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from ..errors import reading
 from ..methods import MethodContext
 from ..rewards import Reward
+from ..validation import check_seed
 
 __all__ = ["SweepDomain", "DOMAINS", "load_domain", "digits_domain", "toy_domain"]
 
@@ -44,7 +46,8 @@ class SweepDomain:
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with reading(path, "manifest"):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def digits_domain(
@@ -64,7 +67,11 @@ def digits_domain(
     from ..digits.data import IMAGE_SHAPE, check_prompts, decode
 
     bundle = load_digits_bundle(weights_dir)
+    if isinstance(objectives, str):
+        raise TypeError(f"objectives must be a sequence of reward names, got {objectives!r}")
     objectives = tuple(objectives)
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise ValueError(f"objectives must be distinct reward names, got {list(objectives)}")
     for name in objectives:
         if name not in bundle.rewards:
             raise ValueError(f"unknown objective {name!r}; digits rewards: {list(bundle.rewards)}")
@@ -106,6 +113,7 @@ def toy_domain(seed: int = 0) -> SweepDomain:
     """The exact 2-D toy problem (no prompts: the single prompt 0 stands for none)."""
     from .toy import toy_context
 
+    seed = check_seed(seed)
     context, rewards = toy_context(seed)
 
     def check_prompt(p):

@@ -5,18 +5,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ..validation import check_number, check_sequence
+
 __all__ = ["pareto_front", "hypervolume_2d", "default_reference_point"]
 
 Point = tuple[float, float]
 
 
+def _point(p, name: str) -> Point:
+    """``p`` as two finite numbers (a bool or a string is not a number)."""
+    items = check_sequence(p, name)
+    if len(items) != 2:
+        raise ValueError(f"{name} = {p!r} must be two finite numbers, got {len(items)}")
+    return (check_number(items[0], f"{name}[0]"), check_number(items[1], f"{name}[1]"))
+
+
 def _points(points: Sequence[Sequence[float]]) -> list[Point]:
-    out = []
-    for i, p in enumerate(points):
-        if len(p) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in p):
-            raise ValueError(f"points[{i}] = {p!r} must be two finite numbers")
-        out.append((float(p[0]), float(p[1])))
-    return out
+    return [_point(p, f"points[{i}]") for i, p in enumerate(check_sequence(points, "points"))]
 
 
 def pareto_front(points: Sequence[Sequence[float]]) -> list[Point]:
@@ -36,7 +41,7 @@ def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]
     The union of the rectangles [r_x, x] x [r_y, y]; points not better than the
     reference in both coordinates add nothing.
     """
-    ((rx, ry),) = _points([reference])
+    rx, ry = _point(reference, "reference")
     area, best_y = 0.0, ry
     for x, y in pareto_front(points):
         if x <= rx:
@@ -49,6 +54,7 @@ def hypervolume_2d(points: Sequence[Sequence[float]], reference: Sequence[float]
 
 def default_reference_point(points: Sequence[Sequence[float]], margin: float = 0.1) -> Point:
     """The componentwise minimum of ``points``, less ``margin`` times the range (1 if flat)."""
+    margin = check_number(margin, "margin", low=0.0)
     pts = _points(points)
     if not pts:
         raise ValueError("no points to place a reference point under")

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import check_output_path, writing
 from ..io import atomic_path, atomic_write_text
 from .aggregate import (
     DRIFT_FLAG,
@@ -63,8 +64,11 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report (build_report), got {type(report).__name__}")
+    path = check_output_path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     a, b = report.objectives[0], report.objectives[-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
     _draw_fronts(left, report, report.summaries, a, b, reference=True)
@@ -82,7 +86,7 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     right.set_title("zoom: no reward access, KL-matched baselines, target, base")
     fig.tight_layout()
     try:
-        with atomic_path(path) as tmp:
+        with writing(path), atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
@@ -339,7 +343,11 @@ def markdown(report: Report, plot_name: str | None = None) -> str:
 
 def write_markdown(report: Report, path: str | Path, plot_name: str | None = None) -> Path:
     """Write :func:`markdown` to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, markdown(report, plot_name))
+    if not isinstance(report, Report):
+        raise TypeError(f"report must be a Report (build_report), got {type(report).__name__}")
+    path = check_output_path(path)
+    text = markdown(report, plot_name)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
     return path

@@ -3,9 +3,11 @@
 Line 1 is the header ``{"kind": "header", "format": ..., "config": ..., ...}``; every
 other line is a row ``{"kind": "row", "method", "weights", "prompt", "seed", ...}``,
 read and written as a :class:`ResultRow`. Rows are appended one at a time with flush
-+ fsync, so a killed sweep loses at most the row it was writing. Reading skips, with
-a warning naming the line, a corrupt line or a repeated row; a last line cut short by
-a kill is removed before appending.
++ fsync, so a killed sweep loses at most the row it was writing. Reading skips corrupt
+lines and repeated rows, counted in one warning naming the first of them; a last line cut
+short by a kill is removed before appending. A file that is not a results file at all
+(missing, empty, a folder, binary, a pickle, another format) is a :class:`ResultsError`,
+an :class:`msdda.errors.InputFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputFileError, check_output_path, reading, writing
 from ..io import atomic_write_text
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "ResultsWriter",
     "config_differences",
     "check_same_configuration",
+    "skipped_message",
 ]
 
 FORMAT = "msdda-sweep/2"  # 2: settings per method name, tuning rules
@@ -57,8 +61,12 @@ OPTIONAL_FIELDS = (  # written only when known (None: absent from the JSON objec
 Key = tuple[str, tuple[float, ...] | None, str, int]
 
 
-class ResultsError(ValueError):
-    """A results file that cannot be read or appended to (names the file and the reason)."""
+class ResultsError(InputFileError):
+    """A results file that cannot be read or appended to: ``ResultsError(path, problem)``.
+
+    An :class:`~msdda.errors.InputFileError` (so a ``ValueError``); its message is
+    ``"<path>: <problem>"``.
+    """
 
 
 def result_key(method: str, weights, prompt: Any, seed: int) -> Key:
@@ -164,8 +172,12 @@ class Results:
         return {r.key for r in self.rows}
 
 
-def _warn(path: Path, line: int, reason: str) -> None:
-    warnings.warn(f"{path}: line {line} skipped: {reason}", stacklevel=3)
+def skipped_message(path: Path, skipped: Sequence[tuple[int, str]]) -> str:
+    """The one warning of a file's skipped lines: their count and the first of them."""
+    n = len(skipped)
+    line, reason = skipped[0]
+    first = f"line {line}: {reason}" if n == 1 else f"first: line {line}: {reason}"
+    return f"{path}: {n} bad line{'s' if n != 1 else ''} skipped ({first})"
 
 
 def _finite(values: Iterable[Any]) -> bool:
@@ -179,11 +191,11 @@ def _read_header(path: Path, first_line: bytes) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
     if not isinstance(header, dict) or header.get("kind") != "header":
-        raise ResultsError(f"{path}: line 1 is not a results header")
+        raise ResultsError(path, "not a results file: line 1 is not a results header")
     if header.get("format") != FORMAT:
-        raise ResultsError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+        raise ResultsError(path, f"format {header.get('format')!r}, expected {FORMAT!r}")
     if not isinstance(header.get("config"), dict):
-        raise ResultsError(f"{path}: the header has no config")
+        raise ResultsError(path, "the header has no config")
     return header
 
 
@@ -207,14 +219,23 @@ def read_results(path: str | Path, *, warn: bool = True) -> Results:
     """Read a results file; corrupt lines and repeated rows are skipped with a warning.
 
     Raises:
-        ResultsError: the file is missing, empty, or its first line is not a header.
+        ResultsError: naming the file when it is missing, a folder, unreadable, empty,
+            binary (a pickle file is never unpickled), or its first line is not a header.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ResultsError(f"results file {path} does not exist")
-    data = path.read_bytes()
+    if path.is_dir():
+        raise ResultsError(path, "is a folder, not a results file")
+    try:
+        with reading(path, "results file"):
+            data = path.read_bytes()
+    except InputFileError as err:
+        raise ResultsError(path, err.problem) from err.__cause__
     if not data.strip():
-        raise ResultsError(f"results file {path} is empty")
+        raise ResultsError(path, "the results file is empty")
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        raise ResultsError(
+            path, "is a pickle file (torch.save), not a results file: refused, never unpickled"
+        )
     lines = data.split(b"\n")
     complete = data.endswith(b"\n")
     header = _read_header(path, lines[0])
@@ -233,9 +254,8 @@ def read_results(path: str | Path, *, warn: bool = True) -> Results:
             continue
         seen.add(got.key)
         rows.append(got)
-    if warn:
-        for n, reason in skipped:
-            _warn(path, n, reason)
+    if warn and skipped:
+        warnings.warn(skipped_message(path, skipped), stacklevel=2)
     return Results(path, header, tuple(rows), tuple(skipped), truncated)
 
 
@@ -260,8 +280,9 @@ def check_same_configuration(existing: Results, header: dict) -> None:
         diff = config_differences(existing.header.get(field_name, {}), header.get(field_name, {}))
         if diff:
             raise ResultsError(
-                f"{existing.path} was written by another configuration ({field_name} differs "
-                f"in: {', '.join(diff)}); refusing to mix results: use another file"
+                existing.path,
+                f"written by another configuration ({field_name} differs in: "
+                f"{', '.join(diff)}); refusing to mix results: use another file",
             )
 
 
@@ -271,20 +292,22 @@ class ResultsWriter:
     def __init__(self, path: Path, done: set[Key]) -> None:
         self.path = path
         self.done = set(done)
-        self._f = open(path, "a")  # noqa: SIM115  (closed by close())
+        with writing(path):
+            self._f = open(path, "a")  # noqa: SIM115  (closed by close())
         try:
             fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._f.close()
-            raise ResultsError(f"{path} is being written by another sweep") from None
+            raise ResultsError(path, "is being written by another sweep") from None
 
     def append(self, row: ResultRow) -> bool:
         """Write ``row`` unless a row with its key exists; True if written."""
         if row.key in self.done:
             return False
-        self._f.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with writing(self.path):
+            self._f.write(json.dumps(row.to_json(), sort_keys=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self.done.add(row.key)
         return True
 
@@ -322,13 +345,15 @@ def open_results(path: str | Path, header: dict) -> tuple[ResultsWriter, Results
     a last line cut short by a kill is removed. Returns the writer (knowing the rows
     already there) and the results read (None for a new file).
     """
-    path = Path(path)
+    path = check_output_path(path)
     header = {"kind": "header", "format": FORMAT, **header}
     if not path.exists() or path.stat().st_size == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(header) + "\n")
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps(header) + "\n")
         return ResultsWriter(path, set()), None
     existing = read_results(path)
     check_same_configuration(existing, header)
-    _repair_tail(path, keep=not existing.truncated_tail)
+    with writing(path):
+        _repair_tail(path, keep=not existing.truncated_tail)
     return ResultsWriter(path, existing.keys()), existing

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from ..errors import check_output_path
 from ..methods import METHODS, MethodSettings, check_method, weight_key
-from ..validation import check_int, check_seeds
+from ..validation import check_int, check_number, check_seeds, check_sequence
 from .domains import SweepDomain, load_domain
 from .results import Results, ResultsError, check_same_configuration, open_results, read_results
 from .tuning import TuningConfig, sweep_methods, tune_settings
@@ -37,8 +38,7 @@ __all__ = [
 
 def simplex_grid(points: int) -> tuple[tuple[float, float], ...]:
     """``points`` evenly spaced weights (w, 1 - w) from (0, 1) to (1, 0)."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise ValueError(f"a weight grid needs at least 2 points, got {points!r}")
+    check_int(points, "points (of a weight grid)", low=2, high=MAX_GRID)
     return tuple(
         (round(i / (points - 1), 12), round(1 - i / (points - 1), 12)) for i in range(points)
     )
@@ -46,9 +46,10 @@ def simplex_grid(points: int) -> tuple[tuple[float, float], ...]:
 
 def _check_grid(weights) -> tuple[tuple[float, ...], ...]:
     grid = []
-    for n, w in enumerate(weights):
-        w = tuple(float(x) for x in w)
-        if not all(math.isfinite(x) and x >= 0 for x in w) or abs(math.fsum(w) - 1) > 1e-6:
+    for n, w in enumerate(check_sequence(weights, "weights")):
+        items = check_sequence(w, f"weights[{n}]")
+        w = tuple(check_number(x, f"weights[{n}][{i}]", low=0.0) for i, x in enumerate(items))
+        if abs(math.fsum(w) - 1) > 1e-6:
             raise ValueError(f"weights[{n}] = {list(w)} is outside the simplex (w >= 0, sum 1)")
         grid.append(w)
     if not grid:
@@ -58,6 +59,11 @@ def _check_grid(weights) -> tuple[tuple[float, ...], ...]:
     if len({weight_key(w) for w in grid}) != len(grid):
         raise ValueError("the weight grid repeats a weight vector")
     return tuple(grid)
+
+
+#: The most points a weight grid may have, and the most images per (prompt, seed) row.
+MAX_GRID = 10_001
+MAX_IMAGES = 1_000_000
 
 
 def _check_seeds(values, name: str) -> tuple[int, ...]:
@@ -104,7 +110,13 @@ class SweepConfig:
             object.__setattr__(self, "prompts", tuple(self.prompts))
             if not self.prompts or len(set(map(repr, self.prompts))) != len(self.prompts):
                 raise ValueError("prompts must be non-empty and without repeats")
-        check_int(self.images_per_prompt, "images_per_prompt", low=1)
+        check_int(self.images_per_prompt, "images_per_prompt", low=1, high=MAX_IMAGES)
+        if not isinstance(self.oracle_weights, bool):
+            raise TypeError(f"oracle_weights must be a bool, got {self.oracle_weights!r}")
+        if not isinstance(self.settings, MethodSettings):
+            raise TypeError(f"settings must be MethodSettings, got {type(self.settings).__name__}")
+        if self.tuning is not None and not isinstance(self.tuning, TuningConfig):
+            raise TypeError(f"tuning must be a TuningConfig or None, got {self.tuning!r}")
         if self.tuning is not None:
             clash = set(self.tuning.seeds) & set(self.seeds)
             if clash:
@@ -231,7 +243,11 @@ def run_sweep(
     the header of an existing one; the file must have been written by the same config.
     """
     start = time.perf_counter()
-    path = Path(path)
+    if not isinstance(config, SweepConfig):
+        raise TypeError(f"config must be a SweepConfig, got {type(config).__name__}")
+    path = check_output_path(path)
+    if path.exists() and path.stat().st_size > 0:  # a bad file is refused before any work
+        _settings_in(read_results(path, warn=False))
     domain = domain or load_domain(config.domain, **dict(config.domain_options))
     k = domain.context.num_objectives
     if any(len(w) != k for w in config.weights):
@@ -273,8 +289,11 @@ def _settings_in(results: Results) -> dict[str, MethodSettings]:
     if not isinstance(recorded, dict) or any(
         not isinstance(recorded.get(m), dict) for m in methods
     ):
-        raise ResultsError(f"{results.path}: the header does not record the settings of {methods}")
-    return {m: MethodSettings(**recorded[m]) for m in methods}
+        raise ResultsError(results.path, f"the header does not record the settings of {methods}")
+    try:
+        return {m: MethodSettings(**recorded[m]) for m in methods}
+    except (TypeError, ValueError) as err:
+        raise ResultsError(results.path, f"the header records bad settings: {err}") from None
 
 
 def _fmt_weights(weights) -> str:

@@ -16,6 +16,7 @@ from ..experts import Expert
 from ..gaussians import Schedule
 from ..methods import MethodContext
 from ..testbed import GaussianMixture, testbed_schedule
+from ..validation import check_positive, check_seed
 
 __all__ = ["MixtureDenoiser", "tilt_mixture", "toy_context", "TOY_GOALS", "TOY_CURVATURE"]
 
@@ -87,6 +88,8 @@ def toy_context(
     seed: int = 0, kl_coef: float = 1.0, schedule: Schedule | None = None
 ) -> tuple[MethodContext, dict]:
     """The toy problem as a :class:`MethodContext`, and its rewards by name (``goal_a``, ``goal_b``)."""
+    seed = check_seed(seed)
+    kl_coef = check_positive(kl_coef, "kl_coef")
     schedule = schedule or testbed_schedule(TOY_STEPS)
     table = schedule.alphas_cumprod
     data = GaussianMixture.random(dim=TOY_DIM, components=3, seed=seed)

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..methods import MethodSettings, check_method
-from ..validation import check_int, check_seeds
+from ..validation import check_int, check_number, check_positive, check_seeds, check_sequence
 from .domains import SweepDomain
 from .results import ResultRow
 from .units import SweepUnit, run_unit
@@ -69,10 +69,17 @@ class TuningConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(check_seeds(self.seeds, "tuning seeds")))
         if self.weights is not None:
-            object.__setattr__(
-                self, "weights", tuple(tuple(float(x) for x in w) for w in self.weights)
+            weights = tuple(
+                tuple(
+                    check_number(x, f"tuning weights[{n}][{i}]", low=0.0)
+                    for i, x in enumerate(check_sequence(w, f"tuning weights[{n}]"))
+                )
+                for n, w in enumerate(check_sequence(self.weights, "tuning weights"))
             )
-        check_int(self.images_per_prompt, "tuning images_per_prompt", low=1)
+            if not weights:
+                raise ValueError("tuning weights must not be empty (None: equal weights)")
+            object.__setattr__(self, "weights", weights)
+        check_int(self.images_per_prompt, "tuning images_per_prompt", low=1, high=1_000_000)
         rules = tuple(self.rules)
         if not rules or len(set(rules)) != len(rules):
             raise ValueError(f"tuning rules must be a non-empty list without repeats, got {rules}")
@@ -84,14 +91,26 @@ class TuningConfig:
             raise ValueError(
                 f"match_method must be a method without tuning, got {self.match_method!r}"
             )
-        scales = tuple(float(s) for s in self.rgg_scales)
-        if not scales or not all(math.isfinite(s) and s >= 0 for s in scales):
-            raise ValueError(f"rgg_scales must be non-negative numbers, got {list(scales)}")
+        scales = tuple(
+            check_number(s, f"rgg_scales[{i}]", low=0.0)
+            for i, s in enumerate(check_sequence(self.rgg_scales, "rgg_scales"))
+        )
+        if not scales:
+            raise ValueError("rgg_scales must hold at least one scale")
         object.__setattr__(self, "rgg_scales", scales)
-        grid = tuple((int(n), int(b)) for n, b in self.code_grid)
-        if not grid or not all(n >= 1 and b >= 1 for n, b in grid):
-            raise ValueError(f"code_grid must hold (N, B) pairs of positive ints, got {list(grid)}")
-        object.__setattr__(self, "code_grid", grid)
+        grid = []
+        for i, pair in enumerate(check_sequence(self.code_grid, "code_grid")):
+            pair = check_sequence(pair, f"code_grid[{i}]")
+            if len(pair) != 2:
+                raise ValueError(f"code_grid[{i}] must be an (N, B) pair, got {pair!r}")
+            n, b = (
+                check_int(v, f"code_grid[{i}][{j}]", low=1, high=100_000)
+                for j, v in enumerate(pair)
+            )
+            grid.append((n, b))
+        if not grid:
+            raise ValueError("code_grid must hold at least one (N, B) pair")
+        object.__setattr__(self, "code_grid", tuple(grid))
 
     def tuning_weights(self, k: int) -> tuple[tuple[float, ...], ...]:
         return self.weights if self.weights is not None else ((1.0 / k,) * k,)
@@ -141,11 +160,13 @@ def choose(
     if rule == "reward":
         return max(measured, key=lambda c: c["score"])
     if rule == "matched":
-        if target_kl is None or not math.isfinite(target_kl):
-            raise ValueError(f"the 'matched' rule needs a finite target KL, got {target_kl!r}")
+        if target_kl is None:
+            raise ValueError("the 'matched' rule needs a finite target KL, got None")
+        target_kl = check_number(target_kl, "target_kl (of the 'matched' rule)")
         return min(measured, key=lambda c: abs(c["kl"] - target_kl))
-    if kl_coef is None or not math.isfinite(kl_coef) or kl_coef <= 0:
-        raise ValueError(f"the 'regularised' rule needs a KL coefficient > 0, got {kl_coef!r}")
+    if kl_coef is None:
+        raise ValueError("the 'regularised' rule needs a KL coefficient > 0, got None")
+    kl_coef = check_positive(kl_coef, "kl_coef (of the 'regularised' rule)")
     return max(measured, key=lambda c: c["score"] - kl_coef * c["kl"])
 
 

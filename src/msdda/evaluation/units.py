@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..methods import MethodRun, MethodSettings, derive_seed, run_method
+from ..validation import check_int, check_seed
 from .domains import SweepDomain
 from .results import Key, ResultRow, result_key
 from .variants import method_of
@@ -32,6 +33,8 @@ class SweepUnit:
 
 def sample_seeds(seed: int, prompt: Any, images: int) -> list[int]:
     """Per-sample seeds of a (seed, prompt) row: a function of (seed, prompt, index) alone."""
+    seed = check_seed(seed)
+    images = check_int(images, "images", low=1)
     return [derive_seed("sample", seed, repr(prompt), j) for j in range(images)]
 
 
@@ -102,6 +105,7 @@ def run_unit(
     noise, their mean path KL to the base (nats, see :func:`msdda.methods.run_method`)
     and the base's time per image measured under the same machine load.
     """
+    images_per_prompt = check_int(images_per_prompt, "images_per_prompt", low=1)
     per_sample_prompts = [p for p in prompts for _ in range(images_per_prompt)]
     seeds = [s for p in prompts for s in sample_seeds(unit.seed, p, images_per_prompt)]
     cond = domain.condition(per_sample_prompts)
