@@ -185,7 +185,9 @@ def generate(
     guidance_scale: float = checked(
         7.5, check=number(), help="Stable Diffusion: classifier-free guidance."
     ),
-    eta: float = checked(1.0, check=number(0.0, above=True), help="Stable Diffusion: DDIM eta."),
+    eta: float = checked(
+        1.0, check=number(0.0), help="Stable Diffusion: DDIM eta (0 is deterministic: one model only)."
+    ),
     threads: int = checked(
         1,
         check=integer(1, MAX_THREADS),
