@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .fusion import Gaussian, fuse_with_coefficients, fusion_coefficients
+from .fusion import FusionCoefficients, Gaussian, fuse_with_coefficients, fusion_coefficients
 from .gaussians import Schedule, StepSpec, step_gaussian
 from .sampling import StepPolicy
 from .validation import (
@@ -207,6 +207,32 @@ def msdda_step(
     any step: a step policy that is not callable (a ``(mean, variance)`` pair is one step,
     not a policy), the weights and coefficients, ``num_experts``.
     """
+    joint, experts, coefs = _check_msdda_arguments(
+        experts, weights, kl_coefs, kl_coef, reference, num_experts
+    )
+    active, active_coefs = _active_coefficients(coefs)
+    ref_in_joint = joint and coefs.lambda0 != 0.0 and reference is None
+    members: list[Member] = [*active, None] if ref_in_joint else list(active)
+
+    def step(x_t: Tensor, t: int) -> Gaussian:
+        if joint:
+            gs = _joint_steps(experts, x_t, t, members)
+        else:
+            gs = [experts[i](x_t, t) for i in active]
+        ref = None
+        if ref_in_joint:
+            ref = gs.pop()
+        elif coefs.lambda0 != 0.0:
+            ref = reference(x_t, t)
+        return _fuse_steps(gs, active_coefs, ref)
+
+    return step
+
+
+def _check_msdda_arguments(
+    experts, weights, kl_coefs, kl_coef, reference, num_experts
+) -> tuple[bool, Any, FusionCoefficients]:
+    """Whether ``experts`` is a joint policy, the experts, and the fusion exponents."""
     joint = callable(experts) and not isinstance(experts, Sequence)
     if not joint:
         if isinstance(experts, Gaussian):
@@ -224,29 +250,33 @@ def msdda_step(
             f"reference is required: lambda_0 = {coefs.lambda0:.6g} != 0 (the weights are "
             "not on the simplex, or kl_coef differs from the experts' coefficients)"
         )
+    return joint, experts, coefs
+
+
+def _active_coefficients(coefs: FusionCoefficients) -> tuple[list[int], FusionCoefficients]:
+    """The experts with a nonzero lambda, and the exponents restricted to them."""
     active = [i for i, lam in enumerate(coefs.lambdas) if lam != 0.0]
-    active_coefs = type(coefs)(tuple(coefs.lambdas[i] for i in active), coefs.lambda0)
-    ref_in_joint = joint and coefs.lambda0 != 0.0 and reference is None
-    members: list[Member] = [*active, None] if ref_in_joint else list(active)
+    return active, type(coefs)(tuple(coefs.lambdas[i] for i in active), coefs.lambda0)
 
-    def step(x_t: Tensor, t: int) -> Gaussian:
-        if joint:
-            gs = list(experts(x_t, t, members))
-            if len(gs) != len(members):
-                raise ValueError(
-                    f"experts (the joint policy) returned {len(gs)} steps for {len(members)} members"
-                )
-        else:
-            gs = [experts[i](x_t, t) for i in active]
-        ref = None
-        if ref_in_joint:
-            r = gs.pop()
-            ref = (r.mean, r.variance)
-        elif coefs.lambda0 != 0.0:
-            r = reference(x_t, t)
-            ref = (r.mean, r.variance)
-        return fuse_with_coefficients(
-            [g.mean for g in gs], [g.variance for g in gs], active_coefs, reference=ref
+
+def _joint_steps(
+    experts: JointPolicy, x_t: Tensor, t: int, members: Sequence[Member]
+) -> list[Gaussian]:
+    gs = list(experts(x_t, t, members))
+    if len(gs) != len(members):
+        raise ValueError(
+            f"experts (the joint policy) returned {len(gs)} steps for {len(members)} members"
         )
+    return gs
 
-    return step
+
+def _fuse_steps(
+    steps: Sequence[Gaussian], coefs: FusionCoefficients, reference: Gaussian | None
+) -> Gaussian:
+    """The fused step of the active experts' steps (and the reference's, when needed)."""
+    return fuse_with_coefficients(
+        [g.mean for g in steps],
+        [g.variance for g in steps],
+        coefs,
+        reference=None if reference is None else (reference.mean, reference.variance),
+    )

@@ -99,6 +99,62 @@ def fusion_coefficients(
         kl_coef: the target coefficient beta; default the experts' common coefficient.
         num_experts: K, to check the counts against.
     """
+    w, betas, beta = _check_coefficient_arguments(weights, kl_coefs, kl_coef, num_experts)
+    lambdas = _expert_exponents(w, betas, beta)
+    total = _exponent_sum(lambdas)
+    _check_exponents(lambdas, total)
+    return FusionCoefficients(lambdas, _reference_exponent(total))
+
+
+def _expert_exponents(
+    weights: Sequence[float], kl_coefs: Sequence[float], kl_coef: float
+) -> tuple[float, ...]:
+    """lambda_i = w_i beta_i / beta, one per expert."""
+    return tuple(wi * bi / kl_coef for wi, bi in zip(weights, kl_coefs, strict=True))
+
+
+def _reference_exponent(lambda_sum: float) -> float:
+    """lambda_0 = 1 - sum_i lambda_i, 0 when within :data:`LAMBDA0_TOLERANCE`."""
+    lambda0 = 1.0 - lambda_sum
+    return 0.0 if abs(lambda0) <= LAMBDA0_TOLERANCE else lambda0
+
+
+def _exponent_sum(lambdas: Sequence[float]) -> float:
+    try:
+        return math.fsum(lambdas)
+    except OverflowError:  # finite exponents whose sum is not
+        return math.inf
+
+
+def _check_exponents(lambdas: Sequence[float], total: float) -> None:
+    if not (math.isfinite(total) and all(math.isfinite(lam) for lam in lambdas)):
+        raise ValueError(
+            f"weights, kl_coefs and kl_coef give non-finite exponents lambda = {list(lambdas)}: "
+            "the weights are too large or kl_coef too small"
+        )
+
+
+def _check_coefficient_arguments(
+    weights, kl_coefs, kl_coef, num_experts
+) -> tuple[list[float], list[float], float]:
+    """The weights, the experts' betas and the target beta of :func:`fusion_coefficients`."""
+    w = _check_weights(weights, num_experts)
+    kl_coef = _check_kl_coef(kl_coef)
+    if kl_coefs is None:
+        betas = [kl_coef if kl_coef is not None else 1.0] * len(w)
+    else:
+        betas = _check_kl_coefs(kl_coefs, len(w))
+    if kl_coef is None:
+        if max(betas) - min(betas) > 1e-12 * max(betas):
+            raise ValueError(
+                "kl_coef (the target beta) is required when the experts' kl_coefs differ: "
+                f"got kl_coefs = {betas}"
+            )
+        kl_coef = betas[0]
+    return w, betas, kl_coef
+
+
+def _check_weights(weights, num_experts: int | None) -> list[float]:
     w = _as_float_list(weights, "weights")
     k = len(w) if num_experts is None else check_int(num_experts, "num_experts", low=0)
     if k == 0:
@@ -108,47 +164,30 @@ def fusion_coefficients(
     for i, wi in enumerate(w):
         if not math.isfinite(wi) or wi < 0:
             raise ValueError(f"weights[{i}] = {wi} must be a non-negative finite number")
-    if kl_coef is not None:
-        try:
-            kl_coef = check_positive(kl_coef, "kl_coef")  # a bool or a string is a TypeError
-        except ValueError:
-            try:
-                shown = float(kl_coef)
-            except OverflowError:  # check_positive refused it as too large
-                shown = show_value(kl_coef)
-            raise ValueError(f"kl_coef = {shown} must be a positive finite number") from None
-    if kl_coefs is None:
-        betas = [kl_coef if kl_coef is not None else 1.0] * k
-    else:
-        betas = _as_float_list(kl_coefs, "kl_coefs")
-        if len(betas) != k:
-            raise ValueError(
-                f"kl_coefs has {len(betas)} entries, expected one per expert (K = {k})"
-            )
-        for i, b in enumerate(betas):
-            if not math.isfinite(b) or b <= 0:
-                raise ValueError(f"kl_coefs[{i}] = {b} must be a positive finite number")
+    return w
+
+
+def _check_kl_coef(kl_coef) -> float | None:
     if kl_coef is None:
-        if max(betas) - min(betas) > 1e-12 * max(betas):
-            raise ValueError(
-                "kl_coef (the target beta) is required when the experts' kl_coefs differ: "
-                f"got kl_coefs = {betas}"
-            )
-        kl_coef = betas[0]
-    lambdas = tuple(wi * bi / kl_coef for wi, bi in zip(w, betas, strict=True))
+        return None
     try:
-        total = math.fsum(lambdas)
-    except OverflowError:  # finite exponents whose sum is not
-        total = math.inf
-    if not (math.isfinite(total) and all(math.isfinite(lam) for lam in lambdas)):
-        raise ValueError(
-            f"weights, kl_coefs and kl_coef give non-finite exponents lambda = {list(lambdas)}: "
-            "the weights are too large or kl_coef too small"
-        )
-    lambda0 = 1.0 - total
-    if abs(lambda0) <= LAMBDA0_TOLERANCE:
-        lambda0 = 0.0
-    return FusionCoefficients(lambdas, lambda0)
+        return check_positive(kl_coef, "kl_coef")  # a bool or a string is a TypeError
+    except ValueError:
+        try:
+            shown = float(kl_coef)
+        except OverflowError:  # check_positive refused it as too large
+            shown = show_value(kl_coef)
+        raise ValueError(f"kl_coef = {shown} must be a positive finite number") from None
+
+
+def _check_kl_coefs(kl_coefs, k: int) -> list[float]:
+    betas = _as_float_list(kl_coefs, "kl_coefs")
+    if len(betas) != k:
+        raise ValueError(f"kl_coefs has {len(betas)} entries, expected one per expert (K = {k})")
+    for i, b in enumerate(betas):
+        if not math.isfinite(b) or b <= 0:
+            raise ValueError(f"kl_coefs[{i}] = {b} must be a positive finite number")
+    return betas
 
 
 def _stack(tensors, name: str, k: int | None = None) -> list[Tensor]:
@@ -233,6 +272,44 @@ def fuse_with_coefficients(
     reference: tuple[Tensor, Tensor] | None = None,
 ) -> Gaussian:
     """:func:`fuse_gaussians` from precomputed exponents (experts with lambda 0 are skipped)."""
+    terms = _check_fusion_terms(means, variances, coefficients, reference)
+    shape = _broadcast_shape(terms)
+    dtype = _compute_dtype([t for term in terms for t in (term.mean, term.variance)])
+    out_dtype = terms[0].mean.dtype
+    terms = [_Term(lam, m.to(dtype), v.to(dtype), who) for lam, m, v, who in terms]
+    for term in terms:
+        _check_finite(term.mean, f"means ({term.who})", positive=False)
+        _check_finite(term.variance, f"variances ({term.who})", positive=True)
+    precision, weighted_mean = _precision_and_weighted_mean(terms)
+    precision = precision.expand(shape)
+    _check_precision(precision, coefficients.lambda0)
+    variance = 1.0 / precision
+    mean = (weighted_mean * variance).expand(shape)
+    return Gaussian(mean.to(out_dtype), variance.to(out_dtype))
+
+
+class _Term(NamedTuple):
+    """One factor p_i^(lambda_i) of the product: its exponent, step and who it is."""
+
+    lam: float
+    mean: Tensor
+    variance: Tensor
+    who: str  # "expert i" or "reference", for error messages
+
+
+def _precision_and_weighted_mean(terms: Sequence[_Term]) -> tuple[Tensor, Tensor]:
+    """P = sum_i lambda_i / var_i and sum_i lambda_i mu_i / var_i, in the terms' order."""
+    precision = None
+    weighted_mean = None
+    for lam, m, v, _ in terms:
+        p = lam / v
+        precision = p if precision is None else precision + p
+        weighted_mean = p * m if weighted_mean is None else weighted_mean + p * m
+    return precision, weighted_mean
+
+
+def _check_fusion_terms(means, variances, coefficients, reference) -> list[_Term]:
+    """The factors with a nonzero exponent (the reference last), every argument checked."""
     if not isinstance(coefficients, FusionCoefficients):
         raise TypeError(
             "coefficients must be a FusionCoefficients (from fusion_coefficients), "
@@ -244,61 +321,56 @@ def fuse_with_coefficients(
         raise ValueError(
             f"coefficients has {len(coefficients.lambdas)} lambdas for {len(mu)} experts"
         )
-    coefs = coefficients
-    terms: list[tuple[float, Tensor, Tensor, str]] = [
-        (lam, m, v, f"expert {i}")
-        for i, (lam, m, v) in enumerate(zip(coefs.lambdas, mu, var, strict=True))
+    terms = [
+        _Term(lam, m, v, f"expert {i}")
+        for i, (lam, m, v) in enumerate(zip(coefficients.lambdas, mu, var, strict=True))
         if lam != 0.0
     ]
-    if coefs.lambda0 != 0.0:
-        if reference is None:
-            total = 1.0 - coefs.lambda0
-            raise ValueError(
-                f"reference is required: the lambdas sum to {total:.6g}, not 1 "
-                f"(lambda_0 = {coefs.lambda0:.6g}); pass reference=(mean, variance) of the "
-                "reference step, or weights on the simplex with equal kl_coefs"
-            )
-        if not (isinstance(reference, Sequence) and len(reference) == 2):
-            raise TypeError("reference must be a (mean, variance) pair of tensors")
-        ref_mean, ref_var = _stack(list(reference), "reference")
-        terms.append((coefs.lambda0, ref_mean, ref_var, "reference"))
+    if coefficients.lambda0 != 0.0:
+        terms.append(_reference_term(reference, coefficients.lambda0))
     if not terms:
         raise ValueError("weights are all 0: no expert contributes and there is no reference")
+    return terms
 
-    experts = [t for _, m, v, who in terms if who != "reference" for t in (m, v)]
-    everything = [t for _, m, v, _ in terms for t in (m, v)]
+
+def _reference_term(reference, lambda0: float) -> _Term:
+    if reference is None:
+        total = 1.0 - lambda0
+        raise ValueError(
+            f"reference is required: the lambdas sum to {total:.6g}, not 1 "
+            f"(lambda_0 = {lambda0:.6g}); pass reference=(mean, variance) of the "
+            "reference step, or weights on the simplex with equal kl_coefs"
+        )
+    if not (isinstance(reference, Sequence) and len(reference) == 2):
+        raise TypeError("reference must be a (mean, variance) pair of tensors")
+    ref_mean, ref_var = _stack(list(reference), "reference")
+    return _Term(lambda0, ref_mean, ref_var, "reference")
+
+
+def _broadcast_shape(terms: Sequence[_Term]) -> torch.Size:
+    """The shape every term broadcasts to: the experts' first, then with the reference."""
+    experts = [t for term in terms if term.who != "reference" for t in (term.mean, term.variance)]
     try:
         shape = torch.broadcast_shapes(*(t.shape for t in experts))
     except RuntimeError as err:
         shapes = [tuple(t.shape) for t in experts]
         raise ValueError(f"means and variances must broadcast to one shape, got {shapes}") from err
-    if coefs.lambda0 != 0.0:
+    ref = terms[-1]
+    if ref.who == "reference":
         try:
-            shape = torch.broadcast_shapes(shape, ref_mean.shape, ref_var.shape)
+            shape = torch.broadcast_shapes(shape, ref.mean.shape, ref.variance.shape)
         except RuntimeError as err:
             raise ValueError(
-                f"reference (mean {tuple(ref_mean.shape)}, variance {tuple(ref_var.shape)}) "
+                f"reference (mean {tuple(ref.mean.shape)}, variance {tuple(ref.variance.shape)}) "
                 f"does not broadcast with the experts' steps {tuple(shape)}"
             ) from err
-    dtype = _compute_dtype(everything)
-    out_dtype = terms[0][1].dtype
-    precision = None
-    weighted_mean = None
-    for lam, m, v, who in terms:
-        m = m.to(dtype)
-        v = v.to(dtype)
-        _check_finite(m, f"means ({who})", positive=False)
-        _check_finite(v, f"variances ({who})", positive=True)
-        p = lam / v
-        precision = p if precision is None else precision + p
-        weighted_mean = p * m if weighted_mean is None else weighted_mean + p * m
-    precision = precision.expand(shape)
+    return shape
+
+
+def _check_precision(precision: Tensor, lambda0: float) -> None:
     if not bool((precision > 0).all() and torch.isfinite(precision).all()):
         raise ValueError(
             "fused precision is not positive everywhere: the extrapolation is too strong for "
-            f"these variances (lambda_0 = {coefs.lambda0:.4g}); lower the alignment strength "
+            f"these variances (lambda_0 = {lambda0:.4g}); lower the alignment strength "
             "(raise kl_coef) or use experts with compatible variances"
         )
-    variance = 1.0 / precision
-    mean = (weighted_mean * variance).expand(shape)
-    return Gaussian(mean.to(out_dtype), variance.to(out_dtype))

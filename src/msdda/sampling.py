@@ -298,6 +298,23 @@ def sample_chain(
             a bad ``first_index`` / ``ends_chain``; at a step, for a step that does not
             return a :class:`~msdda.Gaussian` shaped like the state.
     """
+    timesteps = _check_chain_arguments(
+        step, x_T, timesteps, noise, callback, first_index, ends_chain
+    )
+    x = x_T
+    last = len(timesteps) - 1 if ends_chain else len(timesteps)
+    for i, t in enumerate(timesteps):
+        g = _checked_step(step(x, t), x, t)
+        x = g.sample(noise(first_index + i, x)) if i < last else g.mean
+        if callback is not None:
+            callback(first_index + i, t, x)
+    return x
+
+
+def _check_chain_arguments(
+    step, x_T, timesteps, noise, callback, first_index, ends_chain
+) -> list[int]:
+    """Every argument of :func:`sample_chain` checked; the timesteps as ints."""
     check_callable(step, "step", "a step policy (x_t, t) -> Gaussian")
     check_floating_tensor(x_T, "x_T")
     if isinstance(timesteps, Tensor) and timesteps.is_floating_point():
@@ -317,20 +334,18 @@ def sample_chain(
         raise ValueError(f"first_index must be an int >= 0, got {first_index!r}")
     if not isinstance(ends_chain, bool):
         raise TypeError(f"ends_chain must be a bool, got {type(ends_chain).__name__}")
-    x = x_T
-    last = len(timesteps) - 1 if ends_chain else len(timesteps)
-    for i, t in enumerate(timesteps):
-        g = step(x, t)
-        if not isinstance(g, Gaussian):
-            raise TypeError(
-                f"step must return a msdda.Gaussian (mean, variance), got {type(g).__name__} "
-                f"at timestep {t}"
-            )
-        if g.mean.shape != x.shape:
-            raise ValueError(
-                f"step returned a mean of shape {tuple(g.mean.shape)} for x_t of {tuple(x.shape)}"
-            )
-        x = g.sample(noise(first_index + i, x)) if i < last else g.mean
-        if callback is not None:
-            callback(first_index + i, t, x)
-    return x
+    return timesteps
+
+
+def _checked_step(g, x: Tensor, t: int) -> Gaussian:
+    """The step policy's output ``g`` at (x, t), refused unless a Gaussian shaped like x."""
+    if not isinstance(g, Gaussian):
+        raise TypeError(
+            f"step must return a msdda.Gaussian (mean, variance), got {type(g).__name__} "
+            f"at timestep {t}"
+        )
+    if g.mean.shape != x.shape:
+        raise ValueError(
+            f"step returned a mean of shape {tuple(g.mean.shape)} for x_t of {tuple(x.shape)}"
+        )
+    return g

@@ -208,6 +208,11 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+def _elementwise_rel(a: Tensor, b: Tensor) -> float:
+    """max over elements of |a - b| / b (b > 0)."""
+    return float(((a - b).abs() / b).max())
+
+
 def run_check(
     cases: Sequence[CheckCase] = DEFAULT_CASES,
     *,
@@ -217,16 +222,28 @@ def run_check(
     seed: int = 0,
 ) -> list[CheckResult]:
     """Fused step vs direct optimum at every step, and whole chains on shared noise."""
+    cases, dim, num_samples, num_inference_steps, seed = _check_run_arguments(
+        cases, dim, num_samples, num_inference_steps, seed
+    )
+    mixture = GaussianMixture.random(dim=dim, seed=seed)
+    schedule = testbed_schedule(num_inference_steps)
+    reference = _reference_policy(mixture, schedule)
+    shape = (num_samples, dim)
+    return [_check_case(case, reference, schedule, shape, seed) for case in cases]
+
+
+def _check_run_arguments(cases, dim, num_samples, num_inference_steps, seed):
     cases = check_sequence(cases, "cases")
     for i, case in enumerate(cases):
         check_instance(case, CheckCase, f"cases[{i}]", "a CheckCase")
     dim = check_int(dim, "dim", low=1)
     num_samples = check_int(num_samples, "num_samples", low=1)
     num_inference_steps = check_int(num_inference_steps, "num_inference_steps", low=1, high=1000)
-    seed = check_seed(seed)
-    noise_seed = (seed + 1) % (MAX_SEED + 1)  # seed + 1, kept in the seed range
-    mixture = GaussianMixture.random(dim=dim, seed=seed)
-    schedule = testbed_schedule(num_inference_steps)
+    return cases, dim, num_samples, num_inference_steps, check_seed(seed)
+
+
+def _reference_policy(mixture: GaussianMixture, schedule: Schedule):
+    """The exact mixture's reverse step ``(x_t, t) -> Gaussian`` (fixed-small DDPM)."""
     denoise = mixture.denoiser(schedule)
     spec = StepSpec(prediction_type="epsilon", variance_type="fixed_small")
 
@@ -235,42 +252,41 @@ def run_check(
         g = step_gaussian(denoise(x_t, tb), x_t, t, schedule, spec)
         return Gaussian(g.mean, g.variance)
 
-    results = []
-    for case in cases:
-        k = len(case.weights)
-        rewards = _rewards(k, dim, seed)
-        experts = [
-            (lambda x_t, t, r=r, b=b: tilted_step(reference(x_t, t), [r], [1.0 / b]))
-            for r, b in zip(rewards, case.kl_coefs, strict=True)
-        ]
-        fused = msdda_step(
-            experts, case.weights, kl_coefs=case.kl_coefs, kl_coef=case.kl_coef, reference=reference
-        )
+    return reference
 
-        def direct(x_t: Tensor, t: int, rewards=rewards, case=case) -> Gaussian:
-            return weighted_optimum_step(reference(x_t, t), rewards, case.weights, case.kl_coef)
 
-        errs = {"mean": 0.0, "var": 0.0}
+def _check_case(
+    case: CheckCase, reference, schedule: Schedule, shape: tuple[int, int], seed: int
+) -> CheckResult:
+    """One case: MSDDA of the tilted experts against the direct optimum, on shared noise."""
+    rewards = _rewards(len(case.weights), shape[1], seed)
+    experts = [
+        (lambda x_t, t, r=r, b=b: tilted_step(reference(x_t, t), [r], [1.0 / b]))
+        for r, b in zip(rewards, case.kl_coefs, strict=True)
+    ]
+    fused = msdda_step(
+        experts, case.weights, kl_coefs=case.kl_coefs, kl_coef=case.kl_coef, reference=reference
+    )
 
-        def compare(x_t: Tensor, t: int, fused=fused, direct=direct, errs=errs) -> Gaussian:
-            a, b = fused(x_t, t), direct(x_t, t)
-            errs["mean"] = max(errs["mean"], _rel(a.mean, b.mean))
-            errs["var"] = max(
-                errs["var"], float(((a.variance - b.variance).abs() / b.variance).max())
-            )
-            return a
+    def direct(x_t: Tensor, t: int) -> Gaussian:
+        return weighted_optimum_step(reference(x_t, t), rewards, case.weights, case.kl_coef)
 
-        x_T = SeededNoise(seed).initial((num_samples, dim)).double()
-        x_fused = sample_chain(compare, x_T, schedule.timesteps, SeededNoise(noise_seed))
-        x_direct = sample_chain(direct, x_T, schedule.timesteps, SeededNoise(noise_seed))
-        lam0 = fusion_coefficients(case.weights, case.kl_coefs, case.kl_coef).lambda0
-        results.append(
-            CheckResult(
-                case=case,
-                lambda0=lam0,
-                step_mean_rel_err=errs["mean"],
-                step_var_rel_err=errs["var"],
-                chain_max_abs_diff=float((x_fused - x_direct).abs().max()),
-            )
-        )
-    return results
+    errs = {"mean": 0.0, "var": 0.0}
+
+    def compare(x_t: Tensor, t: int) -> Gaussian:
+        a, b = fused(x_t, t), direct(x_t, t)
+        errs["mean"] = max(errs["mean"], _rel(a.mean, b.mean))
+        errs["var"] = max(errs["var"], _elementwise_rel(a.variance, b.variance))
+        return a
+
+    noise_seed = (seed + 1) % (MAX_SEED + 1)  # seed + 1, kept in the seed range
+    x_T = SeededNoise(seed).initial(shape).double()
+    x_fused = sample_chain(compare, x_T, schedule.timesteps, SeededNoise(noise_seed))
+    x_direct = sample_chain(direct, x_T, schedule.timesteps, SeededNoise(noise_seed))
+    return CheckResult(
+        case=case,
+        lambda0=fusion_coefficients(case.weights, case.kl_coefs, case.kl_coef).lambda0,
+        step_mean_rel_err=errs["mean"],
+        step_var_rel_err=errs["var"],
+        chain_max_abs_diff=float((x_fused - x_direct).abs().max()),
+    )

@@ -277,6 +277,44 @@ def collect_pairs(
     Returns:
         A :class:`PairSet` with num_chains * len(steps) * pairs_per_state pairs, on CPU.
     """
+    _check_collect_arguments(
+        reference, schedule, step_rewards, num_chains, pairs_per_state, batch_size
+    )
+    shape, seed = _check_sample_arguments(shape, seed, dtype, cond, num_chains)
+    recorder = _PairRecorder(
+        step_rewards,
+        schedule,
+        {schedule.timesteps[i]: i for i in _collect_steps(steps, schedule)},
+        pairs_per_state,
+        torch.Generator().manual_seed((seed + 7919) % (MAX_SEED + 1)),
+    )
+    for start in range(0, num_chains, batch_size):
+        stop = min(start + batch_size, num_chains)
+        c = None if cond is None else cond[start:stop]
+        noise = SeededNoise((seed * 1_000_003 + start) % (MAX_SEED + 1))  # in the seed range
+        x_T = noise.initial((stop - start, *shape)).to(dtype)
+        recording = _recording(expert_policy(reference, schedule, c), recorder, c)
+        sample_chain(recording, x_T, schedule.timesteps, noise)
+    return recorder.pair_set()
+
+
+def _recording(policy, recorder: _PairRecorder, c: Tensor | None):
+    """``policy``, recording pairs at the states it visits at the wanted timesteps."""
+
+    @torch.no_grad()
+    def recording(x_t: Tensor, t: int) -> Gaussian:
+        g = policy(x_t, t)
+        if t in recorder.wanted:
+            recorder.record(x_t, t, g, c)
+        return g
+
+    return recording
+
+
+def _check_collect_arguments(
+    reference, schedule, step_rewards, num_chains, pairs_per_state, batch_size
+) -> None:
+    """What :func:`collect_pairs` rolls out and scores, and how many."""
     if not isinstance(reference, Expert):
         raise TypeError(f"reference must be an msdda Expert, got {type(reference).__name__}")
     for name, v in (
@@ -293,6 +331,10 @@ def collect_pairs(
     check_callable(
         step_rewards, "step_rewards", "step rewards (x_prev, t_prev, cond) -> {name: (B,)}"
     )
+
+
+def _check_sample_arguments(shape, seed, dtype, cond, num_chains) -> tuple[tuple[int, ...], int]:
+    """The samples' shape and seed, checked along with their dtype and condition."""
     shape = tuple(
         check_int(v, f"shape[{i}]", low=1) for i, v in enumerate(check_sequence(shape, "shape"))
     )
@@ -301,6 +343,11 @@ def collect_pairs(
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != num_chains):
         raise ValueError(f"cond must be a tensor with num_chains = {num_chains} rows or None")
+    return shape, seed
+
+
+def _collect_steps(steps: Sequence[int] | None, schedule: Schedule) -> list[int]:
+    """The sorted, distinct step indices to draw pairs at (default all but the last 5%)."""
     if steps is None:
         steps = training_step_indices(schedule, max(1, len(schedule.timesteps) // 20))
     steps = sorted(
@@ -313,26 +360,4 @@ def collect_pairs(
         raise ValueError(
             f"steps must be indices in [0, {len(schedule.timesteps) - 1}], got {steps}"
         )
-    recorder = _PairRecorder(
-        step_rewards,
-        schedule,
-        {schedule.timesteps[i]: i for i in steps},
-        pairs_per_state,
-        torch.Generator().manual_seed((seed + 7919) % (MAX_SEED + 1)),
-    )
-    for start in range(0, num_chains, batch_size):
-        stop = min(start + batch_size, num_chains)
-        c = None if cond is None else cond[start:stop]
-        policy = expert_policy(reference, schedule, c)
-
-        @torch.no_grad()
-        def recording(x_t: Tensor, t: int, policy=policy, c=c) -> Gaussian:
-            g = policy(x_t, t)
-            if t in recorder.wanted:
-                recorder.record(x_t, t, g, c)
-            return g
-
-        noise = SeededNoise((seed * 1_000_003 + start) % (MAX_SEED + 1))  # in the seed range
-        x_T = noise.initial((stop - start, *shape)).to(dtype)
-        sample_chain(recording, x_T, schedule.timesteps, noise)
-    return recorder.pair_set()
+    return steps

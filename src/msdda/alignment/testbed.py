@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from ..testbed import GaussianMixture, QuadraticReward, testbed_schedule, tilted
 from ..validation import MAX_SEED, check_int, check_positive, check_seed
 from .losses import LabelKind
 from .pairs import collect_pairs, training_step_indices
-from .train import TrainConfig, TrainRecord, train_dpo
+from .train import TrainConfig, TrainRecord, TrainResult, train_dpo
 
 __all__ = [
     "LinearReward",
@@ -171,6 +172,70 @@ def validate_on_testbed(
     reward, exact target :func:`msdda.testbed.tilted_step`. Errors are measured at every
     trained step on fresh reference chains (other seeds than training).
     """
+    kl_coef, lr, seed = _check_validation_arguments(
+        learned_variance, kl_coef, dim, num_chains, pairs_per_state, num_inference_steps,
+        skip_last, num_steps, lr, seed,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    mixture = GaussianMixture.random(dim=dim, seed=seed)
+    schedule = testbed_schedule(num_inference_steps)
+    reward, target = _reward_and_optimum(learned_variance, dim, kl_coef, seed)
+    reference = Expert(
+        mixture.denoiser(schedule), StepSpec("epsilon", "fixed_small"), name="reference"
+    )
+    steps = training_step_indices(schedule, skip_last)
+    pairs = collect_pairs(
+        reference, schedule, lambda x, t, c: {"r": reward(x)}, shape=(dim,), num_chains=num_chains,
+        pairs_per_state=pairs_per_state, steps=steps, seed=seed, dtype=torch.float64,
+    )  # fmt: skip
+    policy = TestbedPolicy(mixture, schedule, learned_variance=learned_variance)
+    spec = StepSpec("epsilon", "learned_log" if learned_variance else "fixed_small")
+    config = TrainConfig(
+        kl_coef=kl_coef, labels=labels, num_steps=num_steps, batch_size=len(pairs), lr=lr,
+        max_grad_norm=None, seed=seed, log_every=max(1, num_steps // 10),
+    )  # fmt: skip
+    result, seconds = _timed_training(policy, pairs, schedule, spec, config)
+    return TestbedValidation(
+        labels=labels,
+        learned_variance=learned_variance,
+        **_held_out_errors(policy, reference, schedule, spec, steps, target, seed),
+        num_pairs=len(pairs),
+        seconds=seconds,
+        history=result.history,
+    )
+
+
+def _timed_training(
+    policy: TestbedPolicy, pairs, schedule: Schedule, spec: StepSpec, config: TrainConfig
+) -> tuple[TrainResult, float]:
+    """:func:`train_dpo` on the pairs' reward ``r``, and its wall-clock seconds."""
+    start = time.perf_counter()
+    result = train_dpo(
+        policy,
+        pairs,
+        pairs.weighted_rewards({"r": 1.0}),
+        schedule,
+        spec,
+        config,
+        variance_parameters=policy.variance_parameters(),
+    )
+    return result, time.perf_counter() - start
+
+
+def _check_validation_arguments(
+    learned_variance,
+    kl_coef,
+    dim,
+    num_chains,
+    pairs_per_state,
+    num_inference_steps,
+    skip_last,
+    num_steps,
+    lr,
+    seed,
+) -> tuple[float, float, int]:
+    """The arguments of :func:`validate_on_testbed` but ``labels`` (TrainConfig checks it);
+    kl_coef, lr and seed as checked."""
     kl_coef = check_positive(kl_coef, "kl_coef")
     for name, value in (
         ("dim", dim),
@@ -185,63 +250,53 @@ def validate_on_testbed(
     seed = check_seed(seed)
     if not isinstance(learned_variance, bool):
         raise TypeError(f"learned_variance must be a bool, got {type(learned_variance).__name__}")
-    torch.manual_seed(seed)
-    mixture = GaussianMixture.random(dim=dim, seed=seed)
-    schedule = testbed_schedule(num_inference_steps)
+    return kl_coef, lr, seed
+
+
+def _reward_and_optimum(
+    learned_variance: bool, dim: int, kl_coef: float, seed: int
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Gaussian], Gaussian]]:
+    """The reward trained on, and its exact step optimum ``reference step -> tilted step``.
+
+    Fixed variance: a linear reward (a mean shift). Learned variance: a quadratic reward
+    (:func:`msdda.testbed.tilted_step`).
+    """
     g = torch.Generator().manual_seed(seed + 17)
     if learned_variance:
         reward = QuadraticReward(
             curvature=torch.rand(dim, generator=g, dtype=torch.float64) * 2.0 + 0.5,
             goal=torch.randn(dim, generator=g, dtype=torch.float64) * 2.0,
         )
+        return reward, lambda ref: tilted_step(ref, [reward], [1.0 / kl_coef])
+    linear = LinearReward(torch.randn(dim, generator=g, dtype=torch.float64) * 2.0)
+    return linear, lambda ref: linear.tilt(ref, kl_coef)
 
-        def target(ref: Gaussian) -> Gaussian:
-            return tilted_step(ref, [reward], [1.0 / kl_coef])
-    else:
-        reward = LinearReward(torch.randn(dim, generator=g, dtype=torch.float64) * 2.0)
 
-        def target(ref: Gaussian) -> Gaussian:
-            return reward.tilt(ref, kl_coef)
-
-    spec_ref = StepSpec("epsilon", "fixed_small")
-    spec = StepSpec("epsilon", "learned_log" if learned_variance else "fixed_small")
-    reference = Expert(mixture.denoiser(schedule), spec_ref, name="reference")
-    steps = training_step_indices(schedule, skip_last)
-    pairs = collect_pairs(
-        reference,
-        schedule,
-        lambda x, t, c: {"r": reward(x)},
-        shape=(dim,),
-        num_chains=num_chains,
-        pairs_per_state=pairs_per_state,
-        steps=steps,
-        seed=seed,
-        dtype=torch.float64,
+def _step_errors(
+    got: Gaussian, want: Gaussian, ref: Gaussian
+) -> tuple[float, float, float, Tensor]:
+    """At one step: max |mu - mu*|, max |mu* - mu_ref|, max |var - var*| / var*, and the
+    tilt ratio (mu - mu_ref).(mu* - mu_ref) / |mu* - mu_ref|^2."""
+    tilt = want.mean - ref.mean
+    return (
+        float((got.mean - want.mean).abs().max()),
+        float(tilt.abs().max()),
+        float(((got.variance - want.variance).abs() / want.variance).max()),
+        ((got.mean - ref.mean) * tilt).sum() / (tilt * tilt).sum(),
     )
-    policy = TestbedPolicy(mixture, schedule, learned_variance=learned_variance)
-    config = TrainConfig(
-        kl_coef=kl_coef,
-        labels=labels,
-        num_steps=num_steps,
-        batch_size=len(pairs),
-        lr=lr,
-        max_grad_norm=None,
-        seed=seed,
-        log_every=max(1, num_steps // 10),
-    )
-    start = time.perf_counter()
-    result = train_dpo(
-        policy,
-        pairs,
-        pairs.weighted_rewards({"r": 1.0}),
-        schedule,
-        spec,
-        config,
-        variance_parameters=policy.variance_parameters(),
-    )
-    seconds = time.perf_counter() - start
 
-    # Held-out states: fresh reference chains, every trained step.
+
+def _held_out_errors(
+    policy: TestbedPolicy,
+    reference: Expert,
+    schedule: Schedule,
+    spec: StepSpec,
+    steps: tuple[int, ...],
+    target: Callable[[Gaussian], Gaussian],
+    seed: int,
+) -> dict[str, float]:
+    """The trained policy against the optimum on fresh reference chains, every trained step:
+    TestbedValidation's ``mean_rel_err``, ``var_rel_err`` and ``tilt_ratio``."""
     ref_policy = expert_policy(reference, schedule)
     trained = {schedule.timesteps[i] for i in steps}
     errs = {"mean": 0.0, "shift": 0.0, "var": 0.0, "ratio": []}
@@ -253,24 +308,18 @@ def validate_on_testbed(
             want = target(Gaussian(ref.mean, ref.variance))
             tb = torch.full((x_t.shape[0],), t, dtype=torch.long)
             got = step_gaussian(policy(x_t, tb), x_t, t, schedule, spec)
-            tilt = want.mean - ref.mean
-            errs["mean"] = max(errs["mean"], float((got.mean - want.mean).abs().max()))
-            errs["shift"] = max(errs["shift"], float(tilt.abs().max()))
-            errs["var"] = max(
-                errs["var"], float(((got.variance - want.variance).abs() / want.variance).max())
-            )
-            errs["ratio"].append(((got.mean - ref.mean) * tilt).sum() / (tilt * tilt).sum())
+            mean, shift, var, ratio = _step_errors(got, want, ref)
+            errs["mean"] = max(errs["mean"], mean)
+            errs["shift"] = max(errs["shift"], shift)
+            errs["var"] = max(errs["var"], var)
+            errs["ratio"].append(ratio)
         return ref
 
     noise = SeededNoise((seed + 1000) % (MAX_SEED + 1))  # in the seed range
-    sample_chain(compare, noise.initial((256, dim)).double(), schedule.timesteps, noise)
-    return TestbedValidation(
-        labels=labels,
-        learned_variance=learned_variance,
-        mean_rel_err=errs["mean"] / errs["shift"] if errs["shift"] > 0 else math.nan,
-        var_rel_err=errs["var"],
-        tilt_ratio=float(torch.stack(errs["ratio"]).mean()),
-        num_pairs=len(pairs),
-        seconds=seconds,
-        history=result.history,
-    )
+    x_T = noise.initial((256, policy.mixture.dim)).double()
+    sample_chain(compare, x_T, schedule.timesteps, noise)
+    return {
+        "mean_rel_err": errs["mean"] / errs["shift"] if errs["shift"] > 0 else math.nan,
+        "var_rel_err": errs["var"],
+        "tilt_ratio": float(torch.stack(errs["ratio"]).mean()),
+    }

@@ -200,6 +200,29 @@ def train_dpo(
         variance_parameters: parameters trained at ``config.variance_lr`` (a variance head).
         callback: called with each :class:`TrainRecord` (progress display).
     """
+    _check_train_arguments(policy, pairs, schedule, spec, config, callback)
+    r_a, r_b = _check_rewards(pairs, rewards)
+    gen = torch.Generator().manual_seed(config.seed)
+    labels = preference_labels(r_a, r_b, config.labels, generator=gen)
+    ref_diff = reference_log_likelihood_differences(pairs)  # fixed: computed once
+    opt = _optimizer(policy, config, variance_parameters)
+    lr_schedule = _lr_schedule(opt, config)
+    was_training = policy.training
+    policy.eval()
+    history = _History(config, callback)
+    start = time.perf_counter()
+    batches = _minibatches(len(pairs), config.batch_size, config.num_steps, gen)
+    for step, idx in enumerate(batches, start=1):
+        g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
+        logits = _pair_logits(g, pairs, idx, ref_diff, config.kl_coef)
+        loss = soft_dpo_loss(logits, labels[idx])
+        _optimiser_step(opt, lr_schedule, loss, config.max_grad_norm)
+        history.add(step, _batch_metrics(g, pairs, idx, logits, labels[idx], loss))
+    policy.train(was_training)
+    return TrainResult(tuple(history.records), time.perf_counter() - start)
+
+
+def _check_train_arguments(policy, pairs, schedule, spec, config, callback) -> None:
     if not isinstance(policy, nn.Module):
         raise TypeError(f"policy must be a torch.nn.Module, got {type(policy).__name__}")
     if not isinstance(pairs, PairSet):
@@ -212,55 +235,73 @@ def train_dpo(
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-    r_a, r_b = _check_rewards(pairs, rewards)
-    gen = torch.Generator().manual_seed(config.seed)
-    labels = preference_labels(r_a, r_b, config.labels, generator=gen)
-    ref_diff = reference_log_likelihood_differences(pairs)  # fixed: computed once
-    opt = _optimizer(policy, config, variance_parameters)
-    sched = None
+
+
+def _lr_schedule(opt: torch.optim.Optimizer, config: TrainConfig):
+    """The learning-rate schedule over ``config.num_steps`` (None: constant)."""
     if config.lr_decay == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.num_steps)
-    was_training = policy.training
-    policy.eval()
-    history: list[TrainRecord] = []
-    sums = torch.zeros(3, dtype=torch.float64)
-    seen = 0
-    start = time.perf_counter()
-    order = torch.randperm(len(pairs), generator=gen)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.num_steps)
+    return None
+
+
+def _minibatches(n: int, batch_size: int, num_steps: int, gen: torch.Generator):
+    """``num_steps`` index batches of consecutive slices of a random order of the n pairs.
+
+    A fresh order is drawn (from ``gen``) when the next batch would run past the end.
+    """
+    order = torch.randperm(n, generator=gen)
     cursor = 0
-    for step in range(1, config.num_steps + 1):
-        if cursor + config.batch_size > len(pairs) and cursor > 0:
-            order, cursor = torch.randperm(len(pairs), generator=gen), 0
-        idx = order[cursor : cursor + config.batch_size]
-        cursor += config.batch_size
-        g = policy_step_gaussians(policy, pairs, idx, schedule, spec)
-        logits = _pair_logits(g, pairs, idx, ref_diff, config.kl_coef)
-        loss = soft_dpo_loss(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(
-                [p for grp in opt.param_groups for p in grp["params"]], config.max_grad_norm
-            )
-        opt.step()
-        if sched is not None:
-            sched.step()
-        with torch.no_grad():
-            ref = Gaussian(pairs.reference_mean[idx], pairs.reference_variance[idx])
-            kl = g.detach().kl(ref).mean()
-            acc = implicit_accuracy(logits.detach(), labels[idx])
-            sums += torch.tensor([loss.item(), float(acc), kl.item()], dtype=torch.float64)
-            seen += 1
-        if step % config.log_every == 0 or step == config.num_steps:
-            m = (sums / seen).tolist()
+    for _ in range(num_steps):
+        if cursor + batch_size > n and cursor > 0:
+            order, cursor = torch.randperm(n, generator=gen), 0
+        yield order[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
+def _optimiser_step(opt, lr_schedule, loss: Tensor, max_grad_norm: float | None) -> None:
+    """One backward pass and update, with gradient clipping when ``max_grad_norm`` is set."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(
+            [p for grp in opt.param_groups for p in grp["params"]], max_grad_norm
+        )
+    opt.step()
+    if lr_schedule is not None:
+        lr_schedule.step()
+
+
+@torch.no_grad()
+def _batch_metrics(
+    g: Gaussian, pairs: PairSet, idx: Tensor, logits: Tensor, labels: Tensor, loss: Tensor
+) -> Tensor:
+    """(loss, implicit accuracy, mean KL(p_theta || p_ref)) of one batch, float64."""
+    ref = Gaussian(pairs.reference_mean[idx], pairs.reference_variance[idx])
+    kl = g.detach().kl(ref).mean()
+    acc = implicit_accuracy(logits.detach(), labels)
+    return torch.tensor([loss.item(), float(acc), kl.item()], dtype=torch.float64)
+
+
+class _History:
+    """Batch metrics averaged every ``config.log_every`` steps (and at the last) as records."""
+
+    def __init__(self, config: TrainConfig, callback: Callable[[TrainRecord], None] | None):
+        self.log_every, self.num_steps, self.callback = config.log_every, config.num_steps, callback
+        self.records: list[TrainRecord] = []
+        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.seen = 0
+
+    def add(self, step: int, metrics: Tensor) -> None:
+        self.sums += metrics
+        self.seen += 1
+        if step % self.log_every == 0 or step == self.num_steps:
+            m = (self.sums / self.seen).tolist()
             record = TrainRecord(step, m[0], m[1], m[2])
-            history.append(record)
-            if callback is not None:
-                callback(record)
-            sums.zero_()
-            seen = 0
-    policy.train(was_training)
-    return TrainResult(tuple(history), time.perf_counter() - start)
+            self.records.append(record)
+            if self.callback is not None:
+                self.callback(record)
+            self.sums.zero_()
+            self.seen = 0
 
 
 @torch.no_grad()

@@ -27,12 +27,11 @@ from .registry import (
     check_method,
     run_method,
 )
+from .search import Search, code_policy, target_policy, weighted_step_reward
 from .soup import parameter_soup
 from .strategies import (
     GUIDANCE_SCHEDULES,
-    Search,
     base_policy,
-    code_policy,
     db_ls_policy,
     db_policy,
     guidance_schedule,
@@ -40,8 +39,6 @@ from .strategies import (
     oracle_policy,
     rgg_policy,
     rs_policy,
-    target_policy,
-    weighted_step_reward,
 )
 
 __all__ = [

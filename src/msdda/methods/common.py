@@ -23,7 +23,13 @@ from ..fusion import Gaussian, fusion_coefficients
 from ..gaussians import Schedule
 from ..rewards import Reward
 from ..sampling import NoiseTape, SampleGenerators, derive_seed  # re-exported here
-from ..validation import check_int, check_positive, check_sequence, check_simplex_weights
+from ..validation import (
+    check_int,
+    check_number,
+    check_positive,
+    check_sequence,
+    check_simplex_weights,
+)
 
 __all__ = [
     "MethodContext",
@@ -226,3 +232,51 @@ check_weights = check_simplex_weights
 def weight_key(weights: Sequence[float]) -> tuple[float, ...]:
     """Weights rounded for use as a dictionary key (oracles, result rows)."""
     return tuple(round(float(w), 9) for w in weights)
+
+
+# What the method builders share (msdda.methods.strategies and msdda.methods.search).
+
+
+def check_context(ctx: MethodContext) -> None:
+    """Refuse anything but a :class:`MethodContext` as a builder's ``ctx``."""
+    if not isinstance(ctx, MethodContext):
+        raise TypeError(f"ctx must be a MethodContext, got {type(ctx).__name__}")
+
+
+def step_index(ctx: MethodContext) -> Callable[[int], int]:
+    """``t -> i``: the index of timestep t in ``ctx.schedule`` (a ValueError if it has none)."""
+    index = {int(t): i for i, t in enumerate(ctx.schedule.timesteps)}
+
+    def lookup(t: int) -> int:
+        if int(t) not in index:
+            raise ValueError(
+                f"timestep {t} is not in this schedule: t must be one of ctx.schedule.timesteps"
+            )
+        return index[int(t)]
+
+    return lookup
+
+
+def t_batch(x: Tensor, t: int) -> Tensor:
+    """The timestep t once per row of x, (B,) long on x's device."""
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def weighted_reward(ctx: MethodContext, weights: Sequence[float]) -> Reward:
+    """``(images, cond) -> sum_i w_i r_i(images, cond)`` over the objectives of nonzero weight."""
+    items = check_sequence(weights, "weights")
+    if len(items) != len(ctx.rewards):
+        raise ValueError(
+            f"weights must hold one weight per objective (K = {len(ctx.rewards)}), got {len(items)}"
+        )
+    items = [check_number(w, f"weights[{i}]") for i, w in enumerate(items)]
+    active = [(w, r) for w, r in zip(items, ctx.rewards, strict=True) if w != 0]
+
+    def reward(images: Tensor, cond: Any) -> Tensor:
+        total = None
+        for w, r in active:
+            term = w * r(images, cond)
+            total = term if total is None else total + term
+        return total
+
+    return reward
