@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,69 @@ def test_a_bad_adapter_file_is_refused_by_name(tmp_path, bundle, bold):
     other = DigitDenoiser(DenoiserConfig(hidden=32, num_blocks=1, time_dim=16))
     with pytest.raises(ValueError, match="another base"):
         load_adapter(good, other)
+
+
+# Training options of issue 15: beta, schedule length, full fine-tune vs LoRA, DDIM eta.
+
+
+def test_a_smaller_beta_moves_the_expert_further_from_the_base(bundle, pairs):
+    far = train_expert(bundle, "boldness", pairs=pairs, config=replace(FAST, kl_coef=0.25))
+    near = train_expert(bundle, "boldness", pairs=pairs, config=FAST)
+    assert far.kl_coef == 0.25 and far.expert.kl_coef == 0.25
+    assert far.metrics["kl_per_state"] > 2 * near.metrics["kl_per_state"]
+
+
+def test_a_full_fine_tune_trains_every_weight_and_has_no_adapter(bundle, pairs, tmp_path):
+    from msdda.digits.align import save_adapter
+
+    full = train_expert(
+        bundle, "boldness", pairs=pairs, config=replace(FAST, adapter="full", lr=3e-3)
+    )
+    assert full.lora_adapter is None and full.adapter == {}
+    assert full.training["config"]["adapter"] == "full"
+    changed = [
+        name
+        for name, p in full.model.state_dict().items()
+        if not torch.equal(p, bundle.base.state_dict()[name])
+    ]
+    assert any(name.endswith("bias") for name in changed)  # a LoRA leaves biases alone
+    assert full.metrics["kl_per_state"] > 0
+    with pytest.raises(ValueError, match="full fine-tune"):
+        save_adapter(tmp_path / "full.safetensors", full)
+    with pytest.raises(ValueError, match="AlignConfig.adapter"):
+        AlignConfig(adapter="half")
+
+
+def test_a_shorter_schedule_trains_on_its_own_steps_with_a_variance_free_to_move(bundle):
+    from msdda.digits.align import sampler_bundle, variance_offsets
+
+    short = sampler_bundle(bundle, 4)
+    assert len(short.schedule.timesteps) == 4 and short.schedule.sampler == "ddpm"
+    pairs = collect_digit_pairs(short, PairsConfig(num_chains=100, skip_last=1), seed=0)
+    assert sorted(pairs.step_indices.unique().tolist()) == [0, 1, 2]
+    moved = {}
+    for lr in (1e-5, 3e-2):
+        config = replace(FAST, kl_coef=0.25, variance_lr=lr)
+        m = train_expert(short, "boldness", "learned", pairs=pairs, config=config)
+        moved[lr] = variance_offsets(m.expert, pairs)["mean_abs"]
+    assert moved[3e-2] > 10 * moved[1e-5]
+
+
+def test_a_ddim_sampler_gives_each_expert_its_own_eta(bundle):
+    from msdda.digits.align import model_spec, sampler_bundle
+    from msdda.gaussians import ddim_variance
+
+    half = sampler_bundle(bundle, 4, eta=0.5)
+    assert half.schedule.sampler == "ddim" and half.reference.spec.eta == 0.5
+    pairs = collect_digit_pairs(half, PairsConfig(num_chains=50, skip_last=1), seed=0)
+    t, prev = half.schedule.timesteps[1], half.schedule.prev_timesteps[1]
+    abar = half.schedule.alphas_cumprod
+    want = ddim_variance(float(abar[t]), float(abar[prev]), 0.5)
+    got = pairs.reference_variance[pairs.step_indices == 1]
+    torch.testing.assert_close(got, torch.full_like(got, want), rtol=1e-5, atol=0.0)
+    m = train_expert(half, "boldness", pairs=pairs, config=FAST)
+    assert m.expert.spec.eta == 0.5 and m.expert.spec == model_spec(half, "fixed")
+    with pytest.raises(ValueError, match="eta"):
+        model_spec(half, "learned")
+    with pytest.raises(ValueError, match="eta"):
+        sampler_bundle(bundle, 4, eta=0.0)

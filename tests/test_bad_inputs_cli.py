@@ -70,6 +70,7 @@ COMMANDS = dict(_walk(typer.main.get_command(app)))
 # "args" holds positionals first; options are {flag: value}. "for" adds options needed
 # for one option's cases (the digits weights folder is read by the digits domain only).
 BASE: dict[tuple[str, ...], dict] = {
+    ("app",): {"args": [], "options": {}},
     ("check",): {"args": [], "options": {}},
     ("demo",): {"args": [], "options": {"--out": "{new_dir}"}},
     ("generate",): {
@@ -77,6 +78,7 @@ BASE: dict[tuple[str, ...], dict] = {
         "options": {"--prompt": "7", "--weight": "boldness=1", "--out": "{new_png}"},
     },
     ("report",): {"args": ["{results}"], "options": {"--out": "{new_dir}"}},
+    ("rescore",): {"args": ["{results_with_images}"], "options": {"--judge": "clipscore"}},
     ("sweep",): {
         "args": ["{new_jsonl}"],
         "options": {"--domain": "toy"},
@@ -98,13 +100,17 @@ def guarded(monkeypatch):
     def reached(*args, **kwargs):
         raise Reached("the expensive part ran")
 
+    import msdda.app
     import msdda.cli.check
+    import msdda.cli.rescore
     import msdda.digits.demo
     import msdda.digits.pipeline
     import msdda.digits.sampling
     import msdda.evaluation
 
     monkeypatch.setattr(msdda.cli.check, "run_check", reached)
+    monkeypatch.setattr(msdda.cli.rescore, "_load_judge", reached)
+    monkeypatch.setattr(msdda.app, "build_app", reached)
     monkeypatch.setattr(msdda.digits.demo, "write_demo", reached)
     monkeypatch.setattr(msdda.digits.sampling, "generate", reached)
     monkeypatch.setattr(msdda.digits.pipeline, "train_all", reached)
@@ -297,6 +303,20 @@ def valid_results(path: Path) -> Path:
     return path
 
 
+def valid_results_with_images(path: Path) -> Path:
+    """A valid results file whose rows list PNGs that exist (what ``msdda rescore`` reads)."""
+    from PIL import Image
+
+    rows = [_row("base", None, 1.0, 1.0), _row("msdda", [0, 1], 1, 3)]
+    for n, row in enumerate(rows):
+        row["image_files"] = [f"images/{n}-{j}.png" for j in range(row["images"])]
+        for f in row["image_files"]:
+            (path.parent / f).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4)).save(path.parent / f)
+    path.write_text("\n".join(json.dumps(x) for x in [HEADER, *rows]) + "\n")
+    return path
+
+
 def _results_input_cases(kind: str) -> list[tuple[str, Any]]:
     header = json.dumps(HEADER).encode()
     out = [
@@ -409,6 +429,7 @@ def _fill(value: str, tmp: Path) -> str:
         "{new_png}": tmp / "new.png",
         "{new_jsonl}": tmp / "new.jsonl",
         "{results}": tmp / "given" / "results.jsonl",
+        "{results_with_images}": tmp / "given" / "with-images.jsonl",
     }
     return str(places.get(value, value))
 
@@ -445,6 +466,7 @@ def _plain(text: str) -> str:
 def test_a_bad_input_is_one_clear_refusal_before_any_work(case: Case, tmp_path, guarded) -> None:
     given = _folder(tmp_path / "given")
     valid_results(given / "results.jsonl")
+    valid_results_with_images(given / "with-images.jsonl")
     value = case.value if case.make is None else str(case.make(given))
     argv = _argv(case, tmp_path, value)
     before = _snapshot(tmp_path)
@@ -505,6 +527,7 @@ def test_the_base_invocations_are_valid(command, tmp_path, guarded) -> None:
     (report, which has none) succeed."""
     given = _folder(tmp_path / "given")
     valid_results(given / "results.jsonl")
+    valid_results_with_images(given / "with-images.jsonl")
     base = BASE[command]
     argv = list(command) + [_fill(a, tmp_path) for a in base["args"]]
     for flag, v in base["options"].items():

@@ -9,20 +9,19 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel  # noqa: E402
+from transformers import CLIPImageProcessor, CLIPModel  # noqa: E402
 
+from msdda.errors import InputFileError  # noqa: E402
 from msdda.sd.rewards import (  # noqa: E402
-    ClipPreprocess,
     CLIPScore,
-    HPSv2Score,
-    ImageRewardScore,
+    ImageContract,
     LaionAesthetic,
     PickScore,
-    aesthetic_mlp,
     load_aesthetic_head,
     load_reward,
+    score_mlp,
 )
-from msdda.sd.testing import tiny_clip_tokenizer  # noqa: E402
+from msdda.sd.testing import save_tiny_clip, tiny_clip_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 PROJ = 12
@@ -32,22 +31,7 @@ PROJ = 12
 def clip_dir(tmp_path_factory):
     """A tiny CLIP model, its tokenizer and image processor (32 px), saved like a hub repo."""
     folder = tmp_path_factory.mktemp("clip")
-    tok = tiny_clip_tokenizer()
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
-    layers = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2)
-    cfg = CLIPConfig(
-        text_config=dict(
-            layers, vocab_size=len(tok), bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos
-        ),
-        vision_config=dict(layers, image_size=32, patch_size=8),
-        projection_dim=PROJ,
-    )
-    torch.manual_seed(0)
-    CLIPModel(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    ).save_pretrained(folder)
+    save_tiny_clip(folder, projection_dim=PROJ)
     return folder
 
 
@@ -82,12 +66,12 @@ def test_preprocessing_matches_clips_image_processor(clip_dir, images):
     ref = proc(
         images=[im.permute(1, 2, 0).numpy() for im in images], return_tensors="pt", do_rescale=False
     )
-    ours = ClipPreprocess.from_folder(clip_dir)(images)
+    ours = ImageContract.from_folder(clip_dir)(images)
     torch.testing.assert_close(ours, ref.pixel_values, atol=1e-4, rtol=1e-4)
 
 
 def test_preprocessing_resizes_and_center_crops():
-    pre = ClipPreprocess(size=8, crop=8)
+    pre = ImageContract(size=8, crop=8)
     out = pre(torch.rand(2, 3, 16, 32))
     assert out.shape == (2, 3, 8, 8)
 
@@ -114,7 +98,7 @@ def test_pickscore_is_the_logit_scaled_cosine(clip_dir, images):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_aesthetic_score_is_the_mlp_of_the_normalised_embedding(clip_dir, images, tmp_path, suffix):
     torch.manual_seed(1)
-    head = aesthetic_mlp([PROJ, 32, 16, 8, 4])
+    head = score_mlp([PROJ, 32, 16, 8, 4])
     state = {f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}
     path = tmp_path / f"head{suffix}"
     if suffix == ".safetensors":
@@ -152,34 +136,20 @@ def test_absent_weights_say_what_to_download(tmp_path):
         CLIPScore.from_pretrained(cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"hf download yuvalkirstain/PickScore_v1"):
         PickScore.from_pretrained(cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="missing weight file"):
+    with pytest.raises(InputFileError, match="no such aesthetic head"):
         load_aesthetic_head(tmp_path / "head.safetensors")
+    (tmp_path / "head.pth").write_bytes(b"not a torch file")
+    with pytest.raises(InputFileError, match="head.pth"):
+        load_aesthetic_head(tmp_path / "head.pth")
 
 
 def test_aesthetic_head_must_fit_the_clip_model(clip_dir, tmp_path):
-    head = aesthetic_mlp([PROJ + 1, 8, 8, 8, 4])
+    head = score_mlp([PROJ + 1, 8, 8, 8, 4])
     save_file({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "h.safetensors")
     with pytest.raises(ValueError, match="embeddings"):
         LaionAesthetic.from_pretrained(clip_dir, head=tmp_path / "h.safetensors")
-    with pytest.raises(ValueError, match="aesthetic head needs 5 widths"):
-        aesthetic_mlp([1, 2])
-
-
-def test_optional_reward_packages_are_imported_lazily(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_extras(name, *args, **kwargs):
-        if name in ("ImageReward", "hpsv2"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_extras)
-    with pytest.raises(ImportError, match="pip install image-reward"):
-        ImageRewardScore.from_pretrained()
-    with pytest.raises(ImportError, match="pip install hpsv2"):
-        HPSv2Score.from_pretrained()
+    with pytest.raises(ValueError, match="score head needs 5 widths"):
+        score_mlp([1, 2])
 
 
 def test_reward_registry(clip_dir):

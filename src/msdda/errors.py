@@ -47,6 +47,9 @@ class InputFileError(MsddaError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # pickled whole (a Ray worker's error reaches the driver as itself)
+        return type(self), (self.path, self.problem)
+
 
 class OutputError(MsddaError):
     """An output location cannot be written."""
@@ -55,6 +58,9 @@ class OutputError(MsddaError):
         self.path = os.fspath(path)
         self.problem = problem
         super().__init__(f"cannot write {self.path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.problem)
 
 
 def describe(err: BaseException) -> str:

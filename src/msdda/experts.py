@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .flows import FlowStepSpec
 from .fusion import FusionCoefficients, Gaussian, fuse_with_coefficients, fusion_coefficients
-from .gaussians import Schedule, StepSpec, step_gaussian
+from .gaussians import AnyStepSpec, Schedule, StepSpec, step_gaussian
 from .sampling import StepPolicy
 from .validation import (
     ArgumentKindError,
@@ -69,15 +70,17 @@ class Expert:
     """A single-objective model: a denoiser and what its reverse-step Gaussian needs."""
 
     denoiser: Denoiser  # (x_t (B, C, ...), t (B,) long, cond) -> model output
-    spec: StepSpec = field(default_factory=StepSpec)  # prediction type, variance kind, eta
+    #: prediction type, variance kind, eta; or a FlowStepSpec (rule, noise level) whose
+    #: denoiser predicts the velocity (its t are a FlowSchedule's keys: model_timesteps(t))
+    spec: AnyStepSpec = field(default_factory=StepSpec)
     kl_coef: float = 1.0  # beta_i the expert was aligned with
     name: str = "expert"
 
     def __post_init__(self) -> None:
         if not callable(self.denoiser):
             raise TypeError(f"denoiser of expert {self.name!r} must be callable")
-        if not isinstance(self.spec, StepSpec):
-            raise TypeError(f"spec of expert {self.name!r} must be a StepSpec")
+        if not isinstance(self.spec, (StepSpec, FlowStepSpec)):
+            raise TypeError(f"spec of expert {self.name!r} must be a StepSpec or a FlowStepSpec")
         try:
             check_positive(self.kl_coef, "kl_coef")
         except TypeError:  # a bool or a string is no kl_coef (a ValueError too, as it was)
@@ -141,7 +144,7 @@ def joint_policy(
         check_instance(reference, Expert, "reference", "a msdda.Expert or None")
     check_instance(schedule, Schedule, "schedule", "a msdda.Schedule")
 
-    def spec_of(m: Member) -> StepSpec:
+    def spec_of(m: Member) -> AnyStepSpec:
         if m is None:
             if reference is None:
                 raise ValueError("member None (the reference) was asked for, but reference is None")

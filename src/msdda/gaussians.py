@@ -4,6 +4,8 @@ The noise tables and timesteps come from diffusers' ``DDPMScheduler`` and
 ``DDIMScheduler`` (their configs and ``set_timesteps``); the maths here only
 reads them. Notation follows DDPM/DDIM: abar_t = alphas_cumprod[t], abar_prev
 the value at the previous timestep of the sampling schedule (1 past the end).
+A ``FlowMatchEulerDiscreteScheduler`` gives a :class:`FlowSchedule`, and a
+:class:`~msdda.flows.FlowStepSpec` selects the flow-matching steps of :mod:`msdda.flows`.
 
 Mean + sqrt(variance) * z equals the scheduler's ``step()`` with variance noise z.
 """
@@ -18,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .flows import FlowStepSpec, flow_step_gaussian
 from .gaussian import Gaussian
 from .validation import (
     ArgumentKindError,
@@ -33,7 +36,9 @@ __all__ = [
     "VarianceType",
     "StepGaussian",
     "StepSpec",
+    "AnyStepSpec",
     "Schedule",
+    "FlowSchedule",
     "predicted_x0_and_epsilon",
     "ddpm_posterior_mean",
     "ddpm_variance",
@@ -92,6 +97,11 @@ class StepSpec:
         return self.variance_type in LEARNED_VARIANCE_TYPES
 
 
+#: What an expert's step needs beyond the schedule: a DDPM/DDIM :class:`StepSpec`, or a
+#: flow-matching :class:`~msdda.flows.FlowStepSpec` (rule and noise level).
+AnyStepSpec = StepSpec | FlowStepSpec
+
+
 def _timestep(t, name: str) -> int:
     """One timestep as an int: an int, a numpy integer or a 0-d integer tensor (not a bool)."""
     if isinstance(t, Tensor) and t.ndim == 0 and not (t.is_floating_point() or t.is_complex()):
@@ -107,14 +117,27 @@ def _show_timesteps(ts: Sequence[int]) -> str:
     return f"{shown}, ..., {ts[-1]}" if len(ts) > 4 else ", ".join(str(t) for t in ts)
 
 
+def _check_num_inference_steps(n, n_max: int | None) -> int:
+    """``num_inference_steps`` as a positive int (<= ``n_max`` where there is one)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ArgumentKindError(
+            f"num_inference_steps must be a positive int, got {show_value(n)} ({type(n).__name__})"
+        )
+    if n < 1 or (n_max is not None and n > n_max):
+        bound = f" <= the scheduler's num_train_timesteps ({n_max})" if n_max else ""
+        raise ValueError(f"num_inference_steps must be a positive int{bound}, got {show_value(n)}")
+    return int(n)
+
+
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """The noise tables and sampling timesteps of a diffusers DDPM/DDIM scheduler.
 
-    Build it with :meth:`from_scheduler`; experts fused together must share one.
+    Build it with :meth:`from_scheduler`; experts fused together must share one. A
+    flow-matching scheduler gives the subclass :class:`FlowSchedule`.
     """
 
-    sampler: Literal["ddpm", "ddim"]  # DDPMScheduler or DDIMScheduler maths
+    sampler: Literal["ddpm", "ddim", "flow"]  # DDPMScheduler, DDIMScheduler or flow maths
     timesteps: tuple[int, ...]  # sampling order, from noisiest
     prev_timesteps: tuple[int, ...]  # the timestep each step lands on (< 0: the end)
     alphas_cumprod: Tensor  # (num_train_timesteps,) float64
@@ -123,32 +146,32 @@ class Schedule:
     num_train_timesteps: int
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_inference_steps: int | None = None) -> Schedule:
-        """Read a ``DDPMScheduler`` or ``DDIMScheduler`` (``set_timesteps`` is called if given)."""
-        from diffusers import DDIMScheduler, DDPMScheduler
+    def from_scheduler(
+        cls, scheduler, num_inference_steps: int | None = None, *, sigmas=None, mu=None
+    ) -> Schedule:
+        """Read a ``DDPMScheduler`` or ``DDIMScheduler`` (``set_timesteps`` is called if given).
 
+        A ``FlowMatchEulerDiscreteScheduler`` gives a :class:`FlowSchedule` (see its
+        :meth:`FlowSchedule.from_scheduler`; ``sigmas`` and ``mu`` apply to it only).
+        """
+        from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+        if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            return FlowSchedule.from_scheduler(scheduler, num_inference_steps, sigmas=sigmas, mu=mu)
         if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
             raise TypeError(
-                f"scheduler must be a diffusers DDPMScheduler or DDIMScheduler, got {type(scheduler).__name__}"
+                "scheduler must be a diffusers DDPMScheduler or DDIMScheduler (or a "
+                f"FlowMatchEulerDiscreteScheduler), got {type(scheduler).__name__}"
             )
+        if sigmas is not None or mu is not None:
+            raise ValueError("sigmas and mu apply to a FlowMatchEulerDiscreteScheduler only")
         if scheduler.config.thresholding:
             raise ValueError(
                 "scheduler.config.thresholding is not supported: its x0 map is not affine"
             )
         if num_inference_steps is not None:
             n_max = int(scheduler.config.num_train_timesteps)
-            n = num_inference_steps
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-                raise ArgumentKindError(
-                    f"num_inference_steps must be a positive int, got {show_value(n)} "
-                    f"({type(n).__name__})"
-                )
-            if not 1 <= n <= n_max:
-                raise ValueError(
-                    f"num_inference_steps must be a positive int <= the scheduler's "
-                    f"num_train_timesteps ({n_max}), got {show_value(n)}"
-                )
-            scheduler.set_timesteps(int(n))
+            scheduler.set_timesteps(_check_num_inference_steps(num_inference_steps, n_max))
         if getattr(scheduler, "num_inference_steps", None) is None:
             raise ValueError("the scheduler has no timesteps: pass num_inference_steps")
         ts = [int(t) for t in scheduler.timesteps]
@@ -185,14 +208,135 @@ class Schedule:
         abar_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
         return float(self.alphas_cumprod[int(t)]), abar_prev
 
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """The model's own timesteps for the loop's timesteps ``t``: ``t`` itself here."""
+        return t
+
     def compatible_with(self, other: Schedule) -> bool:
         return (
-            self.sampler == other.sampler
+            type(self) is type(other)
+            and self.sampler == other.sampler
             and self.timesteps == other.timesteps
             and self.prev_timesteps == other.prev_timesteps
             and self.final_alpha_cumprod == other.final_alpha_cumprod
             and self.alphas_cumprod.shape == other.alphas_cumprod.shape
             and bool(torch.allclose(self.alphas_cumprod, other.alphas_cumprod, rtol=1e-6, atol=0))
+        )
+
+
+def _read_flow_scheduler(scheduler, num_inference_steps, sigmas, mu) -> tuple[Tensor, Tensor]:
+    """(sigmas (N+1,) float64, timesteps (N,) float32) of a FlowMatchEulerDiscreteScheduler."""
+    config = scheduler.config
+    if config.invert_sigmas:
+        raise ValueError("scheduler.config.invert_sigmas (Mochi's convention) is not supported")
+    asks = sigmas is not None or num_inference_steps is not None
+    if config.use_dynamic_shifting and mu is None and asks:
+        raise ValueError(
+            "mu is required: the scheduler uses dynamic shifting (use_dynamic_shifting=True); "
+            "pass the pipeline's mu (diffusers' calculate_shift of the image sequence length)"
+        )
+    if mu is not None:
+        mu = check_number(mu, "mu")
+    if num_inference_steps is not None:
+        num_inference_steps = _check_num_inference_steps(num_inference_steps, None)
+    if sigmas is not None or mu is not None or num_inference_steps is not None:
+        scheduler.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
+    elif getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("the scheduler has no timesteps: pass num_inference_steps")
+    table = scheduler.sigmas.detach().cpu().to(torch.float64).clone()
+    timesteps = scheduler.timesteps.detach().cpu().to(torch.float32).clone()
+    if len(table) != len(timesteps) + 1 or float(table[-1]) != 0.0:
+        raise ValueError("the scheduler's sigmas must be its timesteps' sigmas and a final 0")
+    if not (bool((table[1:] < table[:-1]).all()) and 0 < float(table[0]) <= 1):
+        raise ValueError(
+            f"the scheduler's sigmas must decrease strictly from (0, 1] to 0, got "
+            f"{[round(float(v), 6) for v in table[:4]]}..."
+        )
+    return table, timesteps
+
+
+@dataclass(frozen=True, eq=False)
+class FlowSchedule(Schedule):
+    """The sigmas and timesteps of a diffusers ``FlowMatchEulerDiscreteScheduler``.
+
+    The loop's timesteps are integer keys, noisiest first: step i of N has key N - 1 - i and
+    lands on key N - 2 - i (-1: the end, sigma = 0). A denoiser receives these keys;
+    :meth:`model_timesteps` maps them to the model's own (``scheduler.timesteps``).
+    """
+
+    sigmas: Tensor  # (N + 1,) float64, diffusers' scheduler.sigmas (terminal 0 included)
+    scheduler_timesteps: Tensor  # (N,) float32, diffusers' scheduler.timesteps (sigma * T)
+
+    @classmethod
+    def from_scheduler(
+        cls, scheduler, num_inference_steps: int | None = None, *, sigmas=None, mu=None
+    ) -> FlowSchedule:
+        """Read a ``FlowMatchEulerDiscreteScheduler``, never re-deriving its sigmas.
+
+        ``set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)`` is called as diffusers'
+        pipelines call it (static shift: ``num_inference_steps``; dynamic shift: also ``mu``,
+        FLUX's pipeline also passes ``sigmas``) when any of them is given; otherwise the
+        scheduler's current timesteps are read.
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(
+                "scheduler must be a diffusers FlowMatchEulerDiscreteScheduler, "
+                f"got {type(scheduler).__name__}"
+            )
+        table, timesteps = _read_flow_scheduler(scheduler, num_inference_steps, sigmas, mu)
+        n = len(timesteps)
+        return cls(
+            sampler="flow",
+            timesteps=tuple(range(n - 1, -1, -1)),
+            prev_timesteps=tuple(range(n - 2, -2, -1)),
+            alphas_cumprod=torch.empty(0, dtype=torch.float64),
+            final_alpha_cumprod=1.0,
+            clip_sample_range=None,
+            num_train_timesteps=int(scheduler.config.num_train_timesteps),
+            sigmas=table,
+            scheduler_timesteps=timesteps,
+        )
+
+    def sigma_at(self, t: int) -> float:
+        """The sigma of the state at key ``t`` (-1: the end, 0.0)."""
+        t = _timestep(t, "t")
+        if not -1 <= t < len(self.timesteps):
+            raise ValueError(
+                f"key {t} is not in this flow schedule: t must be in [-1, {len(self.timesteps) - 1}]"
+            )
+        return float(self.sigmas[len(self.timesteps) - 1 - t])
+
+    def sigma_pair(self, t: int) -> tuple[float, float]:
+        """(sigma, sigma_next) of the step at key ``t`` (one of :attr:`timesteps`)."""
+        t = _timestep(t, "t")
+        if t not in self.timesteps:
+            raise ValueError(
+                f"timestep {t} is not in this schedule: t must be one of its timesteps "
+                f"({_show_timesteps(self.timesteps)})"
+            )
+        return self.sigma_at(t), self.sigma_at(t - 1)
+
+    def alpha_bars(self, t: int) -> tuple[float, float]:
+        raise ValueError("a flow schedule has no alpha bars: use sigma_pair(t)")
+
+    def model_timesteps(self, t: Tensor) -> Tensor:
+        """The scheduler's float32 timesteps (sigma * T) at the keys ``t`` (-1: 0.0)."""
+        if not isinstance(t, Tensor) or t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"t must be an integer tensor of keys, got {t!r}")
+        n = len(self.timesteps)
+        if bool(((t < -1) | (t >= n)).any()):
+            raise ValueError(f"t must hold keys in [-1, {n - 1}] of this flow schedule")
+        table = torch.cat([self.scheduler_timesteps, torch.zeros(1)]).to(t.device)
+        return table[n - 1 - t.long()]
+
+    def compatible_with(self, other: Schedule) -> bool:
+        return (
+            isinstance(other, FlowSchedule)
+            and self.timesteps == other.timesteps
+            and self.sigmas.shape == other.sigmas.shape
+            and bool(torch.allclose(self.sigmas, other.sigmas, rtol=1e-6, atol=0))
         )
 
 
@@ -282,13 +426,14 @@ def step_gaussian(
     x_t: Tensor,
     t: int | Tensor | Sequence[int],
     schedule: Schedule,
-    spec: StepSpec,
+    spec: AnyStepSpec,
 ) -> Gaussian:
     """The reverse step N(mean, variance) implied by one model output at timestep(s) ``t``.
 
     Args:
         model_output: (B, C, ...) prediction, or (B, 2C, ...) with a variance channel
-            for a learned variance type.
+            for a learned variance type; the velocity for a :class:`FlowStepSpec`, whose
+            step is :func:`msdda.flows.flow_step_gaussian` on a :class:`FlowSchedule`.
         x_t: (B, C, ...) current sample.
         t: one timestep of the schedule for the batch, or one per sample (a (B,) integer
             tensor or sequence); row b is then exactly the step of row b alone at ``t[b]``
@@ -296,12 +441,14 @@ def step_gaussian(
 
     Half-precision inputs are upcast: the Gaussian comes back in float32.
     The variance is floored at :data:`MIN_VARIANCE` times eta^2 where the scheduler's is
-    0 (the last step), so a stochastic step stays fusable; eta = 0 gives variance 0.
+    0 (the last step), so a stochastic step stays fusable; eta = 0 gives variance 0. A flow
+    step's floor is :data:`MIN_VARIANCE` times its noise factor (a^2, or sin^2(a pi / 2)).
     """
     check_floating_tensor(model_output, "model_output")
     check_floating_tensor(x_t, "x_t")
     check_instance(schedule, Schedule, "schedule", "a msdda.Schedule")
-    check_instance(spec, StepSpec, "spec", "a msdda.StepSpec")
+    check_instance(spec, (StepSpec, FlowStepSpec), "spec", "a msdda.StepSpec or FlowStepSpec")
+    _check_spec_fits(spec, schedule)
     if x_t.ndim == 0:
         raise ValueError("x_t must have a leading batch axis (B, ...), got a scalar")
     per_sample = _per_sample_timesteps(t, x_t.shape[0])
@@ -316,10 +463,37 @@ def step_gaussian(
     return Gaussian(*(torch.cat(fields)[inverse] for fields in zip(*parts, strict=True)))
 
 
+def _check_spec_fits(spec: AnyStepSpec, schedule: Schedule) -> None:
+    """A flow spec needs a flow schedule and a DDPM/DDIM spec a DDPM/DDIM one."""
+    flow_spec, flow_schedule = isinstance(spec, FlowStepSpec), isinstance(schedule, FlowSchedule)
+    if flow_spec != flow_schedule:
+        raise ValueError(
+            f"spec {spec!r} does not fit a {schedule.sampler!r} schedule: a FlowStepSpec needs a "
+            "FlowSchedule (FlowMatchEulerDiscreteScheduler), a StepSpec a DDPM/DDIM Schedule"
+        )
+
+
+def _flow_step_gaussian_at(
+    velocity: Tensor, x_t: Tensor, t: int, schedule: FlowSchedule, spec: FlowStepSpec
+) -> Gaussian:
+    """The flow step at key ``t``: sigma -> sigma_next of ``schedule``."""
+    sigma, sigma_next = schedule.sigma_pair(t)
+    if velocity.shape != x_t.shape:
+        raise ValueError(
+            f"model_output shape {tuple(velocity.shape)} must equal x_t's {tuple(x_t.shape)}"
+        )
+    sigma_max = float(schedule.sigmas[1])  # Flow-GRPO's stand-in for sigma = 1
+    return flow_step_gaussian(
+        velocity, x_t, sigma, sigma_next, spec, sigma_max=sigma_max, min_variance=MIN_VARIANCE
+    )
+
+
 def _step_gaussian_at(
-    model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: StepSpec
+    model_output: Tensor, x_t: Tensor, t: int, schedule: Schedule, spec: AnyStepSpec
 ) -> Gaussian:
     """:func:`step_gaussian` for one timestep ``t`` shared by the batch."""
+    if isinstance(spec, FlowStepSpec):
+        return _flow_step_gaussian_at(model_output, x_t, t, schedule, spec)
     abar_t, abar_prev = schedule.alpha_bars(t)
     if schedule.sampler == "ddim" and spec.learned_variance:
         raise ValueError(

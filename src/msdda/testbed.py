@@ -37,6 +37,9 @@ __all__ = [
     "tilted_step",
     "weighted_optimum_step",
     "testbed_schedule",
+    "random_rewards",
+    "max_relative_error",
+    "max_elementwise_relative_error",
     "CheckCase",
     "CheckResult",
     "DEFAULT_CASES",
@@ -193,7 +196,8 @@ DEFAULT_CASES: tuple[CheckCase, ...] = (
 )
 
 
-def _rewards(k: int, dim: int, seed: int) -> list[QuadraticReward]:
+def random_rewards(k: int, dim: int, seed: int) -> list[QuadraticReward]:
+    """K quadratic rewards with random curvatures in [0.1, 2.1) and goals, from ``seed``."""
     g = torch.Generator().manual_seed(1000 + seed)
     return [
         QuadraticReward(
@@ -204,11 +208,12 @@ def _rewards(k: int, dim: int, seed: int) -> list[QuadraticReward]:
     ]
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
+def max_relative_error(a: Tensor, b: Tensor) -> float:
+    """max|a - b| / max|b|."""
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def _elementwise_rel(a: Tensor, b: Tensor) -> float:
+def max_elementwise_relative_error(a: Tensor, b: Tensor) -> float:
     """max over elements of |a - b| / b (b > 0)."""
     return float(((a - b).abs() / b).max())
 
@@ -259,7 +264,7 @@ def _check_case(
     case: CheckCase, reference, schedule: Schedule, shape: tuple[int, int], seed: int
 ) -> CheckResult:
     """One case: MSDDA of the tilted experts against the direct optimum, on shared noise."""
-    rewards = _rewards(len(case.weights), shape[1], seed)
+    rewards = random_rewards(len(case.weights), shape[1], seed)
     experts = [
         (lambda x_t, t, r=r, b=b: tilted_step(reference(x_t, t), [r], [1.0 / b]))
         for r, b in zip(rewards, case.kl_coefs, strict=True)
@@ -275,8 +280,8 @@ def _check_case(
 
     def compare(x_t: Tensor, t: int) -> Gaussian:
         a, b = fused(x_t, t), direct(x_t, t)
-        errs["mean"] = max(errs["mean"], _rel(a.mean, b.mean))
-        errs["var"] = max(errs["var"], _elementwise_rel(a.variance, b.variance))
+        errs["mean"] = max(errs["mean"], max_relative_error(a.mean, b.mean))
+        errs["var"] = max(errs["var"], max_elementwise_relative_error(a.variance, b.variance))
         return a
 
     noise_seed = (seed + 1) % (MAX_SEED + 1)  # seed + 1, kept in the seed range

@@ -24,6 +24,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import InputFileError, OutputError, check_output_path, describe
@@ -76,7 +77,8 @@ MAX_THREADS = 1024
 
 def fail(message: str) -> None:
     """One clear message on stderr and exit code 2, no traceback."""
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    text = escape(message)  # a message naming "[sd].steps" is text, not rich markup
+    Console(stderr=True).print(f"[bold red]error:[/] {text}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 

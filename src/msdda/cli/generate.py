@@ -164,7 +164,9 @@ def generate(
         None, help="Built-in domain: digits (the default when --base is not given)."
     ),
     base: str = typer.Option(
-        None, help="Stable Diffusion base pipeline (folder or cached hub id)."
+        None,
+        help="Base pipeline (folder or cached hub id): SD 1.x/2.x, SDXL, SD3 or FLUX, "
+        "detected from its model_index.json.",
     ),
     expert: list[str] = typer.Option([], help="Stable Diffusion expert NAME=PATH (repeat)."),
     num_samples: int = checked(64, check=integer(1), help="Number of images."),
@@ -186,7 +188,10 @@ def generate(
         7.5, check=number(), help="Stable Diffusion: classifier-free guidance."
     ),
     eta: float = checked(
-        1.0, check=number(0.0), help="Stable Diffusion: DDIM eta (0 is deterministic: one model only)."
+        1.0,
+        check=number(0.0),
+        help="Stable Diffusion: DDIM eta; SD3/FLUX: the flow sampler's noise level (Flow-GRPO: "
+        "0.7). 0 is deterministic: one model only.",
     ),
     threads: int = checked(
         1,

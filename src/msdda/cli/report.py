@@ -1,4 +1,4 @@
-"""``msdda report``: Pareto plot, hypervolumes and costs of a sweep's results file."""
+"""``msdda report``: Pareto plot, hypervolumes, costs and the image grid of a sweep's results."""
 
 from __future__ import annotations
 
@@ -62,20 +62,25 @@ def _table(results: Path, rep) -> Table:
     return table
 
 
-def _write(results: Path, out: Path, ref: list[float] | None):
-    """Read RESULTS and write pareto.png and report.md to ``out``; the report and both paths."""
+def _write(results: Path, out: Path, ref: list[float] | None, axes: tuple[str, ...] | None):
+    """Read RESULTS and write pareto.png, grid.png (when the sweep saved images) and
+    report.md to ``out``; the report and the paths written."""
     from ..evaluation import build_report, plot_pareto, read_results, write_markdown
+    from ..evaluation.render import plot_image_grid
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with reads_from(results):  # its own errors are ResultsErrors, already one line
             data = read_results(results)
     show_warnings(caught)
-    rep = build_report(data, ref)
+    rep = build_report(data, ref, axes)
     with writes_to(out):
         png = plot_pareto(rep, out / "pareto.png")
-        md = write_markdown(rep, out / "report.md", plot_name=png.name)
-    return rep, png, md
+        grid = plot_image_grid(rep, data.rows, out / "grid.png")
+        md = write_markdown(
+            rep, out / "report.md", plot_name=png.name, grid_name=grid.name if grid else None
+        )
+    return rep, [p for p in (png, grid, md) if p is not None]
 
 
 @app.command()
@@ -93,6 +98,11 @@ def report(
         check=numbers(count=2),
         help="Hypervolume reference point 'x,y' (default: below every point by 10%).",
     ),
+    axes: str = typer.Option(
+        None,
+        help="The two rewards of the plot and the hypervolumes, 'x,y' (default: the objectives).",
+        show_default=False,
+    ),
 ) -> None:
     """Write pareto.png and report.md for RESULTS and print the summary table."""
     from ..evaluation import standings
@@ -101,8 +111,9 @@ def report(
     if out is None:
         with option_errors("--out"):
             out = check_output_folder(results.with_name(results.stem + "-report"))
+    names = tuple(a.strip() for a in axes.split(",")) if axes else None
     with user_errors():  # bad input, unwritable output: one line
-        rep, png, md = _write(results, out, ref)
+        rep, written = _write(results, out, ref, names)
     console = Console(width=max(Console().width, 120))
     console.print(_table(results, rep))
     if rep.reference is not None:
@@ -119,4 +130,8 @@ def report(
                 highlight=False,
                 soft_wrap=True,
             )
-    console.print(f"wrote {png} and {md}", highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {', '.join(map(str, written[:-1]))} and {written[-1]}",
+        highlight=False,
+        soft_wrap=True,
+    )

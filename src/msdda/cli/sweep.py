@@ -14,6 +14,8 @@ from .common import (
     MAX_THREADS,
     check_kind,
     checked,
+    fail,
+    input_file,
     input_folder,
     integer,
     integers,
@@ -45,6 +47,24 @@ TUNE_RULES_HELP = (
 )
 ORACLE_WEIGHTS_HELP = "Also sample every method at the trained oracles' weights."
 THREADS_HELP = "torch threads (0: torch's default; 1 is robust on a busy shared CPU)."
+CONFIG_HELP = (
+    "A TOML sweep config (examples/*.toml): domain, models, rewards, judges, prompts, "
+    "weights, seeds, methods, settings, tuning. Only --threads may be given beside it."
+)
+
+
+def _refuse_options_beside_config(ctx: typer.Context) -> None:
+    """With --config, every sweep option but --threads comes from the file."""
+    given = [
+        p for p in ctx.command.params
+        if p.param_type_name == "option" and p.name not in ("config_file", "threads")
+        and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"
+    ]  # fmt: skip
+    if given:
+        fail(
+            f"{given[0].opts[0]} cannot be combined with --config: set it in the config file "
+            "(only --threads may be given beside it)"
+        )
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -85,6 +105,13 @@ def _tuning(tune: bool, rules: str, seeds: str, images: int, rgg_scales: str, co
         rgg_scales=tuple(parse_floats(rgg_scales, "--rgg-scales", low=0.0)),
         code_grid=tuple(split_code_grid(code_grid, "--code-grid", MAX_CANDIDATES)),
     )
+
+
+def load_config(path: Path):
+    """The checked config of a TOML file (nothing loaded yet)."""
+    from ..evaluation.config import load_config as load
+
+    return load(path)
 
 
 def _run(config, results: Path, threads: int):
@@ -133,10 +160,11 @@ def _print_summary(summary) -> None:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     results: Path = typer.Argument(
         ..., callback=results_file(), help="Results file (JSON lines); resumed if it exists."
     ),
-    domain: str = typer.Option("digits", help="Domain: digits or toy."),
+    domain: str = typer.Option("digits", help="Domain: digits or toy (sd: with --config)."),
     weights_dir: str = checked(
         None, check=input_folder(), help="digits: weights folder (default: shipped)."
     ),
@@ -177,11 +205,25 @@ def sweep(
         8, check=integer(1, MAX_CANDIDATES), help="target: candidates M per step."
     ),
     threads: int = checked(1, check=integer(0, MAX_THREADS), help=THREADS_HELP),
+    config_file: Path = checked(
+        None, "--config", check=input_file(), help=CONFIG_HELP, show_default=False
+    ),
 ) -> None:
     """Sample every method over preference weights, prompts and seeds; append rows as they finish."""
     from ..evaluation import SweepConfig
     from ..methods import MethodSettings
 
+    if config_file is not None:
+        with user_errors():
+            config = load_config(config_file)  # its errors name the file first
+        _refuse_options_beside_config(ctx)
+        with user_errors():
+            with writes_to(results):
+                summary = _run(config, results, threads)
+        _print_summary(summary)
+        return
+    if domain == "sd":
+        fail("the sd domain is described by a config file: --config FILE.toml (examples/)")
     with user_errors():
         settings = MethodSettings(
             rgg_scale=rgg_scale, rgg_schedule=rgg_schedule, code_candidates=code_n,

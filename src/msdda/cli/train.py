@@ -21,6 +21,7 @@ from .common import (
     checked,
     fail,
     integer,
+    number,
     option_errors,
     output_folder,
     progress_bar,
@@ -92,11 +93,22 @@ def train(
         check=seed_value,
         help="Training seeds of the experts and oracles (repeat; first: default).",
     ),
+    beta: float = checked(
+        1.0,
+        check=number(0.0, above=True),
+        help="KL coefficient of the experts and oracles (standardised rewards; smaller: further "
+        "from the base).",
+    ),
+    adapter: str = typer.Option(
+        "lora", help="How experts and oracles are fine-tuned: lora (small files) or full."
+    ),
 ) -> None:
     """Train the digits classifier, base, reward normalisation, experts and oracles (seeded)."""
     from ..digits.pipeline import DigitsTrainConfig, train_all
     from ..digits.sampling import torch_threads
 
+    if adapter not in ("lora", "full"):
+        fail(f"--adapter must be 'lora' or 'full', got {adapter!r}")
     if align:
         try:
             from ..digits import align as _align  # noqa: F401  (needs peft)
@@ -109,7 +121,13 @@ def train(
     console = Console()
     start = time.perf_counter()
     with user_errors(), torch_threads(threads), progress_bar(console) as bar:
-        cfg = DigitsTrainConfig(align=align, align_seeds=tuple(seeds))
+        align_config = None
+        if align and (beta != 1.0 or adapter != "lora"):
+            from ..digits.align import AlignConfig
+
+            lr = 3e-4 if adapter == "full" else AlignConfig.lr  # every weight: a smaller step
+            align_config = AlignConfig(kl_coef=beta, adapter=adapter, lr=lr)
+        cfg = DigitsTrainConfig(align=align, align_seeds=tuple(seeds), align_config=align_config)
         with writes_to(out):
             manifest = train_all(out, cfg, _stage_progress(bar))
     _summary(manifest, out, time.perf_counter() - start, console)

@@ -34,7 +34,7 @@ import math
 import time
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
@@ -52,6 +52,7 @@ from ..alignment import (
 )
 from ..errors import InputFileError, check_output_path, writing
 from ..experts import Expert
+from ..gaussians import Schedule, StepSpec
 from ..io import atomic_write_bytes
 from ..validation import check_int, check_number, check_positive, check_seed
 from .bundle import DigitsBundle, expert_spec
@@ -69,10 +70,12 @@ from .lora import (
 from .models import DigitDenoiser, GuidedDenoiser
 from .rewards import REWARDS, check_reward_weights
 from .sampling import sample_expert
+from .schedule import NUM_INFERENCE_STEPS, SCHEDULER_CONFIG, make_schedule
 from .store import EXPERT_KINDS, check_expert_kind
 
 __all__ = [
     "ORACLE_WEIGHTS",
+    "ADAPTER_KINDS",
     "PairsConfig",
     "LoraSettings",
     "AlignConfig",
@@ -93,12 +96,18 @@ __all__ = [
     "load_adapter",
     "base_fingerprint",
     "variance_offsets",
+    "sampler_bundle",
+    "model_spec",
 ]
 
 #: Preference weights of the shipped oracles: legibility w, boldness 1 - w.
 ORACLE_WEIGHTS: tuple[dict[str, float], ...] = tuple(
     {"legibility": w, "boldness": 1.0 - w} for w in (0.25, 0.5, 0.75)
 )
+
+#: How an expert or oracle is fine-tuned: a LoRA adapter on the base's linear layers
+#: (``"lora"``, stored as the adapter) or every weight of the base (``"full"``, stored in full).
+ADAPTER_KINDS = ("lora", "full")
 
 #: The largest count (chains, steps, batch, samples) a config or argument may ask for.
 MAX_COUNT = 10_000_000
@@ -144,11 +153,12 @@ class AlignConfig:
     kl_coef: float = 1.0  # beta: the model targets p_ref * exp(r / beta) per step
     num_steps: int = 300  # optimiser steps
     batch_size: int = 1024  # pairs per step
-    lr: float = 2e-3  # AdamW learning rate of the LoRA factors (cosine decay)
+    lr: float = 2e-3  # AdamW learning rate of the LoRA factors or weights (cosine decay)
     variance_lr: float = 1e-3  # learning rate of the variance head ("learned" kind)
     max_grad_norm: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     eval_samples: int = 1000  # held-out samples (digits cycling) for the reward metrics, 0: none
+    adapter: str = "lora"  # "lora": a LoRA adapter (stored small); "full": every weight trained
 
     def __post_init__(self) -> None:
         check_positive(self.kl_coef, "AlignConfig.kl_coef")
@@ -162,6 +172,10 @@ class AlignConfig:
                 f"AlignConfig.lora must be LoraSettings, got {type(self.lora).__name__}"
             )
         check_int(self.eval_samples, "AlignConfig.eval_samples", low=0, high=MAX_COUNT)
+        if self.adapter not in ADAPTER_KINDS:
+            raise ValueError(
+                f"AlignConfig.adapter must be one of {ADAPTER_KINDS}, got {self.adapter!r}"
+            )
 
     def to_dict(self) -> dict:
         return {**asdict(self), "lora": self.lora.to_dict()}
@@ -182,8 +196,14 @@ class AlignedModel:
     training: dict[str, Any]  # settings and seeds (JSON-able)
 
     @property
-    def lora_adapter(self) -> LoraAdapter:
-        """The adapter with its settings and base: what ``add_expert(..., adapter=)`` stores."""
+    def lora_adapter(self) -> LoraAdapter | None:
+        """The adapter with its settings and base: what ``add_expert(..., adapter=)`` stores.
+
+        None for a full fine-tune (``AlignConfig.adapter == "full"``): ``add_expert`` then
+        stores the whole network.
+        """
+        if self.training["config"].get("adapter", "lora") == "full":
+            return None
         lora = LoraSettings.from_dict(self.training["config"]["lora"])
         return LoraAdapter(self.adapter, lora, self.base_fingerprint)
 
@@ -243,6 +263,49 @@ def collect_digit_pairs(
     )
 
 
+def sampler_bundle(
+    bundle: DigitsBundle, num_steps: int = NUM_INFERENCE_STEPS, eta: float | None = None
+) -> DigitsBundle:
+    """The domain sampled in ``num_steps`` steps: strided DDPM, or DDIM with ``eta`` > 0.
+
+    Same base, rewards and noise tables; the reference (and every model trained on the
+    returned bundle) steps with this sampler. DDIM experts have the ``"fixed"`` kind: their
+    variance is set by eta. Experts already in ``bundle`` are left as they are.
+    """
+    bundle = _check_bundle(bundle)
+    num_steps = check_int(num_steps, "num_steps", low=1, high=1000)
+    if eta is not None:
+        eta = check_number(eta, "eta", low=0.0, low_inclusive=False)
+    config = bundle.manifest.get("scheduler") or SCHEDULER_CONFIG
+    if eta is None:
+        schedule, spec = make_schedule(num_steps, config), expert_spec("fixed")
+    else:
+        from diffusers import DDIMScheduler
+
+        keys = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
+        ddim = DDIMScheduler(**{k: config[k] for k in keys if k in config})
+        schedule = Schedule.from_scheduler(ddim, num_steps)
+        spec = StepSpec("epsilon", "fixed_small", float(eta))
+    reference = Expert(bundle.reference.denoiser, spec, 1.0, "base")
+    return replace(bundle, schedule=schedule, reference=reference)
+
+
+def model_spec(bundle: DigitsBundle, kind: str) -> StepSpec:
+    """The step spec of a model of ``kind`` trained on ``bundle``: its sampler's (eta for DDIM)."""
+    check_expert_kind(kind)
+    if bundle.schedule.sampler == "ddim":
+        if kind == "learned":
+            raise ValueError("a DDIM sampler sets the variance by eta: use kind 'fixed'")
+        return bundle.reference.spec
+    return expert_spec(kind)
+
+
+def _full_model(base: DigitDenoiser, kind: str) -> nn.Module:
+    """A trainable copy of the base (with a zero variance head for ``"learned"``)."""
+    start = base.with_variance_head() if kind == "learned" else copy.deepcopy(base)
+    return start.train(False).requires_grad_(True)
+
+
 def _lora_model(base: DigitDenoiser, kind: str, lora: LoraSettings) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -278,9 +341,17 @@ def apply_adapter(
 
 
 def save_adapter(path: str | Path, aligned: AlignedModel) -> None:
-    """Write ``aligned``'s adapter as safetensors (atomically), with what rebuilds it as metadata."""
+    """Write ``aligned``'s adapter as safetensors (atomically), with what rebuilds it as metadata.
+
+    Raises:
+        ValueError: ``aligned`` is a full fine-tune (it has no adapter: store it with
+            ``add_expert(..., adapter=None)``).
+    """
+    lora_adapter = aligned.lora_adapter
+    if lora_adapter is None:
+        raise ValueError("a full fine-tune has no adapter: store it with add_expert(adapter=None)")
     meta = adapter_metadata(
-        aligned.lora_adapter,
+        lora_adapter,
         weights=aligned.weights,
         kind=aligned.kind,
         kl_coef=aligned.kl_coef,
@@ -401,7 +472,10 @@ def _fit(
     """The peft model fine-tuned by step-level DPO on ``pairs``, and the trainer's result."""
     with torch.random.fork_rng(devices=[]):  # seeded LoRA init, global RNG untouched
         torch.manual_seed(seed)
-        peft_model = _lora_model(bundle.base, kind, config.lora)
+        if config.adapter == "full":
+            peft_model = _full_model(bundle.base, kind)
+        else:
+            peft_model = _lora_model(bundle.base, kind, config.lora)
     variance_params = [
         p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad
     ]
@@ -427,7 +501,7 @@ def _fit(
         pairs,
         rewards,
         bundle.schedule,
-        expert_spec(kind),
+        model_spec(bundle, kind),
         train_config,
         variance_parameters=variance_params,
         callback=callback,
@@ -508,10 +582,13 @@ def train_aligned(
         raise TypeError(f"pairs must be a PairSet, got {type(pairs).__name__}")
     rewards = pairs.weighted_rewards(weights)
     peft_model, result = _fit(bundle, pairs, rewards, kind, config, seed, progress)
-    adapter = _adapter_state(peft_model)
-    model = peft_model.merge_and_unload().eval().requires_grad_(False)
+    if config.adapter == "full":
+        adapter, model = {}, peft_model.eval().requires_grad_(False)
+    else:
+        adapter = _adapter_state(peft_model)
+        model = peft_model.merge_and_unload().eval().requires_grad_(False)
     name, beta = f"{_weights_label(weights)}/{kind}", float(config.kl_coef)
-    expert = Expert(_guided(model, bundle), expert_spec(kind), beta, name)
+    expert = Expert(_guided(model, bundle), model_spec(bundle, kind), beta, name)
     metrics = _metrics(bundle, expert, pairs, rewards, weights, config, result)
     metrics["seconds"] = time.perf_counter() - start
     pairs_record.update(

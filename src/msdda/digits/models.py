@@ -127,11 +127,19 @@ class DigitDenoiser(nn.Module):
     def out_channels(self) -> int:
         return 2 if self.config.variance_head else 1
 
-    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """(B, 1, 8, 8), (B,) long, (B,) long or None -> (B, C_out, 8, 8)."""
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, extra_emb: Tensor | None = None
+    ) -> Tensor:
+        """(B, 1, 8, 8), (B,) long, (B,) long or None -> (B, C_out, 8, 8).
+
+        ``extra_emb`` (B, hidden), when given, is added beside the class embedding (a
+        weight-conditioned student's weight embedding, :mod:`msdda.digits.student`).
+        """
         cond = _check_inputs(x_t, t, cond)
         b = x_t.shape[0]
         emb = self.time_mlp(timestep_embedding(t, self.config.time_dim)) + self.class_emb(cond)
+        if extra_emb is not None:
+            emb = emb + extra_emb
         emb = F.silu(emb)
         h = self.inp(x_t.reshape(b, NUM_PIXELS))
         for block in self.blocks:

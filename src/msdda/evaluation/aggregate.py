@@ -55,6 +55,7 @@ class MethodPoint:
     drift_from_base: float | None  # mean RMS image difference from the base's, same noise
     kl_from_base: float | None  # mean path KL to the base (nats)
     time_vs_base: float | None  # mean over rows of time / the base's time on the same batch
+    peak_memory_bytes: int | None = None  # the largest peak memory of its rows, where recorded
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class MethodSummary:
     nfe_per_image: float
     time_vs_base: float | None
     nfe_vs_base: float | None
+    peak_memory_bytes: int | None = None  # the largest of its points', where recorded
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class Report:
     reference: tuple[float, float] | None
     summaries: tuple[MethodSummary, ...]
     skipped_lines: int
+    #: the two rewards of the Pareto plot and the hypervolumes (None: not 2 objectives)
+    axes: tuple[str, str] | None = None
+    memory_kinds: tuple[str, ...] = ()  # what the rows' peak memory is (msdda.measure)
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,12 @@ def _mean_if_all(values: Sequence[float | None]) -> float | None:
     return _mean(values)
 
 
+def _max_if_any(values: Sequence[int | None]) -> int | None:
+    """The largest of the known ``values``, None when none is known."""
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
 def _point(method: str, weights: tuple[float, ...] | None, rows: list[ResultRow]) -> MethodPoint:
     """The rows of one (method, weights), averaged (rewards weighted by image counts)."""
     rows = sorted(rows, key=lambda r: (repr(r.prompt), r.seed))
@@ -146,6 +157,7 @@ def _point(method: str, weights: tuple[float, ...] | None, rows: list[ResultRow]
                 for r in rows
             ]
         ),
+        _max_if_any([r.peak_memory_bytes for r in rows]),
     )
 
 
@@ -206,13 +218,15 @@ def _summary(
     ref_point: tuple[float, float] | None,
     base: MethodPoint | None,
     msdda_half: MethodPoint | None,
+    axes: tuple[str, str] | None = None,
 ) -> MethodSummary:
-    """One method's summary from its points (sorted here by weight)."""
+    """One method's summary from its points (sorted here by weight); its hypervolume on
+    ``axes`` (default: the two objectives) from ``ref_point``."""
     pts = sorted(points, key=lambda p: p.weights or (-1.0,))
     hv = None
     if ref_point is not None:
-        xy = [(p.rewards[objectives[0]], p.rewards[objectives[1]]) for p in pts]
-        hv = hypervolume_2d(xy, ref_point)
+        a, b = axes or (objectives[0], objectives[1])
+        hv = hypervolume_2d([(p.rewards[a], p.rewards[b]) for p in pts], ref_point)
     at_half = _at(pts, half)
     values = _weighted(at_half, objectives, half) if at_half else []
     gain = gain_se = None
@@ -233,6 +247,7 @@ def _summary(
         nfe_per_image=nfe,
         time_vs_base=_time_ratio(pts, base),
         nfe_vs_base=nfe / base.nfe_per_image if base else None,
+        peak_memory_bytes=_max_if_any([p.peak_memory_bytes for p in pts]),
     )
 
 
@@ -245,7 +260,13 @@ def _check_header(results: Results) -> None:
     h, path = results.header, results.path
     names = set(results.rows[0].rewards)
     if any(set(r.rewards) != names for r in results.rows):
-        raise ResultsError(path, "its rows do not all report the same rewards")
+        rescored = list(h.get("rescored") or {})
+        hint = (
+            f" (rows sampled after `msdda rescore` added {rescored} lack them: rescore again)"
+            if isinstance(h.get("rescored"), dict) and rescored
+            else ""
+        )
+        raise ResultsError(path, f"its rows do not all report the same rewards{hint}")
     for key in ("objectives", "rewards", "methods"):
         value = h.get(key)
         if value is not None and (
@@ -281,11 +302,30 @@ def _check_header(results: Results) -> None:
             raise ResultsError(path, f"the header's tuning record of {name!r} is malformed")
 
 
-def build_report(results: Results, reference: Sequence[float] | None = None) -> Report:
+def _axes(axes, rewards: Sequence[str], objectives: Sequence[str]) -> tuple[str, str] | None:
+    """Two distinct reward names (default: the objectives when there are two)."""
+    if axes is None:
+        return (objectives[0], objectives[1]) if len(objectives) == 2 else None
+    items = check_sequence(axes, "axes")
+    if len(items) != 2 or items[0] == items[1]:
+        raise ValueError(f"axes must be two distinct reward names, got {items}")
+    unknown = [a for a in items if a not in rewards]
+    if unknown:
+        raise ValueError(f"axes {unknown} are not rewards of the results; known: {list(rewards)}")
+    return (items[0], items[1])
+
+
+def build_report(
+    results: Results,
+    reference: Sequence[float] | None = None,
+    axes: Sequence[str] | None = None,
+) -> Report:
     """Summaries of every method in ``results`` (see the module docstring).
 
     ``reference`` is the hypervolume reference point: two finite numbers (None: below
-    every point by 10% of their range).
+    every point by 10% of their range). ``axes`` are the two rewards of the Pareto plot
+    and the hypervolumes: any two reported rewards (objectives or held out; default the
+    two objectives, and no hypervolume for K != 2 without them).
     """
     if not isinstance(results, Results):
         raise TypeError(f"results must be Results (read_results), got {type(results).__name__}")
@@ -300,6 +340,7 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
     header = results.header
     objectives = tuple(header.get("objectives") or list(results.rows[0].rewards)[:2])
     rewards = tuple(header.get("rewards") or results.rows[0].rewards)
+    axes = _axes(axes, rewards, objectives)
     k = len(objectives)
     half = (1.0 / k,) * k
     points = method_points(results)
@@ -310,16 +351,26 @@ def build_report(results: Results, reference: Sequence[float] | None = None) -> 
     order = [m for m in listed if m in by_method]
     order += [m for m in by_method if m not in order]
     ref_point = None
-    if k == 2:
-        xy = [(p.rewards[objectives[0]], p.rewards[objectives[1]]) for p in points]
+    if axes is not None:
+        xy = [(p.rewards[axes[0]], p.rewards[axes[1]]) for p in points]
         ref_point = tuple(reference) if reference is not None else default_reference_point(xy)
     base = by_method.get("base", [None])[0]
     msdda_half = _at(by_method.get("msdda", []), half)
     summaries = tuple(
-        _summary(m, by_method[m], objectives, half, ref_point, base, msdda_half) for m in order
+        _summary(m, by_method[m], objectives, half, ref_point, base, msdda_half, axes)
+        for m in order
     )
     return Report(
-        results.path, header, objectives, rewards, half, ref_point, summaries, len(results.skipped)
+        results.path,
+        header,
+        objectives,
+        rewards,
+        half,
+        ref_point,
+        summaries,
+        len(results.skipped),
+        axes,
+        tuple(sorted({r.peak_memory_kind for r in results.rows if r.peak_memory_kind})),
     )
 
 

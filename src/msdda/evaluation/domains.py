@@ -1,7 +1,8 @@
 """Domains a sweep can run on: the problem, the rewards it reports, its prompts.
 
 ``digits`` (the default) loads the shipped digits bundle; ``toy`` is the exact 2-D
-mixture of :mod:`msdda.evaluation.toy`, seconds to sweep.
+mixture of :mod:`msdda.evaluation.toy`, seconds to sweep; ``sd`` is Stable Diffusion with
+reward models (:mod:`msdda.sd.sweep`, options as in ``msdda sweep --config``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..methods import MethodContext
 from ..rewards import Reward
 from ..validation import check_seed
 
-__all__ = ["SweepDomain", "DOMAINS", "load_domain", "digits_domain", "toy_domain"]
+__all__ = ["SweepDomain", "DOMAINS", "load_domain", "digits_domain", "toy_domain", "sd_domain"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,6 +35,15 @@ class SweepDomain:
     condition: Callable[[Sequence[Any]], Any]  # per-sample prompts -> the denoisers' cond
     identity: Mapping[str, Any] = field(default_factory=dict)  # what pins the models down
     check_prompt: Callable[[Any], Any] = lambda p: p  # validate one prompt (ValueError)
+    judges: tuple[str, ...] = ()  # eval_rewards no method reads, reported beside (held out)
+    #: model space -> the final images that are scored and saved (None: context.decode)
+    render: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: one final image -> a PIL image saved as PNG beside the results (None: no pictures)
+    picture: Callable[[torch.Tensor], Any] | None = None
+
+    def final_images(self, x0: torch.Tensor) -> torch.Tensor:
+        """The final images of samples ``x0`` (B, ...) in model space: what rewards score."""
+        return (self.render or self.context.decode)(x0)
 
     def __post_init__(self) -> None:
         if len(self.objectives) != self.context.num_objectives:
@@ -43,6 +53,9 @@ class SweepDomain:
         missing = [n for n in self.objectives if n not in self.eval_rewards]
         if missing:
             raise ValueError(f"eval_rewards must include the objectives; missing {missing}")
+        wrong = [n for n in self.judges if n not in self.eval_rewards or n in self.objectives]
+        if wrong:
+            raise ValueError(f"judges must be eval_rewards other than the objectives, got {wrong}")
 
 
 def _sha256(path: Path) -> str:
@@ -133,7 +146,32 @@ def toy_domain(seed: int = 0) -> SweepDomain:
     )
 
 
-DOMAINS: dict[str, Callable[..., SweepDomain]] = {"digits": digits_domain, "toy": toy_domain}
+def sd_domain(**options: Any) -> SweepDomain:
+    """Stable Diffusion: base, experts, oracles and reward models of ``options`` (plain
+    data, see :func:`msdda.sd.sweep.sd_sweep`); every image is also saved as a PNG."""
+    from ..sd.sweep import check_prompt, sd_sweep, to_picture
+
+    sd = sd_sweep(**options)
+    return SweepDomain(
+        name="sd",
+        context=sd.context,
+        objectives=sd.objectives,
+        eval_rewards=sd.eval_rewards,
+        prompts=sd.prompts,
+        condition=sd.condition,
+        identity=sd.identity,
+        check_prompt=check_prompt,
+        judges=sd.judges,
+        render=sd.render,
+        picture=to_picture,
+    )
+
+
+DOMAINS: dict[str, Callable[..., SweepDomain]] = {
+    "digits": digits_domain,
+    "toy": toy_domain,
+    "sd": sd_domain,
+}
 
 
 def load_domain(name: str, **options) -> SweepDomain:

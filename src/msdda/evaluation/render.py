@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import check_output_path, writing
+from ..errors import check_output_path, reading, writing
 from ..io import atomic_path, atomic_write_text
 from .aggregate import (
     DRIFT_FLAG,
@@ -23,7 +23,7 @@ from .aggregate import (
 )
 from .variants import TUNING_RULES, known_rule, method_info
 
-__all__ = ["markdown", "plot_pareto", "write_markdown"]
+__all__ = ["markdown", "plot_pareto", "plot_image_grid", "write_markdown"]
 
 
 def _draw_fronts(ax, report: Report, summaries, a: str, b: str, reference: bool) -> None:
@@ -53,7 +53,8 @@ def _draw_fronts(ax, report: Report, summaries, a: str, b: str, reference: bool)
 
 
 def plot_pareto(report: Report, path: str | Path) -> Path:
-    """The Pareto plot (first two objectives) as a PNG, written atomically.
+    """The Pareto plot (``report.axes``, else the first and last objectives) as a PNG,
+    written atomically.
 
     Left: every method. Right: a zoom on the methods that never read a reward while
     sampling, with ``target`` (the exact step-level optimum they aim at), ``base`` and
@@ -69,7 +70,7 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     path = check_output_path(path)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-    a, b = report.objectives[0], report.objectives[-1]
+    a, b = report.axes or (report.objectives[0], report.objectives[-1])
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.5), dpi=110)
     _draw_fronts(left, report, report.summaries, a, b, reference=True)
     zoom = [
@@ -85,6 +86,80 @@ def plot_pareto(report: Report, path: str | Path) -> Path:
     left.set_title(f"{domain}: every method over {len(weights)} weights")
     right.set_title("zoom: no reward access, KL-matched baselines, target, base")
     fig.tight_layout()
+    try:
+        with writing(path), atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _grid_cells(report: Report, rows, max_prompts: int):
+    """The grid's seed, prompts (key, text), columns (weights), methods and cell files."""
+    seed = min(r.seed for r in rows)
+    listed = report.header.get("prompts") or []
+    order = [*listed, *(r.prompt for r in rows if r.prompt not in listed)]
+    seen = [p for p in order if any(r.prompt == p and r.seed == seed for r in rows)]
+    prompts = list(dict.fromkeys((repr(p), str(p)) for p in seen))[:max_prompts]
+    keys = {k for k, _ in prompts}
+    cells: dict[tuple, str] = {}
+    for r in rows:
+        if r.seed == seed and repr(r.prompt) in keys:
+            cells[(repr(r.prompt), r.method, r.weights)] = r.image_files[0]
+    weights = sorted({w for (_, _, w) in cells if w is not None}) or [None]
+    methods = [s.method for s in report.summaries if any(k[1] == s.method for k in cells)]
+    return seed, prompts, weights, methods, cells
+
+
+def _draw_cell(ax, image_path: Path | None, title: str | None, label: str | None) -> None:
+    import matplotlib.image as mpimg
+
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if image_path is not None:
+        with reading(image_path, "image of the results"):
+            ax.imshow(mpimg.imread(image_path))
+    else:
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    if title is not None:
+        ax.set_title(title, fontsize=7)
+    if label is not None:
+        ax.set_ylabel(label, fontsize=7)
+
+
+def plot_image_grid(
+    report: Report, rows, path: str | Path, *, max_prompts: int = 2, cell_inches: float = 1.3
+) -> Path | None:
+    """The image grid as a PNG, written atomically: for the first ``max_prompts`` prompts
+    and the first seed, one line per method and one column per weight (a weight-free
+    method such as ``base`` repeated in every column). None (nothing written) when the
+    rows saved no images. ``rows`` are the results' rows (their ``image_files``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.image_files]
+    if not rows:
+        return None
+    path = check_output_path(path)
+    seed, prompts, weights, methods, cells = _grid_cells(report, rows, max_prompts)
+    size = (cell_inches * len(weights) + 1.0, (cell_inches * len(methods) + 0.5) * len(prompts))
+    fig = plt.figure(figsize=size, dpi=100, layout="constrained")
+    subfigures = fig.subfigures(len(prompts), 1, squeeze=False)[:, 0]
+    for sub, (key, text) in zip(subfigures, prompts, strict=True):
+        sub.suptitle(f"{text[:100]} (seed {seed})", fontsize=8)
+        axes = sub.subplots(len(methods), len(weights), squeeze=False)
+        for i, method in enumerate(methods):
+            for j, w in enumerate(weights):
+                f = cells.get((key, method, w)) or cells.get((key, method, None))
+                _draw_cell(
+                    axes[i][j],
+                    None if f is None else report.path.parent / f,
+                    ("-" if w is None else _weights(w)) if i == 0 else None,
+                    method if j == 0 else None,
+                )
     try:
         with writing(path), atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
@@ -158,9 +233,17 @@ def _header_lines(report: Report) -> list[str]:
         f"- hyperparameters used: { ({m: v for m, v in used.items() if v}) }",
     ]
     lines += _tuning_lines(h.get("tuning") or {})
-    if report.reference is not None:
+    if h.get("judges"):
         lines.append(
-            f"- hypervolume reference point ({report.objectives[0]}, {report.objectives[1]}) = "
+            f"- judges (held out: rewards no method reads, reported beside): "
+            f"{', '.join(h['judges'])}"
+            + (f"; added later by `msdda rescore`: {', '.join(h['rescored'])}"
+               if isinstance(h.get("rescored"), dict) and h["rescored"] else "")
+        )  # fmt: skip
+    if report.reference is not None:
+        a, b = report.axes or report.objectives[:2]
+        lines.append(
+            f"- hypervolume reference point ({a}, {b}) = "
             f"({report.reference[0]:.4f}, {report.reference[1]:.4f})"
         )
     lines.append(
@@ -329,24 +412,66 @@ def _reward_lines(report: Report) -> list[str]:
     return lines
 
 
-def markdown(report: Report, plot_name: str | None = None) -> str:
-    """The markdown summary of ``report``."""
+def _memory(x: int | None) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+
+def _cost_lines(report: Report) -> list[str]:
+    """Latency and memory per method (only where the rows record peak memory)."""
+    if all(s.peak_memory_bytes is None for s in report.summaries):
+        return []
+    base = next((s for s in report.summaries if s.method == "base"), None)
+    kinds = report.memory_kinds
+    lines = [
+        "## Latency and memory",
+        "",
+        "Time per image is the chain's wall time over the batch size; time / base is its ratio "
+        "to a base chain sampled on the same batch just before (same machine load); NFE counts "
+        "denoiser rows per image. Peak memory is the largest over the method's rows of its "
+        f"chain's peak ({', '.join(kinds) or 'kind not recorded'}: cuda_max_allocated is the "
+        "most bytes held by tensors on the GPU; process_peak_rss the peak resident memory of "
+        "the whole process, models included, on a CPU).",
+        "",
+        "| method | ms / image | time / base | NFE / image | peak memory (MiB) | memory / base |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in report.summaries:
+        ratio = None
+        if base is not None and base.peak_memory_bytes and s.peak_memory_bytes is not None:
+            ratio = s.peak_memory_bytes / base.peak_memory_bytes
+        lines.append(
+            f"| {s.method} | {s.seconds_per_image * 1e3:.1f} | {_fmt(s.time_vs_base, '.2f')} "
+            f"| {s.nfe_per_image:.0f} | {_memory(s.peak_memory_bytes)} | {_fmt(ratio, '.2f')} |"
+        )
+    return lines + [""]
+
+
+def markdown(report: Report, plot_name: str | None = None, grid_name: str | None = None) -> str:
+    """The markdown summary of ``report`` (with the plot and the image grid, when named)."""
     lines = [f"# Sweep report: {report.header.get('config', {}).get('domain', '?')}", ""]
     lines += _header_lines(report) + [""]
     if plot_name:
         lines += [f"![Pareto fronts]({plot_name})", ""]
+    if grid_name:
+        lines += [
+            f"![The same prompt and seed across methods (rows) and weights (columns)]({grid_name})",
+            "",
+        ]
     lines += _standing_lines(report)
     lines += _method_lines(report) + [""]
+    lines += _cost_lines(report)
     lines += _reward_lines(report) + [""]
     return "\n".join(lines)
 
 
-def write_markdown(report: Report, path: str | Path, plot_name: str | None = None) -> Path:
+def write_markdown(
+    report: Report, path: str | Path, plot_name: str | None = None, grid_name: str | None = None
+) -> Path:
     """Write :func:`markdown` to ``path`` atomically."""
     if not isinstance(report, Report):
         raise TypeError(f"report must be a Report (build_report), got {type(report).__name__}")
     path = check_output_path(path)
-    text = markdown(report, plot_name)
+    text = markdown(report, plot_name, grid_name)
     with writing(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)

@@ -20,7 +20,7 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ..errors import InputFileError, check_output_path, reading, writing
@@ -39,6 +39,8 @@ __all__ = [
     "config_differences",
     "check_same_configuration",
     "skipped_message",
+    "rewrite_results",
+    "with_reward",
 ]
 
 FORMAT = "msdda-sweep/2"  # 2: settings per method name, tuning rules
@@ -56,6 +58,9 @@ OPTIONAL_FIELDS = (  # written only when known (None: absent from the JSON objec
     "drift_from_base",
     "kl_from_base",
     "base_seconds_per_image",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "image_files",
 )
 
 Key = tuple[str, tuple[float, ...] | None, str, int]
@@ -103,6 +108,11 @@ class ResultRow:
     drift_from_base: float | None = None  # mean RMS image difference from the base's, same noise
     kl_from_base: float | None = None  # mean path KL to the base (nats)
     base_seconds_per_image: float | None = None  # the base's time on the same batch
+    peak_memory_bytes: int | None = None  # peak memory of the method's chain (msdda.measure)
+    peak_memory_kind: str | None = None  # what that peak is (msdda.measure.MEMORY_KINDS)
+    #: the row's images as PNG files, paths relative to the results file's folder, in
+    #: per_image order (domains with pictures: Stable Diffusion)
+    image_files: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewards, Mapping) or not _finite(self.rewards.values()):
@@ -118,6 +128,18 @@ class ResultRow:
             raise ValueError(f"bad key fields ({err})") from None
         if self.weights is not None:
             object.__setattr__(self, "weights", tuple(self.weights))
+        if self.image_files is not None:
+            files = self.image_files
+            if not isinstance(files, (list, tuple)) or not all(map(_relative_path, files)):
+                raise ValueError("image_files must be a list of relative file paths")
+            if len(files) != self.images:
+                raise ValueError(f"image_files lists {len(files)} files for {self.images} images")
+            object.__setattr__(self, "image_files", tuple(files))
+        memory = self.peak_memory_bytes
+        if memory is not None and (
+            isinstance(memory, bool) or not isinstance(memory, int) or memory < 0
+        ):
+            raise ValueError(f"peak_memory_bytes must be an int >= 0, got {memory!r}")
 
     @property
     def key(self) -> Key:
@@ -134,6 +156,8 @@ class ResultRow:
                 value = list(value)
             elif f.name == "per_image":
                 value = {n: list(v) for n, v in value.items()}
+            elif f.name == "image_files":
+                value = list(value)
             elif f.name in ("rewards", "rewards_std"):
                 value = dict(value)
             out[f.name] = value
@@ -178,6 +202,14 @@ def skipped_message(path: Path, skipped: Sequence[tuple[int, str]]) -> str:
     line, reason = skipped[0]
     first = f"line {line}: {reason}" if n == 1 else f"first: line {line}: {reason}"
     return f"{path}: {n} bad line{'s' if n != 1 else ''} skipped ({first})"
+
+
+def _relative_path(value: Any) -> bool:
+    """Whether ``value`` is a relative path inside its folder (no ``..``, not absolute)."""
+    if not isinstance(value, str) or not value:
+        return False
+    path = PurePosixPath(value)
+    return not path.is_absolute() and ".." not in path.parts and "\\" not in value
 
 
 def _finite(values: Iterable[Any]) -> bool:
@@ -357,3 +389,41 @@ def open_results(path: str | Path, header: dict) -> tuple[ResultsWriter, Results
     with writing(path):
         _repair_tail(path, keep=not existing.truncated_tail)
     return ResultsWriter(path, existing.keys()), existing
+
+
+def with_reward(row: ResultRow, name: str, scores: Sequence[float]) -> ResultRow:
+    """``row`` with the reward column ``name`` (added or replaced) from its images' scores,
+    in ``per_image`` order: their mean, standard deviation and values."""
+    values = tuple(round(float(x), 7) for x in scores)
+    if len(values) != row.images or not _finite(values):
+        raise ValueError(f"{name}: {len(values)} finite scores needed for {row.images} images")
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (n - 1)) if n > 1 else 0.0
+    return dataclasses.replace(
+        row,
+        rewards={**row.rewards, name: mean},
+        rewards_std={**row.rewards_std, name: std},
+        per_image={**row.per_image, name: values},
+    )
+
+
+def rewrite_results(path: str | os.PathLike, header: dict, rows: Sequence[ResultRow]) -> None:
+    """Replace the results file ``path`` by ``header`` and ``rows``, whole or not at all
+    (:func:`msdda.io.atomic_write_text`), holding the lock a sweep writing it holds.
+
+    Raises:
+        ResultsError: a sweep is appending to the file now.
+    """
+    path = Path(path)
+    if header.get("kind") != "header" or header.get("format") != FORMAT:
+        raise ValueError(f"header must be a {FORMAT} results header")
+    text = json.dumps(header) + "\n" + "".join(json.dumps(r.to_json()) + "\n" for r in rows)
+    with writing(path), open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ResultsError(
+                path, "is being written by a sweep now; try again after it"
+            ) from None
+        atomic_write_text(path, text)

@@ -22,9 +22,10 @@ from ..errors import check_output_path
 from ..methods import METHODS, MethodSettings, check_method, weight_key
 from ..validation import check_int, check_number, check_seeds, check_sequence
 from .domains import SweepDomain, load_domain
+from .executors import LocalExecutor, RayExecutor, UnitWork, write_pictures
 from .results import Results, ResultsError, check_same_configuration, open_results, read_results
 from .tuning import TuningConfig, sweep_methods, tune_settings
-from .units import SweepUnit, run_unit, unit_keys
+from .units import ImageSink, SweepUnit, unit_keys
 from .variants import method_of
 
 __all__ = [
@@ -195,6 +196,7 @@ def _header(config: SweepConfig, domain: SweepDomain, prompts) -> dict:
         "identity": {"domain": domain.name, **dict(domain.identity)},
         "objectives": list(domain.objectives),
         "rewards": list(domain.eval_rewards),
+        "judges": list(domain.judges),
         "prompts": list(prompts),
         "oracle_weights": sorted(list(weight_key(k)) for k in domain.context.oracles),
         "methods": list(config.sweep_methods),
@@ -236,11 +238,14 @@ def run_sweep(
     *,
     domain: SweepDomain | None = None,
     progress: Progress | None = None,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> SweepSummary:
     """Run (or resume) the sweep ``config`` into the results file ``path``.
 
     Hyperparameters are tuned first (on the tuning seeds) for a new file, or read from
     the header of an existing one; the file must have been written by the same config.
+    The units still to run go to ``executor`` (default: :class:`LocalExecutor`, here, in
+    plan order); this process alone writes the file, one unit's rows when it finished.
     """
     start = time.perf_counter()
     if not isinstance(config, SweepConfig):
@@ -258,28 +263,41 @@ def run_sweep(
     header = _header(config, domain, prompts)
     settings, record = _settings(config, domain, prompts, header, path, progress)
     header.update(settings={m: v.to_dict() for m, v in settings.items()}, tuning=record)
+    sink = image_sink(path, domain, prompts)
+    if sink is not None:
+        header["images"] = sink.folder
     writer, _ = open_results(path, header)
     units = plan_units(config, domain)
+    work = UnitWork(
+        config.domain, config.domain_options, prompts, config.images_per_prompt, settings, sink
+    )
     units_run = written = 0
     with writer:
-        for n, unit in enumerate(units):
-            if progress:
-                what = f"{unit.method} w={_fmt_weights(unit.weights)} seed={unit.seed}"
-                progress(what, n, len(units))
-            if unit_keys(unit, prompts) <= writer.done:
-                continue
-            rows = run_unit(
-                unit, domain, prompts, config.images_per_prompt, settings[unit.method],
-                companion=True,
-            )  # fmt: skip
+        todo = [u for u in units if not unit_keys(u, prompts) <= writer.done]
+        skipped = len(units) - len(todo)
+        if progress:
+            progress("resuming" if skipped else "starting", skipped, len(units))
+        for result in (executor or LocalExecutor()).run(work, todo, domain):
+            if sink is not None:  # the pictures first: a row never names a missing file
+                write_pictures(sink.root, result.pictures)
             units_run += 1
-            written += sum(writer.append(r) for r in rows)
+            written += sum(writer.append(r) for r in result.rows)
+            if progress:
+                progress(_describe(result.unit), skipped + units_run, len(units))
         total = len(writer.done)
     if progress:
         progress("done", len(units), len(units))
     return SweepSummary(
         path, len(units), units_run, written, total, time.perf_counter() - start, settings
     )
+
+
+def image_sink(path: Path, domain: SweepDomain, prompts) -> ImageSink | None:
+    """Where the pictures of a sweep into ``path`` go: ``<stem>-images/`` beside it (None
+    for a domain without pictures)."""
+    if domain.picture is None:
+        return None
+    return ImageSink(path.stem + "-images", path.parent, tuple(prompts))
 
 
 def _settings_in(results: Results) -> dict[str, MethodSettings]:
@@ -294,6 +312,10 @@ def _settings_in(results: Results) -> dict[str, MethodSettings]:
         return {m: MethodSettings(**recorded[m]) for m in methods}
     except (TypeError, ValueError) as err:
         raise ResultsError(results.path, f"the header records bad settings: {err}") from None
+
+
+def _describe(unit: SweepUnit) -> str:
+    return f"{unit.method} w={_fmt_weights(unit.weights)} seed={unit.seed}"
 
 
 def _fmt_weights(weights) -> str:

@@ -71,6 +71,7 @@ class MethodContext:
     #: (members, coefficients) -> the denoiser with parameters sum_j c_j theta_j (rs);
     #: None: :func:`parameter_soup` of the members' ``nn.Module`` denoisers
     soup: Callable[[tuple[Member, ...], tuple[float, ...]], Denoiser] | None = None
+    device: torch.device | str = "cpu"  # where x_T is put (the models' device)
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
@@ -89,6 +90,12 @@ class MethodContext:
             check_positive(self.kl_coef, "kl_coef")
         if not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        if not isinstance(self.device, (torch.device, str)):
+            raise TypeError(f"device must be a torch.device or a str, got {self.device!r}")
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except RuntimeError as err:
+            raise ValueError(f"device must name a torch device, got {self.device!r}") from err
         if not callable(self.decode):
             raise TypeError("decode must be callable: model space -> reward input")
         if not self.experts:

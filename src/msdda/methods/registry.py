@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..measure import peak_memory, timed
 from ..sampling import StepPolicy, check_seed_arg, sample_chain
 from ..validation import check_callable, check_number, check_seeds
 from . import strategies as s
@@ -182,6 +182,9 @@ class MethodRun:
     denoiser_rows: int  # rows through any denoiser (network evaluations)
     reward_rows: int  # rows through any reward
     kl: Tensor | None = None  # (B,) path KL to the base per image (nats), when measured
+    peak_memory_bytes: int | None = None  # peak memory of the chain (see msdda.measure)
+    peak_memory_kind: str = ""  # what that peak is: msdda.measure.MEMORY_KINDS
+    peak_memory_increase: int | None = None  # bytes the peak rose above what was held at start
 
     @property
     def images(self) -> int:
@@ -214,6 +217,11 @@ def run_method(
     ``measure_kl`` the run also measures each image's path KL to the base (nats): exact
     for Gaussian steps (the reference is evaluated again, uncounted and untimed), the
     choices' KL for search methods (exact for ``code``, an upper bound for ``target``).
+
+    x_T is drawn on the CPU and moved to ``ctx.device``. The run's peak memory on that
+    device is :func:`msdda.measure.peak_memory` of the chain (CUDA: the most bytes held by
+    tensors; CPU: the process's peak resident memory), including the reference
+    evaluations of ``measure_kl``.
     """
     if isinstance(seeds, (int, str, bytes)) or not isinstance(seeds, Sequence) or not seeds:
         raise TypeError(
@@ -231,10 +239,9 @@ def run_method(
     counter = EvalCounter()
     counted = ctx.counted(counter)
     tape = NoiseTape.seeded(list(seeds))
-    x_T = tape.initial((len(seeds), *ctx.sample_shape)).to(ctx.dtype)
+    x_T = tape.initial((len(seeds), *ctx.sample_shape)).to(device=ctx.device, dtype=ctx.dtype)
     meter = KLMeter(len(seeds)) if measure_kl else None
-    with torch.no_grad():
-        start = time.perf_counter()
+    with torch.no_grad(), peak_memory(ctx.device) as peak, timed(ctx.device) as clock:
         policy = build_policy(
             method,
             counted,
@@ -248,6 +255,15 @@ def run_method(
         if meter is not None and not info.search and method != "base":
             policy = metered(policy, s.base_policy(ctx, cond), ctx.schedule, meter)
         x0 = sample_chain(policy, x_T, ctx.schedule.timesteps, tape, callback=callback)
-        seconds = time.perf_counter() - start - (meter.seconds if meter else 0.0)
+    seconds = clock.seconds - (meter.seconds if meter else 0.0)
     kl = meter.total if meter is not None else None
-    return MethodRun(x0, seconds, counter.denoiser_rows, counter.reward_rows, kl)
+    return MethodRun(
+        x0,
+        seconds,
+        counter.denoiser_rows,
+        counter.reward_rows,
+        kl,
+        peak.bytes,
+        peak.kind,
+        peak.increase,
+    )

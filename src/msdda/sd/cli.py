@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -10,27 +9,30 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputFileError, check_output_path, writing
 from ..io import atomic_path
-from ..validation import check_int, check_number, check_positive, check_seed
+from ..validation import MAX_SEED, check_int, check_number, check_positive, check_seed
 
-__all__ = ["IMAGE_SUFFIXES", "generate_sd", "is_sdxl", "image_grid"]
+__all__ = ["IMAGE_SUFFIXES", "generate_sd", "load_pipeline", "is_sdxl", "image_grid"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+#: The largest count (samples, steps) accepted: what fits a signed 64-bit integer, the
+#: bound of ``msdda.cli.common.MAX_COUNT`` and of seeds.
+MAX_COUNT = MAX_SEED
 
 
 def is_sdxl(base: str, *, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether pipeline folder or cached hub id ``base`` is an SDXL pipeline (model_index.json)."""
+    from .loading import read_json, resolve_hub_id
+
     folder = Path(base).expanduser()
     if not folder.is_dir():
-        from .loading import resolve_hub_id
-
         folder = resolve_hub_id(base, cache_dir=cache_dir)
     index = folder / "model_index.json"
     if not index.is_file():
-        raise ValueError(
-            f"base {base!r}: {folder} has no model_index.json (not a diffusers pipeline)"
-        )
-    return "XL" in json.loads(index.read_text()).get("_class_name", "")
+        raise InputFileError(folder, "no model_index.json: not a diffusers pipeline folder")
+    return "XL" in str(read_json(index, "pipeline index").get("_class_name", ""))
 
 
 def image_grid(images: list, columns: int | None = None):
@@ -62,17 +64,47 @@ def _check_args(
         raise ValueError("weights must be a non-empty mapping {expert name: weight}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt must be a non-empty string")
-    out = Path(out)
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a path, got {type(out).__name__}")
+    out = check_output_path(out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"out must be an image file ending in one of {IMAGE_SUFFIXES}, got {out}")
-    check_int(num_samples, "num_samples", low=1)
-    check_int(steps, "steps", low=1)
+    check_int(num_samples, "num_samples", low=1, high=MAX_COUNT)
+    check_int(steps, "steps", low=1, high=MAX_COUNT)
     check_seed(seed)
     check_number(guidance_scale, "guidance_scale")
     check_number(eta, "eta", low=0.0)
     if kl_coef is not None:
         check_positive(kl_coef, "kl_coef")
     return out
+
+
+def load_pipeline(base: str | os.PathLike, experts: Mapping[str, str | os.PathLike]):
+    """The MSDDA pipeline of ``base`` (SD, SDXL, SD3 or FLUX, from its model_index.json) with
+    ``experts`` ({name: path or hub id}), on CUDA in float16 (flow models: bfloat16) when
+    available, else on CPU in float32."""
+    from .families import FLOW_FAMILIES, detect_family
+    from .flow_pipeline import MSDDAFluxPipeline, MSDDAStableDiffusion3Pipeline
+    from .loading import diffusers_dtype
+    from .pipeline import MSDDAStableDiffusionPipeline, MSDDAStableDiffusionXLPipeline
+
+    cuda = torch.cuda.is_available()
+    family = detect_family(os.fspath(base))  # sd, sdxl, sd3 or flux, from model_index.json
+    classes = {
+        "sd": MSDDAStableDiffusionPipeline,
+        "sdxl": MSDDAStableDiffusionXLPipeline,
+        "sd3": MSDDAStableDiffusion3Pipeline,
+        "flux": MSDDAFluxPipeline,
+    }
+    half = torch.bfloat16 if family in FLOW_FAMILIES else torch.float16
+    pipe = classes[family].from_pretrained(
+        os.fspath(base),
+        experts={k: os.fspath(v) for k, v in experts.items()},
+        **diffusers_dtype(half if cuda else torch.float32),
+    )
+    if cuda:
+        pipe.to("cuda")
+    return pipe
 
 
 def generate_sd(
@@ -97,7 +129,8 @@ def generate_sd(
         experts: ``{name: path or hub id}``: full UNets or LoRA adapters of the base.
         weights: ``{name: w >= 0}``; experts left out get weight 0.
         out: an image file (.png, .jpg, .webp); several samples are tiled into a grid.
-        seed: seeds the CPU generator the initial and step noise are drawn from.
+        seed: an integer in [0, 2**63 - 1] (the range of :func:`msdda.validation.check_seed`,
+            as in every domain); seeds the CPU generator the noise is drawn from.
         steps, guidance_scale, eta: DDIM steps, classifier-free guidance, DDIM eta (> 0).
         kl_coef: target KL coefficient beta (default: the experts', i.e. lambda_i = w_i).
 
@@ -110,34 +143,24 @@ def generate_sd(
     out = _check_args(
         base, experts, weights, prompt, out, num_samples, seed, steps, guidance_scale, eta, kl_coef
     )
-    from .loading import diffusers_dtype
-    from .pipeline import MSDDAStableDiffusionPipeline, MSDDAStableDiffusionXLPipeline
+    from .families import noise_keyword
 
-    cuda = torch.cuda.is_available()
-    cls = (
-        MSDDAStableDiffusionXLPipeline if is_sdxl(os.fspath(base)) else MSDDAStableDiffusionPipeline
-    )
-    pipe = cls.from_pretrained(
-        os.fspath(base),
-        experts={k: os.fspath(v) for k, v in experts.items()},
-        **diffusers_dtype(torch.float16 if cuda else torch.float32),
-    )
-    if cuda:
-        pipe.to("cuda")
+    pipe = load_pipeline(base, experts)
     generator = torch.Generator("cpu").manual_seed(seed)
     images = pipe(
         prompt,
         dict(weights),
         num_inference_steps=steps,
         guidance_scale=float(guidance_scale),
-        eta=float(eta),
+        **{noise_keyword(pipe._family): float(eta)},  # DDIM eta, or a flow's noise level
         kl_coef=kl_coef,
         num_images_per_prompt=num_samples,
         generator=generator,
         output_type="pil",
     ).images
     picture = images[0] if len(images) == 1 else image_grid(images)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        picture.save(tmp)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            picture.save(tmp)
     return out

@@ -72,6 +72,21 @@ class UNetConditioning:
         """The conditioning of ``n`` stacked copies of the batch (copy-major)."""
         return self.select(torch.arange(self.batch_size).repeat(n))
 
+    @staticmethod
+    def concat(conds: Sequence[UNetConditioning]) -> UNetConditioning:
+        return concat_conditionings(conds)
+
+    def forward(self, unet: nn.Module, x_in: Tensor, t_in: Tensor) -> Tensor:
+        """The UNet's raw output for ``x_in`` (G, ...) at timesteps ``t_in`` (G,) long. (A flow
+        transformer's conditioning, :mod:`msdda.sd.flow_denoisers`, calls its model its way.)"""
+        return unet(
+            x_in,
+            t_in,
+            encoder_hidden_states=self.encoder_hidden_states,
+            added_cond_kwargs=self.added_cond_kwargs,
+            return_dict=False,
+        )[0]
+
 
 def concat_conditionings(conds: Sequence[UNetConditioning]) -> UNetConditioning:
     """One conditioning for a batch of len(conds) groups, group after group."""
@@ -91,11 +106,26 @@ class SDConditioning:
 
     ``shared``: through the text encoders as they stand (the reference's and every
     expert's without a text-encoder LoRA); ``own[i]``: expert i's, encoded with its
-    text-encoder adapters.
+    text-encoder adapters. ``prompts``: the prompt string of each sample (what the
+    rewards read), kept aligned with the rows by :meth:`select` and :meth:`repeat`; None
+    when the batch was given as embeddings.
     """
 
     shared: UNetConditioning
     own: Mapping[int, UNetConditioning] = field(default_factory=dict)
+    prompts: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompts is None:
+            return
+        prompts = tuple(self.prompts)
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("prompts must be strings, one per sample")
+        if len(prompts) != self.shared.batch_size:
+            raise ValueError(
+                f"{len(prompts)} prompts for a batch of {self.shared.batch_size} samples"
+            )
+        object.__setattr__(self, "prompts", prompts)
 
     @property
     def cfg(self) -> bool:
@@ -107,13 +137,20 @@ class SDConditioning:
 
     def select(self, rows: Tensor) -> SDConditioning:
         """The conditioning of samples ``rows`` (a (b,) long tensor) of the batch."""
+        prompts = None
+        if self.prompts is not None:
+            prompts = tuple(self.prompts[i] for i in rows.tolist())
         return SDConditioning(
-            self.shared.select(rows), {i: c.select(rows) for i, c in self.own.items()}
+            self.shared.select(rows), {i: c.select(rows) for i, c in self.own.items()}, prompts
         )
 
     def repeat(self, n: int) -> SDConditioning:
         """The conditioning of ``n`` stacked copies of the batch (copy-major)."""
-        return SDConditioning(self.shared.repeat(n), {i: c.repeat(n) for i, c in self.own.items()})
+        return SDConditioning(
+            self.shared.repeat(n),
+            {i: c.repeat(n) for i, c in self.own.items()},
+            None if self.prompts is None else self.prompts * n,
+        )
 
 
 @dataclass(frozen=True)
@@ -147,19 +184,13 @@ def unet_forward(
     """One UNet forward over len(conds) groups of ``x_t`` (B, ...) at ``t`` (B,); group j
     gets adapter ``slots[j]`` of ``bank`` (None: none). Returns each group's raw output
     ((2B, ...) with guidance rows, else (B, ...))."""
-    cond = concat_conditionings(conds)
+    cond = conds[0].concat(conds)
     reps = len(conds) * (2 if cond.cfg else 1)
     x_in = torch.cat([x_t.to(unet.dtype)] * reps)
     t_in = t.to(device=x_t.device, dtype=torch.long).repeat(reps)
     route = bank.route(list(slots)) if bank is not None and slots is not None else nullcontext()
     with route:
-        out = unet(
-            x_in,
-            t_in,
-            encoder_hidden_states=cond.encoder_hidden_states,
-            added_cond_kwargs=cond.added_cond_kwargs,
-            return_dict=False,
-        )[0]
+        out = cond.forward(unet, x_in, t_in)
     return list(out.chunk(len(conds)))
 
 

@@ -10,6 +10,12 @@ An expert is given as a path or a Hugging Face hub id:
 - a hub id (``org/name``) is looked up in the local HF cache only (``local_files_only``).
 
 Weights are read from safetensors only (never pickle).
+
+Every file is checked before any model is built (:func:`check_pipeline_folder`,
+:func:`check_expert_files`): JSON configs, safetensors headers (``safetensors.safe_open``),
+the classes configs name, and tensor shapes against the base UNet's (and text encoders');
+a bad file is one :class:`msdda.errors.InputFileError` naming it. Errors the libraries
+raise later, while loading, are re-raised the same way (:func:`msdda.errors.reading`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..errors import InputFileError, reading
 from ..lora import LoRAFactors, extract_lora_factors
 
 __all__ = [
@@ -31,6 +38,13 @@ __all__ = [
     "ARCHITECTURE_KEYS",
     "NOISE_TABLE_KEYS",
     "ExpertSource",
+    "BaseView",
+    "PreparedExpert",
+    "read_json",
+    "read_header_shapes",
+    "check_pipeline_folder",
+    "check_expert_files",
+    "check_lora_fits",
     "resolve_expert_source",
     "resolve_hub_id",
     "check_unet_architecture",
@@ -69,6 +83,26 @@ NOISE_TABLE_KEYS = (
     "beta_schedule",
     "trained_betas",
     "rescale_betas_zero_snr",
+)
+
+#: The networks experts share, by model class (a full-model expert holds one of them).
+BACKBONE_CLASSES = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")
+
+#: FlowMatchEulerDiscreteScheduler entries that define the sigmas: flow experts must share them.
+FLOW_SIGMA_KEYS = (
+    "num_train_timesteps",
+    "shift",
+    "use_dynamic_shifting",
+    "base_shift",
+    "max_shift",
+    "base_image_seq_len",
+    "max_image_seq_len",
+    "invert_sigmas",
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "time_shift_type",
 )
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -137,8 +171,8 @@ def _unet_weights_variant(folder: Path, name: str) -> str | None:
         if pickles
         else ""
     )
-    raise ValueError(
-        f"expert {name!r}: missing weight file {_UNET_WEIGHTS}.safetensors in {folder}{hint}"
+    raise InputFileError(
+        folder, f"expert {name!r}: missing weight file {_UNET_WEIGHTS}.safetensors{hint}"
     )
 
 
@@ -160,21 +194,20 @@ def _classify_folder(name: str, folder: Path, given: str) -> ExpertSource:
     if (folder / "adapter_config.json").is_file():
         weights = folder / "adapter_model.safetensors"
         if not weights.is_file():
-            raise ValueError(
-                f"expert {name!r}: peft folder {folder} has adapter_config.json but no "
-                "adapter_model.safetensors (missing weight file)"
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            hint = f"; found only pickle weights {pickles}, which are not loaded" if pickles else ""
+            raise InputFileError(
+                folder,
+                f"expert {name!r}: a peft folder with adapter_config.json but no "
+                f"adapter_model.safetensors (missing weight file{hint})",
             )
         return ExpertSource(name, "lora", folder, given, lora_format="peft")
-    if (folder / "unet" / "config.json").is_file():
-        return _unet_source(name, folder / "unet", given)
+    for sub in ("unet", "transformer"):  # a pipeline folder: SD's UNet, a flow transformer
+        if (folder / sub / "config.json").is_file():
+            return _unet_source(name, folder / sub, given)
     config = folder / "config.json"
     if config.is_file():
-        cls = json.loads(config.read_text()).get("_class_name", "")
-        if cls != "UNet2DConditionModel":
-            raise ValueError(
-                f"expert {name!r}: {folder} holds a {cls or 'non-diffusers'} model, not a "
-                "UNet2DConditionModel"
-            )
+        _check_unet_class(name, config, read_json(config, "UNet config"))
         return _unet_source(name, folder, given)
     lora = folder / "pytorch_lora_weights.safetensors"
     if lora.is_file():
@@ -183,10 +216,30 @@ def _classify_folder(name: str, folder: Path, given: str) -> ExpertSource:
     if len(candidates) == 1:
         return ExpertSource(name, "lora", candidates[0], given, lora_format="diffusers")
     found = ", ".join(p.name for p in candidates) or "no .safetensors file"
-    raise ValueError(
-        f"expert {name!r}: {folder} holds neither a UNet (unet/config.json or config.json) nor "
-        f"one LoRA weight file (pytorch_lora_weights.safetensors, adapter_config.json); found {found}"
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles and not candidates:
+        found += (
+            f" (only pickle files {pickles}, which are not loaded; convert them to safetensors)"
+        )
+    raise InputFileError(
+        folder,
+        f"expert {name!r}: holds neither a UNet (unet/config.json or config.json) nor one LoRA "
+        f"weight file (pytorch_lora_weights.safetensors, adapter_config.json); found {found}",
     )
+
+
+def _check_unet_class(
+    name: str, path: Path, config: Mapping[str, Any], expected: str | None = None
+) -> None:
+    """The config names a network experts can share (``expected``: the base's class)."""
+    cls = config.get("_class_name", "")
+    wanted = (expected,) if expected is not None else BACKBONE_CLASSES
+    if cls not in wanted:
+        raise InputFileError(
+            path,
+            f"expert {name!r}: holds a {cls or 'non-diffusers'} model, not a {' or '.join(wanted)}"
+            + (" (a model of another family than the base's)" if cls in BACKBONE_CLASSES else ""),
+        )
 
 
 def resolve_expert_source(
@@ -205,13 +258,14 @@ def resolve_expert_source(
         if path.suffix == ".safetensors":
             return ExpertSource(name, "lora", path, given, lora_format="diffusers")
         if path.suffix in _PICKLE_SUFFIXES:
-            raise ValueError(
-                f"expert {name!r}: {path} is a pickle checkpoint, which is not loaded; convert it "
-                "to .safetensors"
+            raise InputFileError(
+                path,
+                f"expert {name!r}: a pickle checkpoint, which is not loaded; convert it to "
+                ".safetensors",
             )
-        raise ValueError(
-            f"expert {name!r}: {path} is not a .safetensors LoRA file, a UNet folder or a "
-            "pipeline folder"
+        raise InputFileError(
+            path,
+            f"expert {name!r}: not a .safetensors LoRA file, a UNet folder or a pipeline folder",
         )
     if path.is_dir():
         return _classify_folder(name, path, given)
@@ -221,7 +275,7 @@ def resolve_expert_source(
         except ValueError as err:
             raise ValueError(f"expert {name!r}: {err}") from err.__cause__
         return _classify_folder(name, folder, given)
-    raise ValueError(f"expert {name!r}: {given!r} does not exist (missing weight file or folder)")
+    raise InputFileError(given, f"expert {name!r}: does not exist (missing weight file or folder)")
 
 
 def _config_value(config: Mapping[str, Any], key: str) -> Any:
@@ -232,24 +286,30 @@ def _config_value(config: Mapping[str, Any], key: str) -> Any:
 def check_unet_architecture(
     name: str, expert_config: Mapping[str, Any], base_config: Mapping[str, Any]
 ) -> None:
-    """ValueError naming the first architecture entries where the expert's UNet differs."""
+    """ValueError naming the first architecture entries where the expert's UNet differs
+    (a flow transformer's: every entry of its config)."""
+    keys = ARCHITECTURE_KEYS
+    if "down_block_types" not in base_config:  # a transformer: its whole config is its shape
+        keys = tuple(k for k in base_config if not k.startswith("_"))
     diffs = [
         f"{k}: {_config_value(expert_config, k)!r} (expert) vs {_config_value(base_config, k)!r} (base)"
-        for k in ARCHITECTURE_KEYS
+        for k in keys
         if _config_value(expert_config, k) != _config_value(base_config, k)
     ]
     if diffs:
         raise ValueError(
-            f"expert {name!r}: its UNet architecture differs from the base's: " + "; ".join(diffs)
+            f"expert {name!r}: its network's architecture differs from the base's: "
+            + "; ".join(diffs)
         )
 
 
 def check_noise_tables(
     name: str, expert_config: Mapping[str, Any], base_config: Mapping[str, Any]
 ) -> None:
-    """ValueError if the expert was trained with other noise tables than the base's scheduler."""
+    """ValueError if the expert was trained with other noise tables than the base's scheduler
+    (a flow scheduler's: other sigmas, :data:`FLOW_SIGMA_KEYS`)."""
     diffs = []
-    for k in NOISE_TABLE_KEYS:
+    for k in FLOW_SIGMA_KEYS if "shift" in base_config else NOISE_TABLE_KEYS:
         a, b = _config_value(expert_config, k), _config_value(base_config, k)
         if isinstance(a, float) and isinstance(b, float):
             same = abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1.0)
@@ -264,65 +324,388 @@ def check_noise_tables(
         )
 
 
-def load_expert_unet(
-    source: ExpertSource, base_unet, base_scheduler_config: Mapping[str, Any]
-) -> tuple[Any, str]:
-    """Load a full-UNet expert like the base (dtype, device); returns (unet, prediction_type).
+# --------------------------------------------------------------------------- files, checked first
 
-    Checks its architecture against ``base_unet`` and its scheduler (when it comes with
-    one) against the base's noise tables; the prediction type is the expert's own.
+#: Tensor name -> shape, as a safetensors header or a state dict gives them.
+Shapes = dict[str, tuple[int, ...]]
+
+#: The models of a pipeline whose shapes LoRA experts are checked against.
+_ADAPTED = ("unet", "text_encoder", "text_encoder_2")
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a config), or InputFileError naming the file."""
+    with reading(path, what):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise InputFileError(path, f"not a {what}: the JSON holds a {type(data).__name__}")
+    return data
+
+
+def read_header_shapes(path: str | os.PathLike, what: str) -> Shapes:
+    """Tensor name -> shape from the safetensors header of ``path``; no tensor is read.
+
+    ``safe_open`` checks the header and that the file holds all the bytes it announces,
+    so a garbage, truncated or pickle file is refused here, naming it.
     """
-    from diffusers import UNet2DConditionModel
+    from safetensors import safe_open
 
-    config = UNet2DConditionModel.load_config(source.path)
-    check_unet_architecture(source.name, config, base_unet.config)
-    prediction_type = base_scheduler_config.get("prediction_type", "epsilon")
-    if source.scheduler_config is not None:
-        sched = json.loads(source.scheduler_config.read_text())
-        check_noise_tables(source.name, sched, base_scheduler_config)
-        prediction_type = sched.get("prediction_type", prediction_type)
-    unet = UNet2DConditionModel.from_pretrained(
-        source.path,
-        **diffusers_dtype(base_unet.dtype),
-        use_safetensors=True,
-        local_files_only=True,
-        variant=source.variant,
+    with reading(path, what), safe_open(os.fspath(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _variant_of(file_name: str) -> str | None:
+    """``fp16`` for ``model.fp16.safetensors`` (or a shard of it), None for ``model.safetensors``."""
+    parts = file_name.split(".")
+    return parts[1].split("-")[0] if len(parts) == 3 else None
+
+
+def _weight_shapes(folder: Path, what: str, variant: str | None) -> Shapes:
+    """Shapes of a model folder's safetensors weights (of ``variant``, or any if none has
+    it), every file's header checked; InputFileError for a folder with pickles only."""
+    files = sorted(p for p in folder.iterdir() if p.name.endswith(".safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise InputFileError(
+                folder,
+                f"the {what} has only pickle weights ({', '.join(pickles)}), which are never "
+                "loaded; convert them to .safetensors",
+            )
+        raise InputFileError(folder, f"the {what} has no weight file (.safetensors)")
+    headers = {p: read_header_shapes(p, f"{what} weights (safetensors)") for p in files}
+    shapes: Shapes = {}
+    for p in [p for p in files if _variant_of(p.name) == variant] or files:
+        shapes.update(headers[p])
+    return shapes
+
+
+def _shape_misfits(found: Shapes, expected: Shapes, found_as: str, expected_as: str) -> str | None:
+    """What is wrong with weights of shapes ``found`` where ``expected`` are wanted, or None:
+    tensors of another shape, or no tensor in common."""
+    common = found.keys() & expected.keys()
+    if found and expected and not common:
+        return f"none of its {len(found)} tensors is one of {expected_as}"
+    diffs = sorted(k for k in common if found[k] != expected[k])
+    if not diffs:
+        return None
+    more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+    k = diffs[0]
+    return f"{k} is {list(found[k])} in {found_as} but {list(expected[k])} in {expected_as}{more}"
+
+
+def _skeleton_shapes(library: str, class_name: str, config: dict, path: Path) -> Shapes | None:
+    """State-dict shapes of ``class_name`` built from ``config`` on the meta device (no
+    memory, no weights); None for a class of another library. A config the class
+    refuses is an InputFileError naming ``path``."""
+    import importlib
+
+    if library not in ("diffusers", "transformers"):
+        return None
+    try:
+        cls = getattr(importlib.import_module(library), class_name)
+    except (ImportError, AttributeError):
+        return None
+    try:
+        with reading(path, f"{class_name} config"), torch.device("meta"):
+            if library == "diffusers":
+                model = cls.from_config(config)
+            else:
+                model = cls(cls.config_class.from_dict(config))
+    except TypeError as err:
+        raise InputFileError(path, f"not a {class_name} config: {err}") from err
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _is_component(spec: Any) -> bool:
+    return isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, str) for x in spec)
+
+
+def _check_component(
+    folder: Path, name: str, spec: list[str], variant: str | None
+) -> tuple[dict[str, Any], Shapes | None]:
+    """(config, weight shapes or None) of pipeline component ``name`` in ``folder``: its
+    JSON files parsed, its config's class and its weights' shapes checked."""
+    library, class_name = spec
+    jsons = {p.name: read_json(p, f"{name} {p.name}") for p in sorted(folder.glob("*.json"))}
+    config_path = folder / "config.json"
+    if "config.json" not in jsons:  # a scheduler, tokenizer or feature extractor
+        return jsons.get("scheduler_config.json", {}), None
+    config = jsons["config.json"]
+    named = config.get("_class_name")
+    if library == "diffusers" and isinstance(named, str) and named != class_name:
+        raise InputFileError(
+            config_path, f"names a {named}, but model_index.json says the {name} is a {class_name}"
+        )
+    found = _weight_shapes(folder, name, variant)
+    expected = _skeleton_shapes(library, class_name, config, config_path)
+    problem = expected and _shape_misfits(found, expected, "the weights", "its config.json")
+    if problem:
+        raise InputFileError(folder, f"the {name} weights do not fit its config.json: {problem}")
+    return config, found
+
+
+@dataclass(frozen=True)
+class BaseView:
+    """What experts are checked against: the base UNet's config, the scheduler's, and the
+    tensor shapes of the base's UNet and text encoders (by attribute name)."""
+
+    unet_config: Mapping[str, Any]  # the backbone's config (a flow model's transformer's)
+    scheduler_config: Mapping[str, Any]
+    shapes: Mapping[str, Shapes]
+    backbone: str = "unet"  # the pipeline attribute of the network experts share
+    backbone_class: str = "UNet2DConditionModel"
+
+    @classmethod
+    def of_pipeline(cls, pipe) -> BaseView:
+        """The view of a pipeline already built."""
+        backbone = pipe.msdda_backbone
+        models = {a: getattr(pipe, a, None) for a in (*_ADAPTED, pipe._backbone_name)}
+        shapes = {
+            a: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+            for a, m in models.items()
+            if m is not None
+        }
+        return cls(
+            dict(backbone.config),
+            dict(pipe.scheduler.config),
+            shapes,
+            pipe._backbone_name,
+            type(backbone).__name__,
+        )
+
+
+def check_pipeline_folder(
+    folder: str | os.PathLike,
+    *,
+    variant: str | None = None,
+    given: Mapping[str, Any] | None = None,
+    backbone: str = "unet",
+) -> BaseView:
+    """Check a diffusers pipeline folder's files before anything is built.
+
+    ``model_index.json`` and every component's JSON files must parse; a model's config
+    must name the class the index gives, its safetensors headers must read and their
+    shapes fit its config (through a weightless meta-device skeleton). Components in
+    ``given`` (passed to ``from_pretrained`` as objects) are taken from there;
+    ``backbone`` names the network experts adapt (the UNet, or a flow transformer). Raises InputFileError naming the file.
+    """
+    folder, given = Path(folder), given or {}
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise InputFileError(folder, "no model_index.json: not a diffusers pipeline folder")
+    index = read_json(index_path, "pipeline index")
+    configs: dict[str, Any] = {}
+    shapes: dict[str, Shapes] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not _is_component(spec) or name in given:
+            continue
+        if not (folder / name).is_dir():
+            raise InputFileError(folder / name, f"missing: model_index.json lists the {name}")
+        configs[name], found = _check_component(folder / name, name, spec, variant)
+        if found is not None and name in (*_ADAPTED, backbone):
+            shapes[name] = found
+    for name in {backbone, *_ADAPTED, "scheduler"}:
+        model = given.get(name)
+        if model is not None:
+            configs[name] = dict(model.config)
+            if name != "scheduler":
+                shapes[name] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if backbone not in configs or "scheduler" not in configs:
+        raise InputFileError(index_path, f"the pipeline has no {backbone} or no scheduler")
+    backbone_class = (
+        type(given[backbone]).__name__ if given.get(backbone) is not None else index[backbone][1]
     )
+    return BaseView(configs[backbone], configs["scheduler"], shapes, backbone, backbone_class)
+
+
+@dataclass(frozen=True)
+class PreparedExpert:
+    """An expert whose files were checked: where they are, the prediction type of its
+    steps, and for a LoRA its state already read (state, network alphas, metadata, prefix)."""
+
+    source: ExpertSource
+    prediction_type: str
+    lora: tuple | None = None
+
+
+def check_expert_files(source: ExpertSource, base: BaseView, pipeline_cls) -> PreparedExpert:
+    """Check an expert's files against the base before any model is built (InputFileError)."""
+    if source.kind == "unet":
+        return _check_unet_expert(source, base)
+    state = _read_lora_state(source, pipeline_cls, base.unet_config)
+    check_lora_fits(source, state[0], state[3], base)
+    return PreparedExpert(source, base.scheduler_config.get("prediction_type", "epsilon"), state)
+
+
+def _check_unet_expert(source: ExpertSource, base: BaseView) -> PreparedExpert:
+    """Config, class and architecture, the scheduler's noise tables, the weights' shapes."""
+    config_path = source.path / "config.json"
+    config = read_json(config_path, "UNet config")
+    _check_unet_class(source.name, config_path, config, base.backbone_class)
+    try:
+        check_unet_architecture(source.name, config, base.unet_config)
+    except ValueError as err:
+        raise InputFileError(config_path, str(err)) from None
+    prediction_type = base.scheduler_config.get("prediction_type", "epsilon")
+    if source.scheduler_config is not None:
+        sched = read_json(source.scheduler_config, "scheduler config")
+        try:
+            check_noise_tables(source.name, sched, base.scheduler_config)
+        except ValueError as err:
+            raise InputFileError(source.scheduler_config, str(err)) from None
+        prediction_type = sched.get("prediction_type", prediction_type)
+    found = _weight_shapes(source.path, f"UNet of expert {source.name!r}", source.variant)
+    problem = base.shapes.get(base.backbone) and _shape_misfits(
+        found, base.shapes[base.backbone], "the expert", f"the base {base.backbone}"
+    )
+    if problem:
+        raise InputFileError(
+            source.path, f"expert {source.name!r}: its weights do not fit the base UNet: {problem}"
+        )
+    return PreparedExpert(source, prediction_type)
+
+
+def load_expert_unet(prepared: PreparedExpert, base_unet) -> Any:
+    """Load a checked full-UNet expert like the base (dtype, device)."""
+    source = prepared.source
+    with reading(source.path, f"UNet of expert {source.name!r}"):
+        unet = type(base_unet).from_pretrained(  # the base's class: a UNet or a transformer
+            source.path,
+            **diffusers_dtype(base_unet.dtype),
+            use_safetensors=True,
+            local_files_only=True,
+            variant=source.variant,
+        )
     unet.to(base_unet.device)
     unet.eval().requires_grad_(False)
-    return unet, prediction_type
+    return unet
 
 
-def _read_lora_state(source: ExpertSource, pipeline_cls, unet_config):
-    """(state dict, network alphas, metadata, prefix) of a LoRA source, as diffusers reads it."""
+# --------------------------------------------------------------------------- LoRA
+
+
+def _read_lora_state(source: ExpertSource, pipeline_cls, unet_config: Mapping[str, Any]):
+    """(state dict, network alphas, metadata, prefix) of a LoRA source, as diffusers reads
+    it, after its safetensors header (and peft config) checked."""
+    what = f"LoRA weights of expert {source.name!r}"
     if source.lora_format == "peft":
         from safetensors.torch import load_file
 
-        metadata = json.loads((source.path / "adapter_config.json").read_text())
-        state = load_file(source.path / "adapter_model.safetensors")
+        metadata = read_json(source.path / "adapter_config.json", "peft adapter config")
+        weights = source.path / "adapter_model.safetensors"
+        read_header_shapes(weights, what)
+        with reading(weights, what):
+            state = load_file(weights)
         state = {k.removeprefix("base_model.model."): v for k, v in state.items()}
         return state, None, metadata, None
+    from diffusers.configuration_utils import FrozenDict
+
+    read_header_shapes(source.path, what)
     kwargs: dict[str, Any] = {"use_safetensors": True, "return_lora_metadata": True}
     if "unet_config" in _lora_state_dict_params(pipeline_cls):
-        kwargs["unet_config"] = unet_config
-    state, alphas, metadata = pipeline_cls.lora_state_dict(
-        str(source.path.parent),
-        weight_name=source.path.name,
-        local_files_only=True,
-        **kwargs,
-    )
-    if not state or not all("lora" in k for k in state):
-        raise ValueError(
-            f"expert {source.name!r}: {source.path} is not a LoRA checkpoint (its keys do not "
-            "name lora layers)"
+        kwargs["unet_config"] = FrozenDict(unet_config)
+    with reading(source.path, what):
+        read = pipeline_cls.lora_state_dict(
+            str(source.path.parent), weight_name=source.path.name, local_files_only=True, **kwargs
         )
-    return state, alphas, metadata, "unet"
+    # (state, network alphas, metadata); transformer pipelines (SD3) return no alphas
+    state, alphas, metadata = read if len(read) == 3 else (read[0], None, read[1])
+    if not state or not all("lora" in k for k in state):
+        raise InputFileError(
+            source.path,
+            f"expert {source.name!r}: not a LoRA checkpoint (its keys do not name lora layers)",
+        )
+    return state, alphas, metadata, _lora_prefix(pipeline_cls)
+
+
+def _lora_prefix(pipeline_cls) -> str:
+    """The key prefix of the network in a pipeline's LoRA files: ``unet``, or ``transformer``."""
+    return getattr(pipeline_cls, "unet_name", None) or getattr(
+        pipeline_cls, "transformer_name", "unet"
+    )
 
 
 def _lora_state_dict_params(pipeline_cls) -> set[str]:
     import inspect
 
     return set(inspect.signature(pipeline_cls.lora_state_dict).parameters)
+
+
+def _peft_parts(
+    state: Mapping[str, torch.Tensor], prefix: str | None, backbone: str = "unet"
+) -> dict[str, dict]:
+    """A LoRA state split by the model it adapts (``unet``, ``text_encoder``, ...), keys
+    converted to peft's ``<layer>.lora_A.weight`` form as diffusers converts them."""
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if prefix is None:  # a peft folder: the backbone's layers
+        return {backbone: dict(state)}
+    parts: dict[str, dict] = {}
+    for k, v in state.items():
+        model, _, rest = k.partition(".")
+        parts.setdefault(model, {})[rest] = v
+    out = {}
+    for model, sub in parts.items():
+        if all(".lora_A." not in k and ".lora_B." not in k for k in sub):
+            if model == "unet":
+                sub = convert_unet_state_dict_to_peft(sub)
+            else:
+                sub = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sub))
+        out[model] = sub
+    return out
+
+
+def _layer_misfits(sub: Mapping[str, torch.Tensor], base: Shapes, model: str) -> list[str]:
+    """What keeps each LoRA layer of ``sub`` (peft keys) off the base layers of ``base``:
+    a layer it lacks, a factor missing, ranks or sizes that disagree."""
+    layers: dict[str, dict[str, tuple[int, ...]]] = {}
+    for k, v in sub.items():
+        for part in ("lora_A", "lora_B"):
+            if f".{part}." in k and k.endswith(".weight"):
+                layers.setdefault(k.split(f".{part}.")[0], {})[part] = tuple(v.shape)
+    problems = []
+    for layer, f in sorted(layers.items()):
+        weight = base.get(f"{layer}.weight")
+        if weight is None:
+            problems.append(f"layer {layer} is not in the base {model}")
+        elif len(f) < 2:
+            problems.append(f"layer {layer} has {next(iter(f))} but not its other factor")
+        elif len(f["lora_A"]) < 2 or len(f["lora_B"]) < 2 or f["lora_A"][0] != f["lora_B"][1]:
+            problems.append(
+                f"layer {layer}: lora_A {list(f['lora_A'])} and lora_B {list(f['lora_B'])} "
+                "disagree on the rank"
+            )
+        elif len(weight) < 2 or (f["lora_B"][0], f["lora_A"][1]) != weight[:2]:
+            problems.append(
+                f"layer {layer}: factors {list(f['lora_B'])} x {list(f['lora_A'])} do not fit "
+                f"its weight {list(weight)}"
+            )
+    return problems
+
+
+def check_lora_fits(
+    source: ExpertSource, state: Mapping[str, torch.Tensor], prefix: str | None, base: BaseView
+) -> None:
+    """InputFileError unless every layer of the LoRA ``state`` is a layer of the base's UNet
+    (or of a text encoder the base has) with factors of matching shapes and rank."""
+    with reading(source.path, f"LoRA weights of expert {source.name!r}"):
+        parts = _peft_parts(state, prefix, base.backbone)
+    problems = []
+    for model, sub in parts.items():
+        if model in base.shapes:
+            problems += _layer_misfits(sub, base.shapes[model], model.replace("_", " "))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputFileError(
+            source.path,
+            f"expert {source.name!r}: the LoRA does not fit the base (is it for another "
+            f"architecture?): {problems[0]}{more}",
+        )
 
 
 def _count_lora_modules(state: Mapping[str, torch.Tensor], prefix: str | None) -> int:
@@ -351,9 +734,10 @@ def text_encoder_keys(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def load_lora_factors(
-    source: ExpertSource, unet, pipeline_cls, *, text_encoders: Mapping[str, Any] | None = None
+    prepared: PreparedExpert, unet, pipeline_cls, *, text_encoders: Mapping[str, Any] | None = None
 ) -> tuple[dict[str, LoRAFactors], dict[str, dict[str, LoRAFactors]]]:
-    """Read a LoRA expert's factors for the UNet (and its text encoders) through diffusers/peft.
+    """Read a checked LoRA expert's factors for the UNet (and its text encoders) through
+    diffusers/peft.
 
     diffusers converts the file's format and injects peft layers into ``unet``; the
     factors are read off those layers and the UNet is restored to its plain modules.
@@ -368,7 +752,8 @@ def load_lora_factors(
             "the base UNet already holds peft adapters; load LoRA experts through `experts=` "
             "only, on a plain base"
         )
-    state, alphas, metadata, prefix = _read_lora_state(source, pipeline_cls, unet.config)
+    source = prepared.source
+    state, alphas, metadata, prefix = prepared.lora
     tmp = f"msdda_{source.name}"
     te_factors: dict[str, dict[str, LoRAFactors]] = {}
     te_keys = text_encoder_keys(state) if prefix is not None else []
@@ -378,32 +763,28 @@ def load_lora_factors(
         )
     expected = _count_lora_modules(state, prefix)
     try:
-        unet.load_lora_adapter(
-            state,
-            prefix=prefix,
-            network_alphas=alphas if prefix is not None else None,
-            metadata=metadata if not alphas else None,
-            adapter_name=tmp,
-        )
-        factors = extract_lora_factors(unet, tmp)
-    except ValueError:
-        raise
-    except (RuntimeError, KeyError) as err:
-        raise ValueError(
-            f"expert {source.name!r}: the LoRA at {source.path} does not fit the base UNet "
-            f"(is it for another architecture?): {err}"
-        ) from err
+        with reading(source.path, f"LoRA of expert {source.name!r} for the base UNet"):
+            unet.load_lora_adapter(
+                state,
+                prefix=prefix,
+                network_alphas=alphas if prefix is not None else None,
+                metadata=metadata if not alphas else None,
+                adapter_name=tmp,
+            )
+            factors = extract_lora_factors(unet, tmp)
     finally:
         _remove_peft(unet, recurse_remove_peft_layers)
     if not factors and not te_factors:
-        raise ValueError(
-            f"expert {source.name!r}: the LoRA at {source.path} matches no layer of the base UNet "
-            "(is it for another architecture?)"
+        raise InputFileError(
+            source.path,
+            f"expert {source.name!r}: the LoRA matches no layer of the base UNet (is it for "
+            "another architecture?)",
         )
     if expected and len(factors) < expected:
-        raise ValueError(
-            f"expert {source.name!r}: only {len(factors)} of the {expected} layers of the LoRA at "
-            f"{source.path} exist in the base UNet (is it for another architecture?)"
+        raise InputFileError(
+            source.path,
+            f"expert {source.name!r}: only {len(factors)} of the LoRA's {expected} layers exist "
+            "in the base UNet (is it for another architecture?)",
         )
     return factors, te_factors
 
@@ -418,10 +799,11 @@ def _load_text_encoder_factors(
         if te is None or not any(k.startswith(f"{attr}.") for k in state):
             continue
         try:
-            pipeline_cls.load_lora_into_text_encoder(
-                state, alphas, te, prefix=attr, adapter_name=tmp, metadata=metadata
-            )
-            fs = extract_lora_factors(te, tmp)
+            with reading(source.path, f"LoRA of expert {source.name!r} for the {attr}"):
+                pipeline_cls.load_lora_into_text_encoder(
+                    state, alphas, te, prefix=attr, adapter_name=tmp, metadata=metadata
+                )
+                fs = extract_lora_factors(te, tmp)
         finally:
             _remove_peft(te, recurse_remove_peft_layers)
         if fs:

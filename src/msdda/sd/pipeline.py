@@ -48,11 +48,14 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from torch import Tensor
 
+from ..errors import reading
 from ..gaussians import Schedule
 from ..io import atomic_dir
+from ..methods import MethodSettings
 from ..sampling import GeneratorNoise, NoiseTape, sample_chain
+from ..validation import check_int, check_sequence
 from .denoisers import SDConditioning, UNetConditioning
-from .domain import generator_seeds, method_context, step_policy
+from .domain import generator_seeds, method_context, method_names, step_policy
 from .plan import SamplingPlan, SamplingRequest, plan_sampling
 from .registry import REFERENCE, ExpertRegistry
 
@@ -65,6 +68,10 @@ __all__ = [
 ]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: The largest image side (height, width, SDXL's sizes), in pixels, and the most images
+#: per prompt a call accepts.
+MAX_SIDE = 2**16
+MAX_IMAGES = 2**16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +85,11 @@ class PromptRequest:
     num_images_per_prompt: int
     clip_skip: int | None
 
+    def __post_init__(self) -> None:
+        check_int(self.num_images_per_prompt, "num_images_per_prompt", low=1, high=MAX_IMAGES)
+        if self.clip_skip is not None:
+            check_int(self.clip_skip, "clip_skip", low=0, high=MAX_SIDE)
+
     @property
     def num_images(self) -> int:
         """Images in the call: prompts (one string, a list, or rows of ``prompt_embeds``)
@@ -89,6 +101,15 @@ class PromptRequest:
         else:
             prompts = self.prompt_embeds.shape[0]
         return prompts * self.num_images_per_prompt
+
+    @property
+    def per_sample_prompts(self) -> tuple[str, ...] | None:
+        """The prompt of each image, in the batch's order (prompt-major, as diffusers repeats
+        ``num_images_per_prompt``); None when the prompts came as embeddings."""
+        if self.prompt is None:
+            return None
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        return tuple(p for p in prompts for _ in range(self.num_images_per_prompt))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,6 +124,17 @@ class XLPromptRequest(PromptRequest):
     crops_coords_top_left: tuple[int, int]
     target_size: tuple[int, int] | None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, low in (("original_size", 1), ("crops_coords_top_left", 0), ("target_size", 1)):
+            size = getattr(self, name)
+            if size is not None:
+                pair = check_sequence(size, name)
+                if len(pair) != 2:
+                    raise ValueError(f"{name} must be a pair (height, width), got {size!r}")
+                for i, v in enumerate(pair):
+                    check_int(v, f"{name}[{i}]", low=low, high=MAX_SIDE)
+
 
 @dataclass(frozen=True, kw_only=True)
 class OutputRequest:
@@ -111,18 +143,41 @@ class OutputRequest:
     height: int | None
     width: int | None
     generator: torch.Generator | list[torch.Generator] | None
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, low=1, high=MAX_SIDE)
+
     latents: Tensor | None
     output_type: str
     return_dict: bool
     callback: Callable[[int, int, Tensor], None] | None
 
 
+def _check_clip_skip(clip_skip: int | None, text_encoder) -> None:
+    """``clip_skip`` skips fewer layers than the text encoder has."""
+    layers = getattr(getattr(text_encoder, "config", None), "num_hidden_layers", None)
+    if clip_skip is not None and layers is not None:
+        check_int(clip_skip, "clip_skip", low=0, high=layers - 1)
+
+
 class _MSDDAMixin:
     """Expert management and the one sampling body shared by the SD and SDXL pipelines.
 
     A pipeline class gives the hooks :meth:`_default_size`, :meth:`_check_prompt`,
-    :meth:`_latents_dtype`, :meth:`_encode` and :meth:`_decode`, and ``_output_class``.
+    :meth:`_latents_dtype`, :meth:`_encode` and :meth:`_decode`, and ``_output_class``;
+    flow-matching pipelines (:mod:`msdda.sd.flow_pipeline`) also :meth:`_initial_latents`
+    and :meth:`_schedule`, and name their network in ``_backbone_name``.
     """
+
+    _backbone_name = "unet"  # the pipeline attribute holding the network experts share
+    _msdda_schedulers: tuple = (DDIMScheduler, DDPMScheduler)  # others become the first
+
+    @property
+    def msdda_backbone(self):
+        """The denoising network the experts share: the UNet, or a flow model's transformer."""
+        return getattr(self, self._backbone_name)
 
     # ------------------------------------------------------------- experts
     @property
@@ -195,29 +250,38 @@ class _MSDDAMixin:
                 f"experts must be a mapping {{name: path or hub id}}, got {type(experts).__name__}"
             )
         base = os.fspath(pretrained_model_name_or_path)
-        try:
+        folder, prepared, saved_mode = cls._check_files(base, experts or {}, kwargs)
+        with reading(folder, "Stable Diffusion pipeline"):
             pipe = super().from_pretrained(base, **kwargs)
-        except OSError as err:
-            raise ValueError(
-                f"could not load the base pipeline {base!r} offline: {err}. Pass a local folder, "
-                f"or download it first with `hf download {base}`"
-            ) from err
-        if not isinstance(pipe.scheduler, (DDIMScheduler, DDPMScheduler)):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if not isinstance(pipe.scheduler, cls._msdda_schedulers):
+            pipe.scheduler = cls._msdda_schedulers[0].from_config(pipe.scheduler.config)
         pipe.lora_mode = lora_mode
-        folder = Path(base)
-        if not folder.is_dir():
-            from .loading import resolve_hub_id
-
-            folder = resolve_hub_id(base, cache_dir=kwargs.get("cache_dir"))
-        saved = ExpertRegistry.read_manifest(folder)
-        if saved is not None:
-            pipe.load_experts(saved[0])
-            if lora_mode == "auto":
-                pipe.lora_mode = saved[1]
-        if experts:
-            pipe.load_experts(experts, cache_dir=kwargs.get("cache_dir"))
+        if saved_mode is not None and lora_mode == "auto":
+            pipe.lora_mode = saved_mode
+        pipe.msdda_experts.install(pipe, prepared)
         return pipe
+
+    @classmethod
+    def _check_files(cls, base: str, experts: Mapping, kwargs: dict) -> tuple:
+        """Every file of the base and of the experts (saved beside it first, then
+        ``experts``) checked before any model is built: (folder, prepared experts, the
+        saved lora_mode or None)."""
+        from .loading import check_pipeline_folder, resolve_hub_id
+
+        folder = Path(base).expanduser()
+        if not folder.is_dir():
+            folder = resolve_hub_id(base, cache_dir=kwargs.get("cache_dir"))
+        view = check_pipeline_folder(
+            folder, variant=kwargs.get("variant"), given=kwargs, backbone=cls._backbone_name
+        )
+        saved = ExpertRegistry.read_manifest(folder)
+        wanted = dict(saved[0]) if saved is not None else {}
+        for name in experts:
+            if name in wanted:
+                raise ValueError(f"an expert named {name!r} is already loaded (saved with {base})")
+        wanted.update(experts)
+        prepared = ExpertRegistry().prepare(wanted, view, cls, cache_dir=kwargs.get("cache_dir"))
+        return folder, prepared, saved[1] if saved is not None else None
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the base as a standard diffusers folder, plus every expert and a manifest.
@@ -236,7 +300,7 @@ class _MSDDAMixin:
 
     def to(self, *args, **kwargs):
         super().to(*args, **kwargs)
-        self.msdda_experts.to(self.unet.device, self.unet.dtype)
+        self.msdda_experts.to(self.msdda_backbone.device, self.msdda_backbone.dtype)
         return self
 
     # ------------------------------------------------------------ sampling
@@ -244,19 +308,79 @@ class _MSDDAMixin:
         """The body of both pipelines' ``__call__``: check, encode, sample, decode."""
         if out.output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {out.output_type!r}")
-        if self.unet.config.time_cond_proj_dim is not None:
+        if self.msdda_backbone.config.get("time_cond_proj_dim") is not None:
             raise ValueError("guidance-distilled UNets (time_cond_proj_dim) are not supported")
         height = out.height or self._default_size()
         width = out.width or self._default_size()
         self._check_prompt(prompt, height, width)
-        names = self.expert_names
+        names = method_names(self, [] if request.oracle is None else [request.oracle])
         preds = [self.msdda_experts.get(n).prediction_type for n in names]
         plan = plan_sampling(request, names, preds, self.scheduler)
         device = self._execution_device
+        x_T = self._initial_latents(prompt, height, width, device, out)
+        schedule = self._schedule(plan, x_T)
         cond = self._conditioning(
-            plan, lambda: self._encode(prompt, plan.cfg, device, height, width)
+            plan,
+            lambda: self._encode(prompt, plan.cfg, device, height, width, schedule),
+            names,
+            prompt.per_sample_prompts,
         )
-        x_T = self.prepare_latents(
+        x0 = self._sample(
+            plan, schedule, cond, x_T, out.generator, out.callback, names=names, request=request
+        )
+        result = self._decode(x0, out.output_type, out.generator, device)
+        self.maybe_free_model_hooks()
+        return self._output_class(*result) if out.return_dict else result
+
+    def _conditioning(
+        self,
+        plan: SamplingPlan,
+        encode: Callable[[], UNetConditioning],
+        names: Sequence[str] | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> SDConditioning:
+        """The prompt encoded by the text encoders as they stand, and again for each evaluated
+        expert (member i: ``names[i]``, default the loaded experts) with text-encoder
+        adapters, through its adapters; carrying the per-sample ``prompts`` rewards read."""
+        reg = self.msdda_experts
+        names = reg.names if names is None else names
+        own = {}
+        for m in plan.members:
+            if m is None or not reg.has_text_lora(names[m]):
+                continue
+            with ExitStack() as stack:
+                for bank in reg.text_banks.values():
+                    stack.enter_context(bank.route([bank.index(names[m])]))
+                own[m] = encode()
+        return SDConditioning(encode(), own, None if prompts is None else tuple(prompts))
+
+    def encode_conditioning(
+        self,
+        prompts: Sequence[str],
+        *,
+        plan: SamplingPlan,
+        names: Sequence[str],
+        height: int,
+        width: int,
+        schedule: Schedule | None = None,
+    ) -> SDConditioning:
+        """One row per prompt of ``prompts``, encoded for ``plan``'s members (``names[i]``
+        for member i), carrying the prompts (see :func:`msdda.sd.domain.sd_method_context`)."""
+        request = self._prompt_request(list(prompts))
+        self._check_prompt(request, height, width)
+        device = self._execution_device
+        return self._conditioning(
+            plan,
+            lambda: self._encode(request, plan.cfg, device, height, width, schedule),
+            names,
+            request.per_sample_prompts,
+        )
+
+    def _initial_latents(
+        self, prompt: PromptRequest, height: int, width: int, device, out
+    ) -> Tensor:
+        """x_T (B, C, h, w) as the diffusers pipeline draws it (or ``out.latents``)."""
+        return self.prepare_latents(
             prompt.num_images,
             self.unet.config.in_channels,
             height,
@@ -266,40 +390,37 @@ class _MSDDAMixin:
             out.generator,
             out.latents,
         )
-        x0 = self._sample(plan, cond, x_T, out.generator, out.callback)
-        result = self._decode(x0, out.output_type, out.generator, device)
-        self.maybe_free_model_hooks()
-        return self._output_class(*result) if out.return_dict else result
 
-    def _conditioning(
-        self, plan: SamplingPlan, encode: Callable[[], UNetConditioning]
-    ) -> SDConditioning:
-        """The prompt encoded by the text encoders as they stand, and again for each evaluated
-        expert with text-encoder adapters, through its adapters."""
-        reg = self.msdda_experts
-        own = {}
-        for m in plan.members:
-            if m is None or not reg.has_text_lora(reg.names[m]):
-                continue
-            with ExitStack() as stack:
-                for bank in reg.text_banks.values():
-                    stack.enter_context(bank.route([bank.index(reg.names[m])]))
-                own[m] = encode()
-        return SDConditioning(encode(), own)
+    def _schedule(self, plan: SamplingPlan, x_T: Tensor) -> Schedule:
+        """The call's schedule, read from the pipeline's scheduler."""
+        return Schedule.from_scheduler(self.scheduler, plan.num_inference_steps)
 
     def _sample(
         self,
         plan: SamplingPlan,
+        schedule: Schedule,
         cond: SDConditioning,
         x_T: Tensor,
         generator,
         callback: Callable[[int, int, Tensor], None] | None,
+        *,
+        names: Sequence[str] | None = None,
+        request: SamplingRequest | None = None,
     ) -> Tensor:
-        """The chain of ``plan.method`` from ``x_T`` (B, C, h, w), with a progress bar;
+        """The chain of ``plan.method`` from ``x_T`` (B, C, h, w), with a progress bar, over
+        the experts ``names`` (default all) with the request's rewards and oracle;
         returns the final latents (B, C, h, w), float32."""
-        schedule = Schedule.from_scheduler(self.scheduler, plan.num_inference_steps)
-        ctx = method_context(self, plan, schedule, tuple(x_T.shape[1:]))
-        noise = NoiseTape(GeneratorNoise(generator, x_T.device, self.unet.dtype))
+        oracle = None if request is None else request.oracle
+        ctx = method_context(
+            self,
+            plan,
+            schedule,
+            tuple(x_T.shape[1:]),
+            names=names,
+            rewards=() if request is None or request.rewards is None else request.rewards,
+            oracles=None if plan.method != "oracle" else {plan.weights: oracle},
+        )
+        noise = NoiseTape(GeneratorNoise(generator, x_T.device, self.msdda_backbone.dtype))
         policy = step_policy(plan, ctx, cond, seeds=generator_seeds(generator), noise=noise)
         bar = self.progress_bar(total=plan.num_inference_steps)
 
@@ -323,6 +444,7 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
 
     _diffusers_class = StableDiffusionPipeline
     _output_class = StableDiffusionPipelineOutput
+    _family = "sd"  # msdda.sd.families
 
     @torch.no_grad()
     def __call__(
@@ -352,6 +474,9 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
         clip_skip: int | None = None,
         callback: Callable[[int, int, Tensor], None] | None = None,
         method: str = "msdda",
+        rewards: Sequence[Callable[[Tensor, Any], Tensor]] | None = None,
+        oracle: Any = None,
+        method_settings: MethodSettings | None = None,
     ):
         """Generate images from the experts' fused steps (or another method's).
 
@@ -373,7 +498,19 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
             callback: called as ``callback(i, t, latents)`` after every step.
             method: ``"msdda"`` (the fusion), or ``"base"`` (the base UNet alone), ``"db"``
                 (Diffusion Blend), ``"db-ls"`` (one expert drawn per step) or ``"rs"``
-                (rewarded soup: one UNet with the weighted average of the parameters).
+                (rewarded soup: one UNet with the weighted average of the parameters), ``"rgg"``
+                (reward gradient guidance through the VAE), ``"code"`` (best of N blockwise),
+                ``"target"`` (per-step importance resampling), or ``"oracle"``. Every method
+                runs on the one loop and sees the same noise for the same generator(s).
+            rewards: the objectives rgg, code and target read: one callable per expert (expert
+                order), ``(images (B, 3, H, W) in [0, 1], prompts list[str]) -> (B,)``,
+                differentiable in the images for rgg.
+            oracle: for method ``"oracle"``: the model trained on the weighted reward at
+                these weights, the name of an expert loaded with :meth:`load_experts` (it is
+                then left out of the experts the weights name) or a UNet of the base's
+                architecture; sampled with the base's guidance scale.
+            method_settings: a :class:`msdda.methods.MethodSettings` (rgg scale and schedule,
+                code candidates and block, target candidates); default its defaults.
 
         Returns:
             ``StableDiffusionPipelineOutput`` with ``.images`` (PIL list, (B, H, W, 3) array,
@@ -390,6 +527,7 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
                 guidance_scale=guidance_scale, eta=eta, kl_coefs=kl_coefs, kl_coef=kl_coef,
                 reference=reference, expert_etas=expert_etas,
                 expert_guidance_scales=expert_guidance_scales, guidance_rescale=guidance_rescale,
+                rewards=rewards, oracle=oracle, method_settings=method_settings,
             ),
             OutputRequest(
                 height=height, width=width, generator=generator, latents=latents,
@@ -398,11 +536,19 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- hooks
+    def _prompt_request(self, prompts: list[str]) -> PromptRequest:
+        """Per-sample prompts, one image each, as a call's prompt arguments."""
+        return PromptRequest(
+            prompt=prompts, negative_prompt=None, prompt_embeds=None,
+            negative_prompt_embeds=None, num_images_per_prompt=1, clip_skip=None,
+        )  # fmt: skip
+
     def _default_size(self) -> int:
         size = self.unet.config.sample_size
         return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
     def _check_prompt(self, p: PromptRequest, height: int, width: int) -> None:
+        _check_clip_skip(p.clip_skip, self.text_encoder)
         self.check_inputs(
             p.prompt, height, width, None, p.negative_prompt, p.prompt_embeds,
             p.negative_prompt_embeds,
@@ -412,7 +558,7 @@ class MSDDAStableDiffusionPipeline(_MSDDAMixin, StableDiffusionPipeline):
         return self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
 
     def _encode(
-        self, p: PromptRequest, cfg: bool, device, height: int, width: int
+        self, p: PromptRequest, cfg: bool, device, height: int, width: int, schedule: Schedule
     ) -> UNetConditioning:
         pos, neg = self.encode_prompt(
             p.prompt,
@@ -450,6 +596,7 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
 
     _diffusers_class = StableDiffusionXLPipeline
     _output_class = StableDiffusionXLPipelineOutput
+    _family = "sdxl"
 
     @torch.no_grad()
     def __call__(
@@ -486,6 +633,9 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
         clip_skip: int | None = None,
         callback: Callable[[int, int, Tensor], None] | None = None,
         method: str = "msdda",
+        rewards: Sequence[Callable[[Tensor, Any], Tensor]] | None = None,
+        oracle: Any = None,
+        method_settings: MethodSettings | None = None,
     ):
         """Generate images from the experts' fused steps (or another method's); arguments
         as in :meth:`MSDDAStableDiffusionPipeline.__call__` and ``StableDiffusionXLPipeline``.
@@ -509,6 +659,7 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
                 guidance_scale=guidance_scale, eta=eta, kl_coefs=kl_coefs, kl_coef=kl_coef,
                 reference=reference, expert_etas=expert_etas,
                 expert_guidance_scales=expert_guidance_scales, guidance_rescale=guidance_rescale,
+                rewards=rewards, oracle=oracle, method_settings=method_settings,
             ),
             OutputRequest(
                 height=height, width=width, generator=generator, latents=latents,
@@ -517,10 +668,21 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
         )  # fmt: skip
 
     # ---------------------------------------------------------------- hooks
+    def _prompt_request(self, prompts: list[str]) -> XLPromptRequest:
+        """Per-sample prompts, one image each, as a call's prompt arguments."""
+        return XLPromptRequest(
+            prompt=prompts, negative_prompt=None, prompt_embeds=None,
+            negative_prompt_embeds=None, num_images_per_prompt=1, clip_skip=None,
+            prompt_2=None, negative_prompt_2=None, pooled_prompt_embeds=None,
+            negative_pooled_prompt_embeds=None, original_size=None,
+            crops_coords_top_left=(0, 0), target_size=None,
+        )  # fmt: skip
+
     def _default_size(self) -> int:
         return self.default_sample_size * self.vae_scale_factor
 
     def _check_prompt(self, p: XLPromptRequest, height: int, width: int) -> None:
+        _check_clip_skip(p.clip_skip, self.text_encoder)
         self.check_inputs(
             p.prompt, p.prompt_2, height, width, None, p.negative_prompt, p.negative_prompt_2,
             p.prompt_embeds, p.negative_prompt_embeds, p.pooled_prompt_embeds,
@@ -531,7 +693,7 @@ class MSDDAStableDiffusionXLPipeline(_MSDDAMixin, StableDiffusionXLPipeline):
         return self.unet.dtype
 
     def _encode(
-        self, p: XLPromptRequest, cfg: bool, device, height: int, width: int
+        self, p: XLPromptRequest, cfg: bool, device, height: int, width: int, schedule: Schedule
     ) -> UNetConditioning:
         """Both text encoders' embeddings and the micro-conditioning ``added_cond_kwargs``."""
         pos, neg, pooled, neg_pooled = self.encode_prompt(

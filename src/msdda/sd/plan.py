@@ -5,6 +5,10 @@ given; :func:`plan_sampling` checks them once and works out who is evaluated, wi
 step and guidance: a :class:`SamplingPlan`. Weights given by name are turned into the
 expert-order list here and checked by the core (:func:`msdda.fusion_coefficients`).
 
+``rgg``, ``code`` and ``target`` read the objective rewards (``rewards=``, one per expert)
+and ``oracle`` samples a model trained on the weighted reward (``oracle=``); their
+hyperparameters come as a :class:`msdda.methods.MethodSettings`.
+
 The pipelines take any weights w_i >= 0, with the experts' KL coefficients beta_i and a
 target beta: lambda_i = w_i beta_i / beta, lambda_0 = 1 - sum lambda_i. The methods
 registry takes weights on the simplex; the same exponents are the simplex weights
@@ -19,12 +23,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from ..experts import Member
+from ..flows import FlowStepSpec
 from ..fusion import fusion_coefficients
 from ..gaussians import StepSpec
-from ..methods import check_method
+from ..methods import METHODS, MethodSettings, check_method
 from ..validation import check_int, check_number
 from .registry import REFERENCE
 
@@ -33,13 +38,14 @@ __all__ = [
     "SamplingRequest",
     "SamplingPlan",
     "plan_sampling",
+    "plan_context",
     "expert_weights",
     "simplex_form",
 ]
 
-#: The methods of :data:`msdda.methods.METHODS` the pipelines run (those using only the
-#: experts and the reference; the others need reward models or oracles).
-SD_METHODS = ("base", "msdda", "db", "db-ls", "rs")
+#: The methods of :data:`msdda.methods.METHODS` the pipelines run: all of them (``rgg``,
+#: ``code`` and ``target`` with ``rewards=``, ``oracle`` with ``oracle=``).
+SD_METHODS = tuple(METHODS)
 
 #: diffusers' DDPM variance types as the core names them.
 _DDPM_VARIANCE = {
@@ -67,6 +73,10 @@ class SamplingRequest:
     expert_etas: Mapping[str, float] | None
     expert_guidance_scales: Mapping[str, float] | None
     guidance_rescale: float
+    rewards: Sequence | None = None  # objectives, one per expert: (images, prompts) -> (B,)
+    oracle: Any = None  # the oracle model (an expert name or a UNet), for method "oracle"
+    method_settings: MethodSettings | None = None  # rgg / code / target hyperparameters
+    step_rule: str | None = None  # flow models: the stochastic sampler (eta: its noise level)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,7 @@ class SamplingPlan:
     guidance: Mapping[Member, float]  # classifier-free guidance scale per model
     guidance_rescale: float
     num_inference_steps: int
+    settings: MethodSettings | None = None  # the methods' hyperparameters (None: defaults)
 
     @property
     def cfg(self) -> bool:
@@ -164,7 +175,11 @@ def simplex_form(weights: Sequence[float], kl_coef: float) -> tuple[tuple[float,
     return tuple(float(w) / total for w in weights), kl_coef / total
 
 
-def _step_spec(scheduler, prediction_type: str, eta: float) -> StepSpec:
+def _step_spec(
+    scheduler, prediction_type: str, eta: float, rule: str | None
+) -> StepSpec | FlowStepSpec:
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # eta: the noise level
+        return FlowStepSpec(rule or "sde", eta)
     if isinstance(scheduler, DDPMScheduler):
         vt = scheduler.config.variance_type
         if vt not in _DDPM_VARIANCE:
@@ -173,17 +188,46 @@ def _step_spec(scheduler, prediction_type: str, eta: float) -> StepSpec:
     return StepSpec(prediction_type, "fixed_small", eta)
 
 
-def _check_method(method: str) -> None:
-    info = check_method(method)
-    if info.needs_rewards:
-        raise ValueError(
-            f"method {method!r} needs reward models; comes with the Stable Diffusion sweep "
-            f"(the pipelines run {', '.join(SD_METHODS)})"
+def check_rewards(rewards, num_experts: int) -> tuple:
+    """``rewards`` as a tuple of callables, one per expert (the objectives, expert order)."""
+    if isinstance(rewards, (str, bytes)) or not isinstance(rewards, Sequence):
+        raise TypeError(
+            "rewards must be a sequence of reward callables (images, prompts) -> (B,), one per "
+            f"expert, got {type(rewards).__name__}"
         )
-    if info.needs_oracle:
+    if len(rewards) != num_experts:
         raise ValueError(
-            f"method {method!r} needs an oracle model trained on the weighted reward; comes "
-            f"with the Stable Diffusion sweep (the pipelines run {', '.join(SD_METHODS)})"
+            f"rewards has {len(rewards)} entries for {num_experts} experts: give one objective "
+            "per expert, in expert order"
+        )
+    for i, r in enumerate(rewards):
+        if not callable(r):
+            raise TypeError(f"rewards[{i}] must be callable (images, prompts) -> (B,)")
+    return tuple(rewards)
+
+
+def _check_method(request: SamplingRequest, names: Sequence[str]) -> None:
+    """The method is known, and what it reads is given: rewards, an oracle."""
+    info = check_method(request.method)
+    if info.needs_oracle and request.oracle is None:
+        raise ValueError(
+            f"method {request.method!r} needs an oracle model trained on the weighted reward: "
+            "pass oracle= (the name of an expert loaded with load_experts, or a UNet)"
+        )
+    if request.oracle is not None and not info.needs_oracle:
+        raise ValueError(f"oracle= is read by method 'oracle' only, not {request.method!r}")
+    if info.needs_rewards and request.rewards is None:
+        raise ValueError(
+            f"method {request.method!r} needs reward models: pass rewards=[...], one reward "
+            f"callable (images in [0, 1], prompts) -> (B,) per expert {list(names)}"
+        )
+    if request.rewards is not None:
+        check_rewards(request.rewards, len(names))
+    settings = request.method_settings
+    if settings is not None and not isinstance(settings, MethodSettings):
+        raise TypeError(
+            f"method_settings must be a msdda.methods.MethodSettings or None, got "
+            f"{type(settings).__name__}"
         )
 
 
@@ -206,11 +250,19 @@ def _check_reference(fusion: _Fusion, reference) -> None:
 
 
 def _check_fusable(scheduler, method: str, members: Sequence[Member], etas, names) -> None:
-    """MSDDA fuses variances: a deterministic DDIM step (eta = 0) has none to fuse."""
-    if method != "msdda" or len(members) < 2 or not isinstance(scheduler, DDIMScheduler):
+    """MSDDA fuses variances: a deterministic DDIM or flow step (eta or noise level 0) has
+    none to fuse."""
+    stochastic = (DDIMScheduler, FlowMatchEulerDiscreteScheduler)
+    if method != "msdda" or len(members) < 2 or not isinstance(scheduler, stochastic):
         return
     label = [REFERENCE if m is None else names[m] for m in members]
     zero = [n for m, n in zip(members, label, strict=True) if etas[m] == 0]
+    if zero and isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(
+            f"noise_level = 0 (for {zero}) makes every flow step the deterministic Euler step "
+            f"(variance 0), so the steps of {label} cannot be fused; use noise_level > 0 "
+            "(Flow-GRPO samples with 0.7)"
+        )
     if zero:
         raise ValueError(
             f"eta = 0 (for {zero}) makes every DDIM step deterministic (variance 0), so the "
@@ -244,41 +296,89 @@ def _fusion(request: SamplingRequest, names: Sequence[str]) -> _Fusion:
     return _Fusion(request.method, weights, betas, kl_coef, tuple(members), coefs.lambda0)
 
 
+class _Models(NamedTuple):
+    steps: int
+    specs: dict[Member, StepSpec]
+    guidance: dict[Member, float]
+    rescale: float
+    etas: dict[Member, float]
+
+
+def _models(
+    request: SamplingRequest, names: Sequence[str], prediction_types: Sequence[str], scheduler
+) -> _Models:
+    """Every model's step (prediction type, variance, eta) and guidance, checked."""
+    if not names:
+        raise ValueError("the pipeline has no experts: load some with from_pretrained(experts=...)")
+    if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler)):
+        raise TypeError(
+            "the scheduler must be a DDIMScheduler, DDPMScheduler or (flow models) "
+            f"FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}"
+        )
+    steps = check_int(request.num_inference_steps, "num_inference_steps", low=1)
+    eta_name = "eta" if request.step_rule is None else "noise_level"
+    eta = check_number(request.eta, eta_name, low=0.0)
+    scale = check_number(request.guidance_scale, "guidance_scale")
+    rescale = check_number(request.guidance_rescale, "guidance_rescale", low=0.0)
+    etas = _member_values(request.expert_etas, eta, f"expert_{eta_name}s", names, low=0.0)
+    guidance = _member_values(
+        request.expert_guidance_scales, scale, "expert_guidance_scales", names
+    )
+    base_pred = scheduler.config.get("prediction_type", "epsilon")
+    preds = {**dict(enumerate(prediction_types)), None: base_pred}
+    specs = {m: _step_spec(scheduler, preds[m], etas[m], request.step_rule) for m in preds}
+    return _Models(steps, specs, guidance, rescale, etas)
+
+
 def plan_sampling(
     request: SamplingRequest, names: Sequence[str], prediction_types: Sequence[str], scheduler
 ) -> SamplingPlan:
     """Check ``request`` once for experts ``names`` (with these prediction types) and the
     pipeline's ``scheduler`` (the base's prediction type is the reference's)."""
-    _check_method(request.method)
-    if not names:
-        raise ValueError("the pipeline has no experts: load some with from_pretrained(experts=...)")
-    if not isinstance(scheduler, (DDIMScheduler, DDPMScheduler)):
-        raise TypeError(
-            "the scheduler must be a DDIMScheduler or DDPMScheduler, got "
-            f"{type(scheduler).__name__}"
-        )
-    steps = check_int(request.num_inference_steps, "num_inference_steps", low=1)
-    eta = check_number(request.eta, "eta", low=0.0)
-    scale = check_number(request.guidance_scale, "guidance_scale")
-    rescale = check_number(request.guidance_rescale, "guidance_rescale", low=0.0)
-    etas = _member_values(request.expert_etas, eta, "expert_etas", names, low=0.0)
-    guidance = _member_values(
-        request.expert_guidance_scales, scale, "expert_guidance_scales", names
-    )
+    models = _models(request, names, prediction_types, scheduler)
+    _check_method(request, names)
     fusion = _fusion(request, names)
     _check_reference(fusion, request.reference)
-    _check_fusable(scheduler, fusion.method, fusion.members, etas, names)
-    base_pred = scheduler.config.get("prediction_type", "epsilon")
-    preds = {**dict(enumerate(prediction_types)), None: base_pred}
-    specs = {m: _step_spec(scheduler, preds[m], etas[m]) for m in preds}
+    _check_fusable(scheduler, fusion.method, fusion.members, models.etas, names)
     return SamplingPlan(
         method=fusion.method,
         weights=fusion.weights,
         kl_coefs=tuple(float(b) for b in fusion.kl_coefs),
         kl_coef=fusion.kl_coef,
         members=fusion.members,
-        specs=specs,
-        guidance=guidance,
-        guidance_rescale=rescale,
-        num_inference_steps=steps,
+        specs=models.specs,
+        guidance=models.guidance,
+        guidance_rescale=models.rescale,
+        num_inference_steps=models.steps,
+        settings=request.method_settings,
+    )
+
+
+def plan_context(
+    request: SamplingRequest, names: Sequence[str], prediction_types: Sequence[str], scheduler
+) -> SamplingPlan:
+    """The plan of a problem every method and weight vector is run on (a sweep's): every
+    expert and the reference are members (so all are encoded for), ``weights`` is None,
+    ``kl_coef`` is the request's target beta (None: the experts' common beta), and
+    ``request.method``/``weights``/``reference`` are not read."""
+    models = _models(request, names, prediction_types, scheduler)
+    betas = _expert_kl_coefs(request.kl_coefs, [1.0] * len(names), names)
+    betas = betas or [request.kl_coef if request.kl_coef is not None else 1.0] * len(names)
+    kl_coefs = tuple(check_number(b, f"kl_coefs[{i}]", low=0.0) for i, b in enumerate(betas))
+    if min(kl_coefs) <= 0:
+        raise ValueError(f"kl_coefs must be positive, got {list(kl_coefs)}")
+    kl_coef = None if request.kl_coef is None else check_number(request.kl_coef, "kl_coef")
+    if kl_coef is not None and kl_coef <= 0:
+        raise ValueError(f"kl_coef must be positive, got {kl_coef}")
+    return SamplingPlan(
+        method="msdda",
+        weights=None,
+        kl_coefs=kl_coefs,
+        kl_coef=kl_coef,
+        members=(*range(len(names)), None),
+        specs=models.specs,
+        guidance=models.guidance,
+        guidance_rescale=models.rescale,
+        num_inference_steps=models.steps,
+        settings=request.method_settings,
     )

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..errors import InputFileError
 from ..lora import LORA_MODES, LoRABank, LoRAFactors
 from .loading import (
+    BaseView,
     ExpertSource,
+    PreparedExpert,
+    check_expert_files,
     load_expert_unet,
     load_lora_factors,
+    read_json,
     resolve_expert_source,
 )
 
@@ -106,7 +111,20 @@ class ExpertRegistry:
         *,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
-        """Resolve and load ``{name: path or hub id}`` into ``pipe`` (all or nothing)."""
+        """Resolve, check and load ``{name: path or hub id}`` into ``pipe`` (all or nothing)."""
+        base = BaseView.of_pipeline(pipe)
+        self.install(pipe, self.prepare(experts, base, type(pipe), cache_dir=cache_dir))
+
+    def prepare(
+        self,
+        experts: Mapping[str, str | os.PathLike],
+        base: BaseView,
+        pipeline_cls,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> list[PreparedExpert]:
+        """Resolve ``{name: path or hub id}`` and check every expert's files against ``base``
+        (configs, safetensors headers, shapes), before any model is built."""
         if not isinstance(experts, Mapping):
             raise TypeError(
                 f"experts must be a mapping {{name: path or hub id}}, got {type(experts).__name__}"
@@ -114,19 +132,28 @@ class ExpertRegistry:
         for name in experts:
             self._check_new_name(name)
         sources = [resolve_expert_source(n, s, cache_dir=cache_dir) for n, s in experts.items()]
+        return [check_expert_files(src, base, pipeline_cls) for src in sources]
+
+    def install(self, pipe, prepared: list[PreparedExpert]) -> None:
+        """Build the checked experts' models (UNets, LoRA factors) into ``pipe``."""
         new: list[ExpertEntry] = []
-        for src in sources:
+        for p in prepared:
+            src = p.source
             if src.kind == "unet":
-                unet, pred = load_expert_unet(src, pipe.unet, dict(pipe.scheduler.config))
-                new.append(ExpertEntry(src.name, "unet", pred, unet=unet, source=src))
+                unet = load_expert_unet(p, pipe.msdda_backbone)
+                new.append(ExpertEntry(src.name, "unet", p.prediction_type, unet=unet, source=src))
             else:
                 factors, text = load_lora_factors(
-                    src, pipe.unet, type(pipe), text_encoders=_text_encoders(pipe)
+                    p, pipe.msdda_backbone, type(pipe), text_encoders=_text_encoders(pipe)
                 )
-                pred = pipe.scheduler.config.get("prediction_type", "epsilon")
                 new.append(
                     ExpertEntry(
-                        src.name, "lora", pred, factors=factors, text_factors=text, source=src
+                        src.name,
+                        "lora",
+                        p.prediction_type,
+                        factors=factors,
+                        text_factors=text,
+                        source=src,
                     )
                 )
         for e in new:
@@ -138,9 +165,9 @@ class ExpertRegistry:
         from .loading import check_unet_architecture
 
         self._check_new_name(name)
-        check_unet_architecture(name, unet.config, pipe.unet.config)
+        check_unet_architecture(name, unet.config, pipe.msdda_backbone.config)
         pred = prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
-        _move(unet, pipe.unet.device, pipe.unet.dtype)
+        _move(unet, pipe.msdda_backbone.device, pipe.msdda_backbone.dtype)
         unet.eval().requires_grad_(False)
         self.entries[name] = ExpertEntry(name, "unet", pred, unet=unet)
 
@@ -162,7 +189,7 @@ class ExpertRegistry:
         if not loras:
             return
         names = [e.name for e in loras]
-        self.bank = LoRABank(names, [e.factors for e in loras], pipe.unet)
+        self.bank = LoRABank(names, [e.factors for e in loras], pipe.msdda_backbone)
         for attr, te in _text_encoders(pipe).items():
             per = [e.text_factors.get(attr, {}) for e in loras]
             if any(per):
@@ -174,11 +201,10 @@ class ExpertRegistry:
     def merged_unet(self, pipe, name: str):
         """Expert ``name``'s LoRA merged into a full copy of the base UNet (cached)."""
         if name not in self._merged:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_config(pipe.unet.config)
-            unet.load_state_dict(self.bank.merged_state_dict(pipe.unet, name))
-            _move(unet, pipe.unet.device, pipe.unet.dtype)
+            base = pipe.msdda_backbone  # the UNet, or a flow model's transformer
+            unet = type(base).from_config(base.config)
+            unet.load_state_dict(self.bank.merged_state_dict(base, name))
+            _move(unet, base.device, base.dtype)
             unet.eval().requires_grad_(False)
             self._merged[name] = unet
         return self._merged[name]
@@ -203,7 +229,7 @@ class ExpertRegistry:
             dest = folder / rel
             dest.mkdir(parents=True)
             if e.kind == "unet":
-                e.unet.save_pretrained(dest / "unet", safe_serialization=True)
+                e.unet.save_pretrained(dest / pipe._backbone_name, safe_serialization=True)
                 sched = dict(pipe.scheduler.config)
                 sched["prediction_type"] = e.prediction_type
                 (dest / "scheduler").mkdir()
@@ -228,9 +254,13 @@ class ExpertRegistry:
         path = folder / MANIFEST
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        experts = {n: str(folder / rel) for n, rel in data.get("experts", {}).items()}
-        return experts, data.get("lora_mode", "auto")
+        data = read_json(path, "msdda experts manifest")
+        listed, mode = data.get("experts", {}), data.get("lora_mode", "auto")
+        if not isinstance(listed, dict) or not all(isinstance(r, str) for r in listed.values()):
+            raise InputFileError(path, "'experts' must map expert names to relative folders")
+        if mode not in LORA_MODES:
+            raise InputFileError(path, f"lora_mode must be one of {LORA_MODES}, got {mode!r}")
+        return {n: str(folder / rel) for n, rel in listed.items()}, mode
 
 
 def _move(model, device, dtype) -> None:

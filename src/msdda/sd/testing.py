@@ -291,3 +291,164 @@ def save_tiny_pipeline(
     pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline)(**comps)
     pipe.save_pretrained(str(folder))
     return Path(folder)
+
+
+def save_tiny_clip(folder, *, seed: int = 0, projection_dim: int = 12, image_size: int = 32):
+    """Save a tiny CLIPModel with its tokenizer and image processor like a hub folder."""
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    tok = tiny_clip_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    layers = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2)
+    text = dict(
+        layers, vocab_size=len(tok), bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos
+    )
+    cfg = CLIPConfig(
+        text_config=text,
+        vision_config=dict(layers, image_size=image_size, patch_size=8),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(folder)
+    return folder
+
+
+def tiny_bert_vocab() -> list[str]:
+    """A WordPiece vocabulary of single characters (and ``##`` continuations)."""
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + [f"##{c}" for c in chars]
+
+
+def _spread(module, seed: int, std: float = 0.2) -> None:
+    """Add noise to every parameter, so that a tiny random model's outputs vary."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def save_tiny_imagereward(folder, *, seed: int = 0, image_size: int = 32):
+    """Write ``ImageReward.pt`` (original key names), ``med_config.json`` and a BERT vocab."""
+    import json
+    from pathlib import Path
+
+    from transformers import BertTokenizer, BlipVisionConfig
+
+    from .imagereward import ImageRewardModel, blip_text_config, original_imagereward_state
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(tiny_bert_vocab()) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    med = {
+        "architectures": ["BertModel"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 40,
+        "vocab_size": len(tiny_bert_vocab()) + 2,  # + BLIP's [DEC] and [ENC]
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "encoder_width": 128,
+        "add_cross_attention": True,
+    }
+    (folder / "med_config.json").write_text(json.dumps(med, indent=2))
+    vision = BlipVisionConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
+    torch.manual_seed(seed)
+    model = ImageRewardModel(vision, blip_text_config(med, 128), [32, 1024, 128, 64, 16])
+    _spread(model, seed)
+    with torch.no_grad():  # a head that keeps the feature's scale: scores of order 1
+        for m in model.mlp:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0.0, m.in_features**-0.5)
+                m.bias.zero_()
+    state = original_imagereward_state(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    for name, shape in (("vision_proj", (16, 128)), ("text_proj", (16, 32))):  # unused by score
+        state[f"blip.{name}.weight"] = torch.randn(shape, generator=g)
+        state[f"blip.{name}.bias"] = torch.zeros(shape[0])
+    torch.save({k: v.contiguous() for k, v in state.items()}, folder / "ImageReward.pt")
+    return folder
+
+
+#: OpenCLIP model config of the tiny HPSv2 (``ViT-H-14.json``'s layout).
+TINY_OPEN_CLIP = {
+    "embed_dim": 12,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 16, "head_width": 8, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 514, "width": 16, "heads": 2, "layers": 2},
+}
+
+
+def save_tiny_hpsv2(folder, *, seed: int = 0, name: str = "HPS_v2.1_compressed.pt"):
+    """Write an HPS checkpoint (``{"state_dict": OpenCLIP names}``), ``open_clip_config.json``
+    and the CLIP tokenizer files."""
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPModel
+
+    from .hpsv2 import clip_config_from_open_clip, original_open_clip_state
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = tiny_clip_tokenizer()
+    tok.save_pretrained(folder)
+    cfg = {
+        "model_cfg": TINY_OPEN_CLIP,
+        "preprocess_cfg": {
+            "mean": [0.48145466, 0.4578275, 0.40821073],
+            "std": [0.26862954, 0.26130258, 0.27577711],
+        },
+    }
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    torch.manual_seed(seed)
+    model = CLIPModel(clip_config_from_open_clip(TINY_OPEN_CLIP, tok))
+    _spread(model, seed)
+    state = original_open_clip_state(model.state_dict())
+    torch.save(
+        {"state_dict": {k: v.contiguous() for k, v in state.items()}, "epoch": 1}, folder / name
+    )
+    return folder
+
+
+def save_tiny_reward(name: str, folder, *, seed: int = 0):
+    """Write a tiny random model of reward ``name`` (any of ``msdda.sd.rewards.REWARDS``) in
+    its real format into ``folder``; returns the path to give ``load_reward(name, path)``."""
+    from pathlib import Path
+
+    from .reward_base import score_mlp
+
+    folder = Path(folder)
+    if name in ("clipscore", "pickscore"):
+        return save_tiny_clip(folder, seed=seed)
+    if name == "aesthetic":
+        save_tiny_clip(folder, seed=seed)
+        torch.manual_seed(seed + 1)
+        head = score_mlp([12, 32, 16, 8, 4])
+        _spread(head, seed + 1, std=0.5)
+        state = {f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}
+        torch.save(state, folder / "sac+logos+ava1-l14-linearMSE.pth")
+        return folder
+    if name == "imagereward":
+        return save_tiny_imagereward(folder, seed=seed)
+    if name == "hpsv2":
+        return save_tiny_hpsv2(folder, seed=seed)
+    raise ValueError(f"no tiny model for reward {name!r}")
