@@ -40,7 +40,7 @@ def _missing(reason: str):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -49,7 +49,7 @@ def browser(tmp_path):
     binary, driver = _first(CHROMIUM), _first(DRIVER) or shutil.which("chromedriver")
     if binary is None or driver is None:
         _missing("no Chromium browser or driver found")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must not download anything
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not download anything
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):

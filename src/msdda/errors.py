@@ -93,7 +93,13 @@ def quiet_libraries() -> Iterator[None]:
 
 
 #: What a library may raise on a bad file: the kinds :func:`reading` turns into InputFileError.
-_READ_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, RuntimeError, KeyError, EOFError)
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    EOFError,
+)
 
 
 def _library_read_errors() -> tuple[type[BaseException], ...]:

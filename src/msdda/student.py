@@ -22,8 +22,9 @@ Stable Diffusion (UNet LoRA) student :mod:`msdda.sd.student`.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -61,10 +62,14 @@ class WeightEmbedding(nn.Module):
 
     def __init__(self, num_objectives: int, dim: int, hidden: int = 64) -> None:
         super().__init__()
-        self.num_objectives = check_int(num_objectives, "num_objectives", low=1, high=MAX_OBJECTIVES)
+        self.num_objectives = check_int(
+            num_objectives, "num_objectives", low=1, high=MAX_OBJECTIVES
+        )
         check_int(dim, "dim", low=1)
         check_int(hidden, "hidden", low=1)
-        self.net = nn.Sequential(nn.Linear(num_objectives, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+        self.net = nn.Sequential(
+            nn.Linear(num_objectives, hidden), nn.SiLU(), nn.Linear(hidden, dim)
+        )
         nn.init.zeros_(self.net[2].weight)
         nn.init.zeros_(self.net[2].bias)
 
@@ -86,7 +91,9 @@ def distillation_weights(k: int, random: int, generator: torch.Generator) -> Ten
     k = check_int(k, "k", low=1, high=MAX_OBJECTIVES)
     random = check_int(random, "random", low=0)
     fixed = torch.cat([torch.eye(k), torch.full((1, k), 1.0 / k)]).double()
-    e = -torch.log(torch.rand(random, k, generator=generator, dtype=torch.float64).clamp_min(1e-300))
+    e = -torch.log(
+        torch.rand(random, k, generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    )
     return torch.cat([fixed, e / e.sum(1, keepdim=True)])
 
 
@@ -101,22 +108,26 @@ def step_kl(teacher: Gaussian, student: Gaussian) -> Tensor:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Settings of :func:`distill`."""
+    """Settings of :func:`distill`: rounds of rollouts, each followed by optimiser steps."""
 
-    iterations: int = 300  # optimiser steps
-    random_weights: int = 2  # uniform weight draws per iteration, besides vertices and centre
-    chains: int = 8  # chains per weight vector and iteration
-    student_chains: int = 4  # of those, rolled out by the student (coverage); the rest by MSDDA
+    rounds: int = 30  # rounds of fresh rollouts
+    random_weights: int = 2  # uniform weight draws per round, besides vertices and centre
+    chains: int = 32  # MSDDA (teacher) chains per weight vector and round
+    student_chains: int = 16  # student chains per weight vector and round (coverage)
+    updates: int = 8  # optimiser steps per round, each on a random minibatch of states
+    batch_rows: int = 2048  # visited states per optimiser step
     lr: float = 2e-3  # Adam learning rate (cosine-decayed to 10%)
     grad_clip: float = 1.0  # gradient-norm clip
-    log_every: int = 25  # iterations between two records of per-step and path KL
-    seed: int = 0  # weights, conditions, initial and step noise
+    log_every: int = 5  # rounds between two records of per-step and path KL
+    seed: int = 0  # weights, conditions, initial and step noise, minibatches
 
     def __post_init__(self) -> None:
-        check_int(self.iterations, "iterations", low=1, high=10_000_000)
+        check_int(self.rounds, "rounds", low=1, high=10_000_000)
         check_int(self.random_weights, "random_weights", low=0, high=10_000)
         check_int(self.chains, "chains", low=1, high=1_000_000)
-        check_int(self.student_chains, "student_chains", low=0, high=self.chains)
+        check_int(self.student_chains, "student_chains", low=0, high=1_000_000)
+        check_int(self.updates, "updates", low=1, high=1_000_000)
+        check_int(self.batch_rows, "batch_rows", low=1, high=100_000_000)
         check_number(self.lr, "lr", low=0.0, low_inclusive=False)
         check_number(self.grad_clip, "grad_clip", low=0.0, low_inclusive=False)
         check_int(self.log_every, "log_every", low=1)
@@ -224,28 +235,58 @@ def visited_steps(
     return Visited(torch.cat(xs), torch.cat(ts), teacher_steps, len(xs), x_T.shape[0])
 
 
-def distillation_loss(
-    problem: DistillationProblem, visited: Visited, cond: Any, weights: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Mean over chains of the path KL sum_t KL(teacher || student), and the per-step KL.
+def _cat(conds: Sequence[Any]) -> Any:
+    if all(c is None for c in conds):
+        return None
+    if all(isinstance(c, Tensor) for c in conds):
+        return torch.cat(list(conds))
+    return type(conds[0]).cat(conds)  # a domain's own condition type
 
-    Returns the loss (scalar, differentiable) and the (S,) mean step KL per step index.
-    """
-    w = weights.to(visited.x.device, torch.float32).expand(visited.x.shape[0], -1)
-    g = problem.student(visited.x, visited.t, problem.tile(cond, visited.steps), w)
-    kl = step_kl(visited.teacher, Gaussian(g.mean, g.variance.expand_as(g.mean)))
-    per_step = kl.reshape(visited.steps, visited.chains).mean(1)
-    return per_step.sum(), per_step.detach()
+
+def _select(cond: Any, idx: Tensor) -> Any:
+    if cond is None:
+        return None
+    if isinstance(cond, Tensor):
+        return cond[idx.to(cond.device)]
+    return cond.select(idx)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """Visited states of one round, all weights together, with the teacher's step there."""
+
+    x: Tensor  # (N, ...) states x_t
+    t: Tensor  # (N,) their timesteps
+    cond: Any  # the condition of each row
+    weights: Tensor  # (N, K) float32
+    teacher: Gaussian  # (N, ...) the teacher's step (detached)
+    groups: list[tuple[str, slice, int]]  # (weight label, rows, chains) of the teacher's chains
+    steps: int  # S: steps per chain that carry a KL
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+def distillation_loss(problem: DistillationProblem, buffer: Buffer, idx: Tensor) -> Tensor:
+    """S times the mean step KL(teacher || student) over rows ``idx``: an unbiased estimate
+    of the mean path KL sum_t KL per chain (differentiable in the student)."""
+    g = problem.student(
+        buffer.x[idx], buffer.t[idx], _select(buffer.cond, idx), buffer.weights[idx]
+    )
+    teacher = Gaussian(buffer.teacher.mean[idx], buffer.teacher.variance[idx])
+    kl = step_kl(teacher, Gaussian(g.mean, g.variance.expand_as(g.mean)))
+    return kl.mean() * buffer.steps
 
 
 @dataclass(frozen=True)
 class DistillRecord:
-    """Per-step and path KL to the teacher at one iteration (mean over that batch's chains)."""
+    """Per-step and path KL of the student to the teacher at one round, on the teacher's
+    chains of that round (before its optimiser steps), mean over chains."""
 
-    iteration: int
-    loss: float  # mean over weights of the path KL (nats), teacher and student chains
-    path_kl: dict[str, float]  # by weight label: mean path KL on the teacher's chains
-    step_kl: list[float]  # per step index, mean over weights, teacher's chains
+    round: int
+    loss: float  # mean over the round's optimiser steps of the minibatch path-KL estimate
+    path_kl: dict[str, float]  # by weight label: mean path KL (nats)
+    step_kl: list[float]  # per step index, mean over weights
     seconds: float
 
 
@@ -266,41 +307,62 @@ def _noise(generator: torch.Generator):
     return lambda i, like: torch.randn(like.shape, generator=generator).to(like)
 
 
-def _rollouts(problem, config, w, generator):
-    """The visited states of this weight's teacher and student chains, and their conds."""
-    out = []
-    n_student = config.student_chains
-    for who, n in (("teacher", config.chains - n_student), ("student", n_student)):
-        if n == 0:
-            continue
-        cond = problem.draw_cond(n, generator)
-        x_T = torch.randn((n, *problem.sample_shape), generator=generator).to(problem.device)
-        teacher = problem.teacher(tuple(float(v) for v in w), cond)
-        roll = teacher if who == "teacher" else problem.student_policy(w.float(), cond)
-        visited = visited_steps(
-            roll, teacher, x_T, problem.schedule, _noise(generator), roll_is_teacher=who == "teacher"
-        )
-        out.append((who, visited, cond))
-    return out
+def _rollout(problem, w, n, who, generator) -> tuple[Visited, Any]:
+    cond = problem.draw_cond(n, generator)
+    x_T = torch.randn((n, *problem.sample_shape), generator=generator).to(problem.device)
+    teacher = problem.teacher(tuple(float(v) for v in w), cond)
+    roll = teacher if who == "teacher" else problem.student_policy(w.float(), cond)
+    visited = visited_steps(
+        roll, teacher, x_T, problem.schedule, _noise(generator), roll_is_teacher=who == "teacher"
+    )
+    return visited, problem.tile(cond, visited.steps)
 
 
-def _iteration(problem, config, generator, optimiser) -> tuple[float, dict, Tensor | None]:
-    """One optimiser step over the iteration's weights; the loss and teacher-chain KLs."""
+def collect(problem: DistillationProblem, config: DistillConfig, generator) -> Buffer:
+    """One round's rollouts: for each weight (vertices, centre, uniform draws), the MSDDA
+    teacher's chains and the student's, their visited states and the teacher's steps."""
     weights = distillation_weights(problem.num_objectives, config.random_weights, generator)
-    optimiser.zero_grad(set_to_none=True)
-    total, paths, steps = 0.0, {}, []
+    parts, groups, start, steps = [], [], 0, 0
     for w in weights:
-        for who, visited, cond in _rollouts(problem, config, w, generator):
-            loss, per_step = distillation_loss(problem, visited, cond, w)
-            share = (visited.chains / config.chains) / len(weights)
-            (loss * share).backward()
-            total += float(loss) * share
+        for who, n in (("teacher", config.chains), ("student", config.student_chains)):
+            if n == 0:
+                continue
+            visited, cond = _rollout(problem, w, n, who, generator)
+            rows = visited.x.shape[0]
             if who == "teacher":
-                paths[_label(w)] = float(loss)
-                steps.append(per_step)
-    nn.utils.clip_grad_norm_(problem.parameters, config.grad_clip)
-    optimiser.step()
-    return total, paths, torch.stack(steps).mean(0) if steps else None
+                groups.append((_label(w), slice(start, start + rows), n))
+            parts.append((visited, cond, w.float().expand(rows, -1)))
+            start, steps = start + rows, visited.steps
+    v = [p[0] for p in parts]
+    teacher = Gaussian(
+        torch.cat([x.teacher.mean for x in v]), torch.cat([x.teacher.variance for x in v])
+    )
+    return Buffer(
+        torch.cat([x.x for x in v]),
+        torch.cat([x.t for x in v]),
+        _cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]).to(problem.device),
+        teacher,
+        groups,
+        steps,
+    )
+
+
+@torch.no_grad()
+def measure(problem: DistillationProblem, buffer: Buffer) -> tuple[dict[str, float], list[float]]:
+    """Path KL per weight and per-step KL (mean over weights) on the teacher's chains."""
+    paths, per_step = {}, []
+    for label, rows, chains in buffer.groups:
+        idx = torch.arange(rows.start, rows.stop)
+        g = problem.student(
+            buffer.x[idx], buffer.t[idx], _select(buffer.cond, idx), buffer.weights[idx]
+        )
+        teacher = Gaussian(buffer.teacher.mean[idx], buffer.teacher.variance[idx])
+        kl = step_kl(teacher, Gaussian(g.mean, g.variance.expand_as(g.mean)))
+        steps = kl.double().reshape(-1, chains).mean(1)
+        paths[label] = float(steps.sum())
+        per_step.append(steps)
+    return paths, [float(v) for v in torch.stack(per_step).mean(0)]
 
 
 def distill(
@@ -311,8 +373,10 @@ def distill(
 ) -> DistillResult:
     """Fit the student to the MSDDA teacher by the exact step KL (see the module docstring).
 
-    Records the per-step and path KL to the teacher every ``config.log_every`` iterations
-    and at the last one (``progress`` is called with each record).
+    Every round draws fresh rollouts (:func:`collect`) and takes ``config.updates``
+    optimiser steps on minibatches of their states. Records the per-step and path KL to
+    the teacher every ``config.log_every`` rounds, at the first and at the last
+    (``progress`` is called with each record).
     """
     if not isinstance(problem, DistillationProblem):
         raise TypeError(f"problem must be a DistillationProblem, got {type(problem).__name__}")
@@ -323,19 +387,29 @@ def distill(
         check_callable(progress, "progress")
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.Adam(problem.parameters, lr=config.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _cosine(config.iterations))
+    total = config.rounds * config.updates
+    lr = torch.optim.lr_scheduler.LambdaLR(optimiser, _cosine(total))
     records: list[DistillRecord] = []
     start = time.perf_counter()
-    for it in range(1, config.iterations + 1):
-        loss, paths, steps = _iteration(problem, config, generator, optimiser)
-        schedule.step()
-        if it % config.log_every == 0 or it == config.iterations or it == 1:
+    for r in range(1, config.rounds + 1):
+        buffer = collect(problem, config, generator)
+        log = r % config.log_every == 0 or r in (1, config.rounds)
+        measured = measure(problem, buffer) if log else None
+        losses = []
+        for _ in range(config.updates):
+            idx = torch.randint(
+                0, len(buffer), (min(config.batch_rows, len(buffer)),), generator=generator
+            )
+            optimiser.zero_grad(set_to_none=True)
+            loss = distillation_loss(problem, buffer, idx)
+            loss.backward()
+            nn.utils.clip_grad_norm_(problem.parameters, config.grad_clip)
+            optimiser.step()
+            lr.step()
+            losses.append(float(loss.detach()))
+        if measured is not None:
             record = DistillRecord(
-                it,
-                loss,
-                paths,
-                [] if steps is None else [float(v) for v in steps],
-                time.perf_counter() - start,
+                r, sum(losses) / len(losses), measured[0], measured[1], time.perf_counter() - start
             )
             records.append(record)
             if progress is not None:
@@ -343,12 +417,5 @@ def distill(
     return DistillResult(records, time.perf_counter() - start)
 
 
-def _cosine(iterations: int) -> Callable[[int], float]:
-    import math
-
-    return lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations))
-
-
-def trainable(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """The parameters of ``modules`` that require a gradient."""
-    return [p for m in modules for p in m.parameters() if p.requires_grad]
+def _cosine(steps: int) -> Callable[[int], float]:
+    return lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))

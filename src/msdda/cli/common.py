@@ -25,7 +25,16 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from ..errors import InputFileError, OutputError, check_output_path, describe
 from ..validation import MAX_SEED, check_int, check_number, check_seed
@@ -453,13 +462,23 @@ def show_warnings(caught) -> None:
         console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
 
 
+class RateColumn(ProgressColumn):
+    """Throughput: items per minute, measured over the recent items."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{60 * speed:.3g}/min", style="progress.data.speed")
+
+
 def progress_bar(console: Console) -> Progress:
-    """The progress bar every command shows: label, bar, done/total, elapsed."""
+    """The progress bar every command shows: label, bar, done/total, rate, elapsed, ETA."""
     return Progress(
         TextColumn("{task.description:<22}"),
         BarColumn(),
         MofNCompleteColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
         transient=False,
     )

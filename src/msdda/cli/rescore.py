@@ -136,7 +136,10 @@ def rescore(
         _check_column(data.header, column)
         scorer = _load_judge(judge, judge_weights)
         rows = _score_rows(data, column, scorer, batch)
-        header = _header(data.header, column, judge, judge_weights)
+        given = judge_weights
+        if given is not None and Path(given).expanduser().exists():  # else a hub id
+            given = str(Path(given).expanduser().resolve())
+        header = _header(data.header, column, judge, given)
         with writes_to(results):
             rewrite_results(results, header, rows)
     Console().print(

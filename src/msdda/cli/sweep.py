@@ -46,6 +46,10 @@ TUNE_RULES_HELP = (
     "regularised (highest weighted reward - beta KL: rgg-regularised, code-regularised)."
 )
 ORACLE_WEIGHTS_HELP = "Also sample every method at the trained oracles' weights."
+EXECUTOR_OPTIONS = ("executor", "ray_address", "ray_workers", "ray_cpus")
+EXECUTOR_HELP = "Where units run: local (this process) or ray (a Ray cluster; the ray extra)."
+RAY_ADDRESS_HELP = "ray: address of a running cluster (default: start a local one, loopback only)."
+RAY_WORKERS_HELP = "ray: worker actors (default: one per GPU, else one per --ray-cpus CPUs)."
 THREADS_HELP = "torch threads (0: torch's default; 1 is robust on a busy shared CPU)."
 CONFIG_HELP = (
     "A TOML sweep config (examples/*.toml): domain, models, rewards, judges, prompts, "
@@ -54,7 +58,7 @@ CONFIG_HELP = (
 
 
 def _refuse_options_beside_config(ctx: typer.Context) -> None:
-    """With --config, every sweep option but --threads comes from the file."""
+    """With --config, every sweep option but --threads and the executor's comes from the file."""
     given = [
         p for p in ctx.command.params
         if p.param_type_name == "option" and p.name not in ("config_file", "threads")
@@ -63,7 +67,7 @@ def _refuse_options_beside_config(ctx: typer.Context) -> None:
     if given:
         fail(
             f"{given[0].opts[0]} cannot be combined with --config: set it in the config file "
-            "(only --threads may be given beside it)"
+            "(only --threads and the --executor/--ray-* options may be given beside it)"
         )
 
 
@@ -114,8 +118,9 @@ def load_config(path: Path):
     return load(path)
 
 
-def _run(config, results: Path, threads: int):
-    """Run the sweep on ``threads`` torch threads (0: torch's default) under a progress bar."""
+def _run(config, results: Path, threads: int, executor=None):
+    """Run the sweep on ``threads`` torch threads (0: torch's default) under a progress bar,
+    its units on ``executor`` (None: here)."""
     import torch
 
     from ..evaluation import load_domain, read_results, run_sweep
@@ -135,7 +140,9 @@ def _run(config, results: Path, threads: int):
             def progress(what: str, done: int, total: int) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
-            summary = run_sweep(config, results, domain=domain, progress=progress)
+            summary = run_sweep(
+                config, results, domain=domain, progress=progress, executor=executor
+            )
     show_warnings(caught)
     return summary
 
@@ -208,10 +215,22 @@ def sweep(
     config_file: Path = checked(
         None, "--config", check=input_file(), help=CONFIG_HELP, show_default=False
     ),
+    executor: str = typer.Option("local", help=EXECUTOR_HELP),
+    ray_address: str = typer.Option(None, help=RAY_ADDRESS_HELP, show_default=False),
+    ray_workers: int = checked(None, check=integer(1), help=RAY_WORKERS_HELP, show_default=False),
+    ray_cpus: int = checked(
+        1, check=integer(1, MAX_THREADS), help="ray: CPUs per worker where there are no GPUs."
+    ),
 ) -> None:
     """Sample every method over preference weights, prompts and seeds; append rows as they finish."""
     from ..evaluation import SweepConfig
+    from ..evaluation.executors import make_executor
     from ..methods import MethodSettings
+
+    with user_errors():  # a missing Ray or a bad executor option, before anything is loaded
+        runner = make_executor(
+            executor, address=ray_address, workers=ray_workers, cpus_per_worker=ray_cpus
+        )
 
     if config_file is not None:
         with user_errors():
@@ -219,7 +238,7 @@ def sweep(
         _refuse_options_beside_config(ctx)
         with user_errors():
             with writes_to(results):
-                summary = _run(config, results, threads)
+                summary = _run(config, results, threads, runner)
         _print_summary(summary)
         return
     if domain == "sd":
@@ -242,5 +261,5 @@ def sweep(
             tuning=_tuning(tune, tune_rules, tune_seeds, tune_images, rgg_scales, code_grid),
         )
         with writes_to(results):
-            summary = _run(config, results, threads)
+            summary = _run(config, results, threads, runner)
     _print_summary(summary)

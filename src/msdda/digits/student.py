@@ -147,7 +147,9 @@ def student_tensors(student: DigitStudent) -> dict[str, Tensor]:
 
 def _split(tensors: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     adapter = {k: v for k, v in tensors.items() if not k.startswith(EMBEDDING_PREFIX)}
-    emb = {k[len(EMBEDDING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+    emb = {
+        k[len(EMBEDDING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)
+    }
     return adapter, emb
 
 
@@ -223,7 +225,9 @@ def distillation_problem(
     ``student``; conditions are uniform digits."""
     objectives = _check_objectives(objectives)
     if len(objectives) != student.num_objectives:
-        raise ValueError(f"{len(objectives)} objectives for a student of K = {student.num_objectives}")
+        raise ValueError(
+            f"{len(objectives)} objectives for a student of K = {student.num_objectives}"
+        )
     ctx = _context(bundle, objectives, student.kind, teacher_seed)
     spec = expert_spec(student.kind)
     schedule = bundle.schedule
@@ -244,11 +248,15 @@ def distillation_problem(
 
 def _check_objectives(objectives: Sequence[str]) -> tuple[str, ...]:
     if isinstance(objectives, str) or not objectives:
-        raise ValueError(f"objectives must be a non-empty sequence of reward names, got {objectives!r}")
+        raise ValueError(
+            f"objectives must be a non-empty sequence of reward names, got {objectives!r}"
+        )
     objectives = tuple(objectives)
     unknown = [n for n in objectives if n not in REWARDS]
     if unknown or len(set(objectives)) != len(objectives):
-        raise ValueError(f"objectives must be distinct names of {list(REWARDS)}, got {list(objectives)}")
+        raise ValueError(
+            f"objectives must be distinct names of {list(REWARDS)}, got {list(objectives)}"
+        )
     return objectives
 
 
@@ -281,7 +289,11 @@ def teacher_files(bundle: DigitsBundle, objectives: Sequence[str], kind: str, se
     """``{reward: sha256}`` of the expert files MSDDA over ``objectives`` reads."""
     out = {}
     for e in bundle.manifest.get("experts", []):
-        if e.get("reward") in objectives and e.get("kind") == kind and int(e.get("seed", 0)) == seed:
+        if (
+            e.get("reward") in objectives
+            and e.get("kind") == kind
+            and int(e.get("seed", 0)) == seed
+        ):
             out[e["reward"]] = e.get("sha256", "")
     return {n: out.get(n, "") for n in objectives}
 
@@ -392,7 +404,9 @@ def _load_entry(bundle: DigitsBundle, weights_dir: Path, entry: Any, fingerprint
     return LoadedStudent(objectives, kind, seed, student, current, entry)
 
 
-def load_students(bundle: DigitsBundle, weights_dir: str | Path | None = None) -> list[LoadedStudent]:
+def load_students(
+    bundle: DigitsBundle, weights_dir: str | Path | None = None
+) -> list[LoadedStudent]:
     """Every student listed in ``students.json`` of ``weights_dir`` (default: the bundle's)."""
     weights_dir = Path(weights_dir or bundle.path)
     index = _read_index(weights_dir)

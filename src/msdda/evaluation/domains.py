@@ -102,9 +102,11 @@ def digits_domain(
         rewards=tuple(bundle.rewards[n] for n in objectives),
         decode=decode,
         oracles=oracles,
+        student=_digits_student(bundle, objectives, expert_kind),
     )
     order = list(objectives) + [n for n in bundle.rewards if n not in objectives]
     manifest = Path(bundle.path) / "manifest.json"
+    students = Path(bundle.path) / "students.json"
 
     def check_prompt(p):
         check_prompts(p, "prompt")
@@ -117,9 +119,24 @@ def digits_domain(
         eval_rewards={n: bundle.rewards[n] for n in order},
         prompts=tuple(range(10)),
         condition=lambda prompts: torch.tensor(list(prompts), dtype=torch.long),
-        identity={"manifest_sha256": _sha256(manifest), "expert_kind": expert_kind},
+        identity={
+            "manifest_sha256": _sha256(manifest),
+            "expert_kind": expert_kind,
+            **({"students_sha256": _sha256(students)} if context.student else {}),
+        },
         check_prompt=check_prompt,
     )
+
+
+def _digits_student(bundle, objectives, expert_kind):
+    """``weights -> Expert`` of the shipped student of these objectives and kind (seed 0),
+    None if there is none or it was distilled from other experts than the shipped ones."""
+    from ..digits.student import load_students
+
+    for s in load_students(bundle):
+        if s.objectives == tuple(objectives) and s.kind == expert_kind and s.seed == 0:
+            return s.expert if s.current else None
+    return None
 
 
 def toy_domain(seed: int = 0) -> SweepDomain:

@@ -148,7 +148,8 @@ def sweep_weights(config: SweepConfig, domain: SweepDomain) -> tuple[tuple[float
 def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
     """Every unit of the sweep, seed by seed, then weight, then method.
 
-    ``base`` runs once per seed; ``oracle`` only at weights with a trained oracle.
+    ``base`` runs once per seed; ``oracle`` only at weights with a trained oracle;
+    ``student`` only in a domain with a trained student.
     """
     have_oracle = {weight_key(k) for k in domain.context.oracles}
     methods = config.sweep_methods
@@ -164,6 +165,8 @@ def plan_units(config: SweepConfig, domain: SweepDomain) -> list[SweepUnit]:
                     info.needs_oracle and weight_key(w) not in have_oracle
                 ):
                     continue
+                if info.needs_student and domain.context.student is None:
+                    continue  # no trained student in this domain
                 units.append(SweepUnit(m, w, seed))
     return units
 

@@ -2,9 +2,9 @@
 
 ``base``, ``rs`` (rewarded soups), ``db`` (Diffusion Blend), ``db-ls`` (one expert per
 step), ``rgg`` (reward gradient guidance), ``code`` (blockwise controlled decoding),
-``target`` (exact step-level optimum by importance resampling), ``msdda`` and
-``oracle``. :func:`run_method` samples with any of them on shared seeds and counts
-network evaluations.
+``target`` (exact step-level optimum by importance resampling), ``msdda``, ``oracle``
+and ``student`` (one weight-conditioned model distilled from MSDDA). :func:`run_method`
+samples with any of them on shared seeds and counts network evaluations.
 """
 
 from .common import (
@@ -39,6 +39,7 @@ from .strategies import (
     oracle_policy,
     rgg_policy,
     rs_policy,
+    student_policy,
 )
 
 __all__ = [
@@ -72,6 +73,7 @@ __all__ = [
     "rgg_policy",
     "rs_policy",
     "run_method",
+    "student_policy",
     "target_policy",
     "weight_key",
     "weighted_step_reward",

@@ -72,6 +72,9 @@ class MethodContext:
     #: None: :func:`parameter_soup` of the members' ``nn.Module`` denoisers
     soup: Callable[[tuple[Member, ...], tuple[float, ...]], Denoiser] | None = None
     device: torch.device | str = "cpu"  # where x_T is put (the models' device)
+    #: weights -> the weight-conditioned student at those weights (the ``student`` method,
+    #: :mod:`msdda.student`); None: the domain has no trained student
+    student: Callable[[tuple[float, ...]], Expert] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, Schedule):
@@ -116,7 +119,7 @@ class MethodContext:
                 raise ValueError(
                     f"oracles must map K = {len(self.experts)} weights to an Expert, got {key!r}"
                 )
-        for name in ("joint", "soup"):
+        for name in ("joint", "soup", "student"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable or None")
 
@@ -161,8 +164,15 @@ class MethodContext:
             def soup(members, coefficients, _soup=self.soup):
                 return counter.wrap_denoiser(_soup(members, coefficients))
 
+        student = self.student
+        if student is not None:
+
+            def student(weights, _student=self.student):
+                return expert(_student(weights))
+
         return replace(
             self,
+            student=student,
             reference=expert(self.reference),
             experts=tuple(expert(e) for e in self.experts),
             oracles={k: expert(e) for k, e in self.oracles.items()},

@@ -58,6 +58,7 @@ class MethodInfo:
     parameters: tuple[str, ...] = ()  # the MethodSettings fields it reads
     search: bool = False  # picks x_{t-1} among candidates (point masses; meters its own KL)
     kl_is_bound: bool = False  # its measured KL to the base is an upper bound, not exact
+    needs_student: bool = False  # runs only where the context has a trained student
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -94,6 +95,11 @@ METHODS: dict[str, MethodInfo] = {
         ),
         MethodInfo("msdda", "MSDDA: closed-form product of the experts' Gaussians"),
         MethodInfo("oracle", "a model trained on the weighted reward", needs_oracle=True),
+        MethodInfo(
+            "student",
+            "one weight-conditioned model distilled from MSDDA (one forward per step)",
+            needs_student=True,
+        ),
     )
 }
 
@@ -142,6 +148,7 @@ _BUILDERS: dict[str, Callable[..., StepPolicy]] = {
     ),
     "msdda": lambda ctx, w, cond, draws, cfg: s.msdda_policy(ctx, w, cond),
     "oracle": lambda ctx, w, cond, draws, cfg: s.oracle_policy(ctx, w, cond),
+    "student": lambda ctx, w, cond, draws, cfg: s.student_policy(ctx, w, cond),
 }
 
 

@@ -60,6 +60,7 @@ __all__ = [
     "target_policy",
     "msdda_policy",
     "oracle_policy",
+    "student_policy",
 ]
 
 #: ``(step_index, num_steps) -> multiplier`` of the guidance scale at that step.
@@ -308,3 +309,15 @@ def oracle_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
             return expert_policy(expert, ctx.schedule, cond)
     have = sorted(weight_key(k) for k in ctx.oracles)
     raise ValueError(f"no oracle for weights {list(key)}; oracles exist for {have}")
+
+
+def student_policy(ctx: MethodContext, weights, cond: Any = None) -> StepPolicy:
+    """The weight-conditioned student (:mod:`msdda.student`) at these weights: one forward
+    per step, whatever the weights."""
+    check_context(ctx)
+    if ctx.student is None:
+        raise ValueError(
+            "method 'student' needs a trained student: this problem has none "
+            "(digits: `msdda train-student`)"
+        )
+    return expert_policy(ctx.student(tuple(float(w) for w in weights)), ctx.schedule, cond)

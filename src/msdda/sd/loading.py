@@ -373,7 +373,7 @@ def _weight_shapes(folder: Path, what: str, variant: str | None) -> Shapes:
                 "loaded; convert them to .safetensors",
             )
         raise InputFileError(folder, f"the {what} has no weight file (.safetensors)")
-    headers = {p: read_header_shapes(p, f"{what} weights (safetensors)") for p in files}
+    headers = {p: read_header_shapes(p, f"safetensors weights of the {what}") for p in files}
     shapes: Shapes = {}
     for p in [p for p in files if _variant_of(p.name) == variant] or files:
         shapes.update(headers[p])
