@@ -50,6 +50,7 @@ from msdda.digits.align import (
     PairsConfig,
     collect_digit_pairs,
     sampler_bundle,
+    save_adapter,
     train_aligned,
     variance_offsets,
 )
@@ -113,10 +114,12 @@ def fused_eta(etas, weights) -> float:
     return 1.0 / math.sqrt(sum(w / e**2 for w, e in zip(weights, etas, strict=True)))
 
 
-def _train(bundle, setting: Setting, weights: dict, pairs, seed: int) -> Expert:
+def _train(bundle, setting: Setting, weights: dict, pairs, seed: int, keep=None) -> Expert:
     config = AlignConfig(kl_coef=setting.beta, eval_samples=0, **dict(setting.train))
-    kind = setting.kind
-    return train_aligned(bundle, weights, kind, pairs=pairs, config=config, seed=seed).expert
+    m = train_aligned(bundle, weights, setting.kind, pairs=pairs, config=config, seed=seed)
+    if keep is not None:
+        keep.append(m)
+    return m.expert
 
 
 def _offsets(experts, pairs) -> list[dict]:
@@ -124,8 +127,11 @@ def _offsets(experts, pairs) -> list[dict]:
     return [variance_offsets(e, pairs) for e in experts if e.spec.learned_variance]
 
 
-def train_setting(bundle: DigitsBundle, setting: Setting, seed: int) -> dict:
-    """The setting's experts (by objective), oracle and sampler bundles of one training seed."""
+def train_setting(bundle: DigitsBundle, setting: Setting, seed: int, keep=None) -> dict:
+    """The setting's experts (by objective), oracle and sampler bundles of one training seed.
+
+    ``keep``: a list the trained :class:`AlignedModel` s are appended to (to save them).
+    """
     pairs_config = PairsConfig(**dict(setting.pairs))
     etas = setting.etas or (None,) * len(setting.objectives)
     w = setting.weights
@@ -133,7 +139,7 @@ def train_setting(bundle: DigitsBundle, setting: Setting, seed: int) -> dict:
     bundles = {e: sampler_bundle(bundle, setting.steps, e) for e in {*etas, oracle_eta}}
     pairs = {e: collect_digit_pairs(b, pairs_config, seed) for e, b in bundles.items()}
     experts = tuple(
-        _train(bundles[e], setting, {r: 1.0}, pairs[e], seed)
+        _train(bundles[e], setting, {r: 1.0}, pairs[e], seed, keep)
         for r, e in zip(setting.objectives, etas, strict=True)
     )
     oracle = _train(
@@ -142,6 +148,7 @@ def train_setting(bundle: DigitsBundle, setting: Setting, seed: int) -> dict:
         dict(zip(setting.objectives, w, strict=True)),
         pairs[oracle_eta],
         seed,
+        keep,
     )
     offsets = _offsets((*experts, oracle), pairs[oracle_eta])
     return {"experts": experts, "oracle": oracle, "bundle": bundles[oracle_eta], "offsets": offsets}
@@ -415,6 +422,51 @@ def gap_study(bundle, variants, args, log) -> list[dict]:
     return out
 
 
+def plot(report: dict, path: Path) -> None:
+    """R_w against path KL for every method of each setting (seed means; target: KL bound)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report.get("results", [])
+    fig, axes = plt.subplots(1, max(1, len(results)), figsize=(4.2 * max(1, len(results)), 3.6))
+    axes = [axes] if len(results) <= 1 else list(axes)
+    marks = {"base": "k.", "msdda": "r*", "db": "bs", "rs": "g^", "target": "mD", "oracle": "co"}
+    for ax, res in zip(axes, results, strict=False):
+        for m, v in res["methods"].items():
+            ax.errorbar(v["kl"], v["R"], yerr=v["R_se"], fmt=marks.get(m, "x"), label=m, ms=7)
+        ax.set_title(res["setting"])
+        ax.set_xlabel("path KL to base (nats; target: upper bound)")
+        ax.set_ylabel("weighted reward R_w")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_preset(bundle: DigitsBundle, setting: Setting, folder: Path, seed: int = 0) -> None:
+    """Train the setting's experts and oracle (seed 0) and write them as a demo preset.
+
+    The adapters go to ``folder`` with ``preset.json`` (what :func:`msdda.digits.demo.load_preset`
+    reads); only LoRA settings on the shipped sampler can be a preset.
+    """
+    if setting.adapter != "lora" or setting.etas is not None or setting.steps != 50:
+        raise ValueError(f"setting {setting.name} cannot be a preset: LoRA, 50 DDPM steps only")
+    kept: list = []
+    train_setting(bundle, setting, seed, keep=kept)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for m in kept:
+        name = "-".join(f"{n}{w:g}" for n, w in m.weights.items()) + f"-{m.kind}.safetensors"
+        save_adapter(folder / name, m)
+        files.append({"file": name, "weights": m.weights, "kind": m.kind, "kl_coef": m.kl_coef})
+    meta = {"setting": setting.name, "seed": seed, "beta": setting.beta, "models": files}
+    (folder / "preset.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=["beta1-lora"], help="see --list")
@@ -430,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1000, help="samples per chain batch")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("msdda-out/exactness.json"))
+    p.add_argument("--plot", type=Path, default=None, help="also draw R_w vs KL (a .png)")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw --plot from this JSON")
+    p.add_argument("--save-preset", type=Path, default=None, help="train --settings[0] and save")
     args = p.parse_args(argv)
     if args.list:
         for s in SETTINGS.values():
@@ -438,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown:
         p.error(f"unknown settings {unknown}; known: {', '.join(SETTINGS)}")
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.plot or args.replot.with_suffix(".png"))
+        return 0
     args.target_samples = args.target_samples or args.samples
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -446,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
 
     bundle = load_digits_bundle()
+    if args.save_preset is not None:
+        save_preset(bundle, SETTINGS[args.settings[0]], args.save_preset)
+        log(f"preset {args.settings[0]}: {args.save_preset}")
+        return 0
     report: dict = {"config": {k: str(v) for k, v in vars(args).items()}}
     if args.convergence:
         report["convergence"] = convergence(
@@ -464,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".tmp").write_text(json.dumps(report, indent=2))
     args.out.with_suffix(".tmp").replace(args.out)
+    if args.plot is not None and results:
+        plot(report, args.plot)
     log(f"results: {args.out}")
     return 0
 

@@ -86,6 +86,7 @@ BASE: dict[tuple[str, ...], dict] = {
     },
     ("train",): {"args": [], "options": {"--out": "{new_dir}", "--no-align": None}},
     ("toy", "train"): {"args": [], "options": {"--out": "{new_dir}", "--no-align": None}},
+    ("train-student",): {"args": [], "options": {}},
 }
 
 
@@ -106,6 +107,7 @@ def guarded(monkeypatch):
     import msdda.digits.demo
     import msdda.digits.pipeline
     import msdda.digits.sampling
+    import msdda.digits.student
     import msdda.evaluation
 
     monkeypatch.setattr(msdda.cli.check, "run_check", reached)
@@ -115,6 +117,7 @@ def guarded(monkeypatch):
     monkeypatch.setattr(msdda.digits.sampling, "generate", reached)
     monkeypatch.setattr(msdda.digits.pipeline, "train_all", reached)
     monkeypatch.setattr(msdda.evaluation, "run_sweep", reached)
+    monkeypatch.setattr(msdda.digits.student, "train_student", reached)
     return monkeypatch
 
 

@@ -199,3 +199,37 @@ def test_without_ray_the_ray_executor_says_how_to_install_it(monkeypatch):
         make_executor("ray")
     with pytest.raises(ValueError, match="executor must be one of local, ray"):
         make_executor("dask")
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_the_tiny_sd_sweep_runs_on_two_ray_actors(cluster, tmp_path):
+    """The Stable Diffusion sweep from a config on Ray: the local executor's rows and pictures."""
+    import runpy
+
+    from msdda.evaluation.config import load_config
+
+    runpy.run_path(str(EXAMPLES / "make_tiny_sd.py"))["make_tiny_sd"](tmp_path / "tiny")
+    text = (EXAMPLES / "tiny-sd.toml").read_text()
+    text = "tuning = false\n" + text[: text.index("[tuning]")].replace("steps = 4 ", "steps = 2 ")
+    text = text.replace(
+        'methods = ["base", "rs", "db", "db-ls", "rgg", "code", "target", "msdda", "oracle"]',
+        'methods = ["base", "msdda", "rgg"]',
+    ).replace("target_candidates = 2", "rgg_scale = 1.0")
+    (tmp_path / "sd.toml").write_text(text)
+    config = load_config(tmp_path / "sd.toml")
+    run_sweep(config, tmp_path / "local.jsonl")
+    executor = RayExecutor(workers=2)
+    run_sweep(config, tmp_path / "ray.jsonl", executor=executor)
+    assert len(set(executor.pids)) == 2
+    local, on_ray = values(tmp_path / "local.jsonl"), values(tmp_path / "ray.jsonl")
+    assert on_ray.keys() == local.keys() and len(local) == 2 * 2 * (1 + 2 * 3)
+    for key, row in local.items():
+        files = row.pop("image_files")
+        ray_files = on_ray[key].pop("image_files")
+        assert on_ray[key] == row
+        for a, b in zip(files, ray_files, strict=True):  # the driver wrote the same pictures
+            assert (tmp_path / a.replace("local-images", "ray-images")).read_bytes() == (
+                tmp_path / b
+            ).read_bytes()

@@ -26,6 +26,7 @@ from .gaussian import Gaussian
 from .validation import check_int, check_positive, show_value
 
 __all__ = [
+    "simplex_form",
     "Gaussian",
     "LAMBDA0_TOLERANCE",
     "FusionCoefficients",
@@ -374,3 +375,14 @@ def _check_precision(precision: Tensor, lambda0: float) -> None:
             f"these variances (lambda_0 = {lambda0:.4g}); lower the alignment strength "
             "(raise kl_coef) or use experts with compatible variances"
         )
+
+
+def simplex_form(weights: Sequence[float], kl_coef: float) -> tuple[tuple[float, ...], float]:
+    """(w / sum(w), beta / sum(w)): weights on the simplex and the target beta that give the
+    same exponents lambda_i = w_i beta_i / beta as ``weights`` (not all 0) and ``kl_coef``
+    (the form the methods registry takes); ``weights`` unchanged when already on the
+    simplex."""
+    total = math.fsum(weights)
+    if abs(total - 1.0) <= 1e-6:
+        return tuple(float(w) for w in weights), kl_coef
+    return tuple(float(w) / total for w in weights), kl_coef / total

@@ -174,8 +174,8 @@ class DistillationProblem:
         for name in ("teacher", "student", "draw_cond", "tile"):
             check_callable(getattr(self, name), name)
         params = list(self.parameters)
-        if not params or not all(isinstance(p, nn.Parameter) for p in params):
-            raise ValueError("parameters must be a non-empty sequence of nn.Parameter")
+        if not all(isinstance(p, nn.Parameter) for p in params):
+            raise ValueError("parameters must be a sequence of nn.Parameter")
         object.__setattr__(self, "parameters", params)
         object.__setattr__(self, "sample_shape", tuple(self.sample_shape))
 
@@ -385,6 +385,8 @@ def distill(
         raise TypeError(f"config must be a DistillConfig, got {type(config).__name__}")
     if progress is not None:
         check_callable(progress, "progress")
+    if not problem.parameters:
+        raise ValueError("problem.parameters is empty: the student has nothing to train")
     generator = torch.Generator().manual_seed(config.seed)
     optimiser = torch.optim.Adam(problem.parameters, lr=config.lr)
     total = config.rounds * config.updates

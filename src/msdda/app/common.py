@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
-__all__ = ["simplex_form", "refusal", "describe_lambdas", "MAX_UI_SEED"]
+__all__ = ["refusal", "describe_lambdas", "MAX_UI_SEED"]
 
 #: Seeds the browser can hold exactly (JavaScript numbers are exact below 2**53).
 MAX_UI_SEED = 2**53 - 1
-
-
-def simplex_form(weights: Sequence[float], kl_coef: float) -> tuple[tuple[float, ...], float]:
-    """(w / sum(w), beta / sum(w)): simplex weights and target beta with the same exponents
-    lambda_i = w_i beta_i / beta as ``weights`` and ``kl_coef`` (the form the methods
-    registry takes; :func:`msdda.sd.plan.simplex_form` does the same for the pipelines)."""
-    total = math.fsum(weights)
-    return tuple(float(w) / total for w in weights), kl_coef / total
 
 
 def refusal(weights: Sequence[float]) -> str:

@@ -29,10 +29,10 @@ from ..digits.plots import image_grid, save_pareto_plot
 from ..digits.sampling import method_context, torch_threads
 from ..digits.store import check_expert_kind
 from ..errors import InputFileError, reading
-from ..fusion import FusionCoefficients
+from ..fusion import FusionCoefficients, simplex_form
 from ..methods import run_method
 from ..validation import check_int, check_number, check_positive, check_seed
-from .common import refusal, simplex_form
+from .common import refusal
 
 __all__ = [
     "OBJECTIVES",

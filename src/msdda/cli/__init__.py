@@ -19,5 +19,15 @@ def main() -> None:
 
 
 # Each command module registers itself on `app` when imported.
-from . import check, demo, generate, report, rescore, sweep, toy, train, webapp  # noqa: E402,F401
-from . import student  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    check,
+    demo,
+    generate,
+    report,
+    rescore,
+    student,  # noqa: E402,F401
+    sweep,
+    toy,
+    train,
+    webapp,
+)

@@ -16,6 +16,7 @@ from .common import (
     check_kind,
     check_output_folder,
     checked,
+    fail,
     input_folder,
     integer,
     number,
@@ -51,6 +52,27 @@ def _results_table(rows, cfg) -> Table:
     return table
 
 
+def _methods_table(out: Path, preset: str) -> Table:
+    """The preset's comparison of msdda, db, rs and the oracle (from ``results.json``)."""
+    import json
+
+    rows = json.loads((out / "results.json").read_text())["methods"]
+    table = Table(title=f"preset {preset}: w = (0.5, 0.5), same prompts and noise; paired vs msdda")
+    cols = ("method", "weighted reward", "KL to base", "reward - beta KL", "vs msdda (reward)")
+    for col in (*cols, "vs msdda (reward - beta KL)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(
+            r["method"],
+            f"{r['weighted_reward']:+.3f}",
+            f"{r['kl']:.2f}",
+            f"{r['objective']:+.3f}",
+            f"{r['reward_minus_msdda']:+.4f} ± {r['reward_minus_msdda_se']:.4f}",
+            f"{r['objective_minus_msdda']:+.4f} ± {r['objective_minus_msdda_se']:.4f}",
+        )
+    return table
+
+
 @app.command()
 def demo(
     out: Path = checked(
@@ -78,13 +100,22 @@ def demo(
         check=integer(1, MAX_THREADS),
         help="torch threads (the models are small: 1 is fastest).",
     ),
+    preset: str = typer.Option(
+        None,
+        help="Experts of a stress setting instead of the shipped ones, and msdda, db, rs and the "
+        "oracle compared at w = 0.5 (reward, KL to the base): beta0.25.",
+    ),
 ) -> None:
     """MSDDA on the digits: legibility vs boldness over a sweep of preference weights."""
     from ..digits.bundle import load_digits_bundle
-    from ..digits.demo import DemoConfig, weight_grid, write_demo
+    from ..digits.demo import PRESETS, DemoConfig, weight_grid, write_demo
     from ..digits.sampling import torch_threads
 
     check_kind(expert_kind)
+    if preset is not None and preset not in PRESETS:
+        fail(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if preset is not None and expert_kind != "fixed":
+        fail("--preset experts have fixed variances: leave --expert-kind at fixed")
     console = Console(width=max(Console().width, 100))
     with option_errors("--out"):  # before anything is loaded: the output can be written
         if out is None:
@@ -100,8 +131,13 @@ def demo(
             expert_kind=expert_kind,
             kl_coef=kl_coef,
             compare=compare,
+            methods=preset is not None,
         )
         bundle = load_digits_bundle(weights_dir)
+        if preset is not None:
+            from ..digits.demo import load_preset
+
+            bundle = load_preset(bundle, preset)
         oracles = [o for o in bundle.oracles if o.kind == expert_kind]
         runs = len(weight_grid(num_weights)) + (1 + len(oracles) if compare else 0)
         steps = len(bundle.schedule.timesteps)
@@ -116,4 +152,6 @@ def demo(
                 rows = write_demo(bundle, cfg, out, progress)
             bar.update(task, completed=runs * steps, description="done")
     console.print(_results_table(rows, cfg))
+    if preset is not None:
+        console.print(_methods_table(out, preset))
     console.print(f"wrote {out}/ (pareto.png, samples-w*.png, results.json)")

@@ -87,6 +87,7 @@ def _generate_digits(
     expert_kind: str,
     weights_dir: Path | None,
     threads: int,
+    method: str = "msdda",
 ) -> None:
     from rich.console import Console
 
@@ -99,7 +100,14 @@ def _generate_digits(
     check_out(out, DIGIT_SUFFIXES)
     with user_errors(), torch_threads(threads):
         bundle = load_digits_bundle(weights_dir)
-        images = generate(digit, weights, num_samples, seed, kl_coef, expert_kind, bundle=bundle)
+        if method == "student":
+            from ..digits.student import generate_student
+
+            images = generate_student(bundle, digit, weights, num_samples, seed, expert_kind)
+        else:
+            images = generate(
+                digit, weights, num_samples, seed, kl_coef, expert_kind, bundle=bundle
+            )
         with writes_to(out):
             if out.suffix.lower() == ".npy":
                 save_npy(images[:, 0].numpy().astype("float32"), out)
@@ -198,6 +206,9 @@ def generate(
         check=integer(1, MAX_THREADS),
         help="digits: torch threads (small models: 1 is fastest).",
     ),
+    method: str = typer.Option(
+        "msdda", help="digits: msdda, or student (the distilled model: one forward per step)."
+    ),
 ) -> None:
     """Generate images with MSDDA for one prompt and one set of preference weights."""
     if domain is not None and base is not None:
@@ -207,11 +218,16 @@ def generate(
         )
     with user_errors():
         weights = parse_named_numbers(weight, "--weight")
+    if method not in ("msdda", "student"):
+        fail(f"--method must be msdda or student, got {method!r}")
+    if method == "student" and (base is not None or kl_coef is not None):
+        fail("--method student is the digits domain's distilled student: no --base, no --kl-coef")
     if base is None:
         _check_builtin(domain, expert)
         _generate_digits(
-            prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir, threads
-        )
+            prompt, weights, num_samples, seed, out, kl_coef, expert_kind, weights_dir, threads,
+            method,
+        )  # fmt: skip
         return
     _generate_sd(
         base,

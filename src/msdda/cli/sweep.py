@@ -37,7 +37,7 @@ from .common import (
     writes_to,
 )
 
-DEFAULT_METHODS = "base,rs,db,db-ls,rgg,code,target,msdda,oracle"
+DEFAULT_METHODS = "base,rs,db,db-ls,rgg,code,target,msdda,oracle,student"
 DEFAULT_RGG_SCALES = "0.05,0.1,0.15,0.2,0.25,0.3,0.5,1,2,3,5"
 DEFAULT_CODE_GRID = ",".join(f"{n}x{b}" for n in (2, 4, 8) for b in (1, 5, 10, 25, 50))
 TUNE_RULES_HELP = (

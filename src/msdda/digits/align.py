@@ -9,7 +9,10 @@ reference pairs per seed (:func:`collect_digit_pairs`): they differ only in thei
 Fine-tuning is a LoRA adapter (peft) on the base's linear layers, plus, for the
 ``"learned"`` kind, the base's zero-initialised variance head trained in full at its own
 learning rate (``learned_log`` variance, bounded by the model). The adapter is merged for
-sampling; its tensors (:attr:`AlignedModel.adapter`) are what is worth storing.
+sampling; its tensors (:attr:`AlignedModel.adapter`) are what is worth storing. With
+``AlignConfig(adapter="full")`` every weight of the base is trained instead (stored in full).
+Beta is ``AlignConfig.kl_coef``; the sampler the models are trained for (schedule length,
+DDPM or DDIM with a per-expert eta) is the bundle's: :func:`sampler_bundle`.
 
 Public API (stable; used by ``msdda train`` and ``benchmarks/digits_quality.py``):
 
@@ -25,6 +28,8 @@ Public API (stable; used by ``msdda train`` and ``benchmarks/digits_quality.py``
   (its adapter: ~0.10 MB fixed, ~0.14 MB learned on the shipped base, vs 0.77 MB for
   the full network) that rebuilds it on the base
 - :data:`ORACLE_WEIGHTS`: the oracles' (legibility, boldness) weights
+- :func:`sampler_bundle` (bundle, num_steps, eta) -> the domain on another sampler;
+  :func:`model_spec` the step spec its models get
 """
 
 from __future__ import annotations

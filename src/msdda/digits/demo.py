@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,7 +29,29 @@ from .rewards import REWARDS
 from .sampling import sample_expert, sample_msdda
 from .store import check_expert_kind
 
-__all__ = ["DemoConfig", "DemoRow", "weight_grid", "evaluate_images", "run_demo", "write_demo"]
+__all__ = [
+    "DemoConfig",
+    "DemoRow",
+    "MethodRow",
+    "PRESETS",
+    "weight_grid",
+    "evaluate_images",
+    "load_preset",
+    "compare_methods",
+    "run_demo",
+    "write_demo",
+]
+
+#: Demo presets (``msdda demo --preset NAME``): experts and an oracle trained in a setting of
+#: ``benchmarks/bench_exactness.py``, stored as adapters of the shipped base in ``presets/NAME``.
+PRESETS: dict[str, str] = {
+    "beta0.25": "beta = 0.25 LoRA experts (far from the base): db and rs gain a little more "
+    "reward than MSDDA by leaving the base further; MSDDA is higher on reward - beta KL",
+}
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+#: The methods :func:`compare_methods` runs at w = (0.5, 0.5), on the same noise.
+COMPARED = ("msdda", "db", "rs", "oracle")
 
 #: The most weights and images per digit a demo runs (every weight samples 10 digits).
 MAX_WEIGHTS = 1001
@@ -50,6 +72,7 @@ class DemoConfig:
     kl_coef: float | None = None  # target beta (None: the experts' common beta)
     objectives: tuple[str, str] = ("legibility", "boldness")  # w on the first, 1 - w on the second
     compare: bool = True  # also run the base and the shipped oracles on the same noise
+    methods: bool = False  # also compare msdda, db, rs, oracle at w = 0.5 (reward, KL)
 
     def __post_init__(self) -> None:
         check_int(self.num_weights, "num_weights", low=2, high=MAX_WEIGHTS)
@@ -69,6 +92,23 @@ class DemoConfig:
         object.__setattr__(self, "objectives", objectives)
         if not isinstance(self.compare, bool):
             raise TypeError(f"compare must be a bool, got {self.compare!r}")
+        if not isinstance(self.methods, bool):
+            raise TypeError(f"methods must be a bool, got {self.methods!r}")
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """One method at w = (0.5, 0.5): weighted reward, path KL and the regularised objective."""
+
+    method: str
+    weighted_reward: float  # mean of 0.5 r_1 + 0.5 r_2 (standardised)
+    kl: float  # mean path KL to the base (nats)
+    objective: float  # weighted_reward - beta * kl
+    objective_minus_msdda: float  # paired, image by image (0 for msdda)
+    objective_minus_msdda_se: float
+    reward_minus_msdda: float
+    reward_minus_msdda_se: float
+    num_images: int
 
 
 @dataclass(frozen=True)
@@ -104,6 +144,102 @@ def _row(bundle, method, weight, images, prompts, seconds) -> DemoRow:
     std, raw, acc = evaluate_images(bundle, images, prompts)
     n = int(images.shape[0])
     return DemoRow(method, weight, std, raw, acc, seconds / n, n)
+
+
+def load_preset(bundle: DigitsBundle, name: str) -> DigitsBundle:
+    """``bundle`` with the experts and oracles of preset ``name`` in place of its own.
+
+    Raises:
+        ValueError: an unknown preset name.
+        InputFileError: a preset file is missing, corrupt, or of another base (retrain
+            it with ``benchmarks/bench_exactness.py --save-preset``).
+    """
+    from ..errors import InputFileError, reading
+    from ..experts import Expert
+    from .align import load_adapter
+    from .bundle import Oracle, expert_spec
+    from .models import GuidedDenoiser
+
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    folder = PRESETS_DIR / name
+    with reading(folder / "preset.json", "demo preset"):
+        meta = json.loads((folder / "preset.json").read_text())
+    experts, oracles = {}, []
+    for entry in meta["models"]:
+        model, info = load_adapter(folder / entry["file"], bundle.base)
+        if bundle.guidance_scale != 1.0:
+            model = GuidedDenoiser(model, bundle.guidance_scale)
+        kind, weights = info["kind"], info["weights"]
+        expert = Expert(model, expert_spec(kind), info["kl_coef"], f"{name}/{entry['file']}")
+        if len(weights) == 1:
+            experts[(next(iter(weights)), kind)] = expert
+        else:
+            oracles.append(Oracle(weights, kind, expert, 0))
+    if not experts:
+        raise InputFileError(folder / "preset.json", "the preset has no experts")
+    return replace(
+        bundle,
+        experts=experts,
+        oracles=tuple(oracles),
+        all_experts={(r, k, 0): e for (r, k), e in experts.items()},
+        all_oracles=tuple(oracles),
+    )
+
+
+@torch.no_grad()
+def compare_methods(bundle: DigitsBundle, cfg: DemoConfig) -> list[MethodRow]:
+    """MSDDA, db, rs and (if shipped) the oracle at w = (0.5, 0.5) on the same prompts and noise.
+
+    Each image's weighted reward and path KL to the base (:func:`msdda.methods.run_method`);
+    the objective is reward - beta KL, what experts, oracle and MSDDA maximise.
+    """
+    from ..methods import run_method
+    from .data import decode
+    from .sampling import method_context
+
+    first, second = cfg.objectives
+    ctx = method_context(bundle, cfg.objectives, cfg.expert_kind, kl_coef=cfg.kl_coef)
+    try:
+        ctx = replace(
+            ctx, oracles={(0.5, 0.5): bundle.oracle({first: 0.5, second: 0.5}, cfg.expert_kind)}
+        )
+    except ValueError:  # no oracle of these weights: compare the fusions only
+        pass
+    beta = ctx.target_kl_coef()
+    prompts = torch.arange(NUM_CLASSES).repeat_interleave(cfg.samples_per_prompt)
+    seeds = [cfg.seed * 1_000_003 + i for i in range(prompts.shape[0])]
+    per: dict[str, tuple[Tensor, Tensor]] = {}
+    for method in COMPARED:
+        if method == "oracle" and not ctx.oracles:
+            continue
+        run = run_method(method, ctx, (0.5, 0.5), prompts, seeds, measure_kl=True)
+        images = decode(run.samples)
+        r = 0.5 * bundle.rewards[first](images, prompts) + 0.5 * bundle.rewards[second](
+            images, prompts
+        )
+        per[method] = (r.double(), run.kl)
+    return [_method_row(m, r, kl, per["msdda"], beta) for m, (r, kl) in per.items()]
+
+
+def _method_row(method: str, r: Tensor, kl: Tensor, msdda, beta: float) -> MethodRow:
+    def mean_se(x: Tensor) -> tuple[float, float]:
+        se = float(x.std() / x.numel() ** 0.5) if x.numel() > 1 else 0.0
+        return float(x.mean()), se
+
+    d_r = mean_se(r - msdda[0])
+    d_j = mean_se((r - beta * kl) - (msdda[0] - beta * msdda[1]))
+    return MethodRow(
+        method,
+        float(r.mean()),
+        float(kl.mean()),
+        float((r - beta * kl).mean()),
+        d_j[0],
+        d_j[1],
+        d_r[0],
+        d_r[1],
+        int(r.numel()),
+    )
 
 
 def _grid(images: Tensor, spp: int, path: Path, title: str) -> None:
@@ -218,5 +354,7 @@ def write_demo(
             "weights_folder": str(bundle.path),
             "rows": [asdict(r) for r in rows],
         }
+        if cfg.methods:
+            payload["methods"] = [asdict(r) for r in compare_methods(bundle, cfg)]
         atomic_write_text(stage / "results.json", json.dumps(payload, indent=2) + "\n")
     return rows

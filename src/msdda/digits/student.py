@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputFileError, check_output_path, writing
-from ..experts import Expert
+from ..experts import Expert, expert_policy
 from ..gaussians import step_gaussian
 from ..io import atomic_write_text
 from ..methods import MethodContext, msdda_policy
@@ -435,3 +435,29 @@ def student_record(result: DistillResult) -> dict:
         return {}
     last = result.records[-1]
     return {**asdict(last), "seconds_total": result.seconds}
+
+
+def generate_student(
+    bundle: DigitsBundle,
+    prompt: int,
+    weights: Mapping[str, float],
+    num_samples: int,
+    seed: int = 0,
+    expert_kind: str = "fixed",
+) -> Tensor:
+    """Images (N, 1, 8, 8) in [0, 1] of digit ``prompt`` from the shipped student of the
+    objectives named in ``weights`` (in that order; weights on the simplex)."""
+    from .sampling import run_policy
+
+    check_expert_kind(expert_kind, "expert_kind")
+    names = _check_objectives(tuple(weights))
+    w = check_simplex_weights(tuple(weights.values()), len(names))
+    found = find_student(load_students(bundle), names, expert_kind)
+    if not found.current:
+        raise ValueError(
+            f"the student {'+'.join(names)}/{expert_kind} was distilled from other experts than "
+            "the shipped ones: retrain it with `msdda train-student`"
+        )
+    prompts = torch.full((num_samples,), int(prompt), dtype=torch.long)
+    policy = expert_policy(found.expert(w), bundle.schedule, prompts)
+    return run_policy(policy, num_samples, bundle.schedule, seed)

@@ -18,15 +18,27 @@ Top-level keys (every one optional but the domain's own)::
     [tuning]                      # msdda.evaluation.TuningConfig fields; tuning = false: none
     [digits]                      # weights_dir, expert_kind, objectives
     [toy]                         # seed
-    [sd]                          # base, steps, guidance, eta, height, width, dtype, device,
-                                  # lora_mode, kl_coef, guidance_rescale, cache_dir, [sd.decode]
+    [sd]                          # base, family, steps, guidance, eta, height, width, dtype,
+                                  # device, lora_mode, kl_coef, guidance_rescale, cache_dir,
+                                  # [sd.decode]; flow models: noise_level, step_rule (no eta)
     [experts.NAME]                # sd: path, reward (a [rewards] name), kl_coef, eta, guidance
+                                  # (flow models: noise_level, step_rule in place of eta)
     [rewards.NAME]                # sd: model (msdda.sd.rewards.REWARDS), path
     [judges.NAME]                 # sd: held-out rewards no method reads: model, path
     [[oracles]]                   # sd: weights, path (a model trained on the weighted reward)
 
+The sd domain runs every family msdda has a pipeline for: SD 1.x/2.x, SDXL, SD3 and FLUX.
+``[sd].family`` is read from the base folder's ``model_index.json`` (or given, for a config
+checked without its files); its defaults are :data:`msdda.sd.families.SWEEP_DEFAULTS`. A
+flow model (sd3, flux) samples with a stochastic flow sampler: ``noise_level`` (default
+0.7) and ``step_rule`` (``sde``, ``cps``, ``dance``), in ``[sd]`` and per expert (experts
+trained with other samplers have other step variances); ``eta`` is DDIM's and is refused
+there, as ``noise_level`` is for SD.
+
 ``examples/`` holds a documented config per use: ``tiny-sd.toml`` (smoke runs),
-``digits.toml`` (today's default digits sweep) and ``sd15-paper.toml`` (the paper's).
+``tiny-flow.toml`` (the same on tiny SD3 and FLUX models), ``digits.toml`` (today's
+default digits sweep), ``sd15-paper.toml`` (the paper's) and ``sd35-flow-grpo.toml``
+(Flow-GRPO's three SD3.5-Medium LoRAs as a K = 3 blend).
 """
 
 from __future__ import annotations
@@ -57,11 +69,13 @@ _TOP = {
 _TUNING = {f.name for f in dataclasses.fields(TuningConfig)}
 _SETTINGS = {f.name for f in dataclasses.fields(MethodSettings)}
 _SD = {
-    "base", "steps", "guidance", "eta", "height", "width", "dtype", "device", "lora_mode",
-    "kl_coef", "guidance_rescale", "cache_dir", "decode",
+    "base", "family", "steps", "guidance", "eta", "noise_level", "step_rule", "height", "width",
+    "dtype", "device", "lora_mode", "kl_coef", "guidance_rescale", "cache_dir", "decode",
 }  # fmt: skip
 _DECODE = {"dtype", "slicing", "tiling", "checkpointing", "scale"}
-_EXPERT = {"path", "reward", "kl_coef", "eta", "guidance"}
+_EXPERT = {"path", "reward", "kl_coef", "eta", "noise_level", "step_rule", "guidance"}
+#: The keys of a sampler's noise: DDIM's (sd, sdxl) and a flow sampler's (sd3, flux).
+_DDIM_NOISE, _FLOW_NOISE = ("eta",), ("noise_level", "step_rule")
 _REWARD = {"model", "path"}
 _ORACLE = {"weights", "path"}
 
@@ -230,10 +244,18 @@ def _sd_scalars(table: dict, files: _Files) -> tuple[dict, _Files]:
     if table.get("cache_dir") is not None:
         out["cache_dir"] = os.fspath(_local(table["cache_dir"], "[sd].cache_dir", files.base_dir))
         files = replace(files, cache_dir=out["cache_dir"])
+    from ..sd.families import FLOW_FAMILIES, SWEEP_DEFAULTS
+
     out["base"] = _model_path(table["base"], "[sd].base", files)
-    out["steps"] = check_int(table.get("steps", 50), "[sd].steps", low=1, high=10_000)
-    out["guidance"] = check_number(table.get("guidance", 7.5), "[sd].guidance", low=0.0)
-    out["eta"] = check_number(table.get("eta", 1.0), "[sd].eta", low=0.0)
+    out["family"] = _family(table, out["base"], files)
+    defaults = SWEEP_DEFAULTS[out["family"]]
+    steps = table.get("steps", defaults["steps"])
+    out["steps"] = check_int(steps, "[sd].steps", low=1, high=10_000)
+    guidance = table.get("guidance", defaults["guidance"])
+    out["guidance"] = check_number(guidance, "[sd].guidance", low=0.0)
+    out.update(_noise(table, "[sd]", out["family"], defaults))
+    if out["family"] in FLOW_FAMILIES and "guidance_rescale" in table:
+        raise ValueError(f"[sd].guidance_rescale does not apply to a {out['family']} model")
     for side in ("height", "width"):
         if side in table:
             out[side] = check_int(table[side], f"[sd].{side}", low=8, high=16_384)
@@ -252,6 +274,60 @@ def _sd_scalars(table: dict, files: _Files) -> tuple[dict, _Files]:
     if "decode" in table:
         out["decode"] = _decode(table["decode"])
     return out, files
+
+
+def _family(table: dict, base: str, files: _Files) -> str:
+    """``[sd].family``: read from the base folder's model_index.json when it has one (a
+    given family must then agree), else the one given, else sd."""
+    from ..sd.families import FAMILIES, detect_family, pipeline_folder
+
+    given = _str(table["family"], "[sd].family", FAMILIES) if "family" in table else None
+    if not files.check and not Path(base).is_dir():
+        return given or "sd"
+    folder = pipeline_folder(base, cache_dir=files.cache_dir)
+    if not (folder / "model_index.json").is_file():
+        return given or "sd"
+    try:
+        found = detect_family(folder)
+    except ValueError as err:
+        raise ValueError(f"[sd].base: {err}") from None
+    if given is not None and given != found:
+        raise ValueError(f"[sd].family is {given!r}, but the base is a {found} pipeline")
+    return found
+
+
+def _noise(
+    table: dict, where: str, family: str, defaults: Mapping, inherited: Mapping | None = None
+) -> dict:
+    """The sampler's noise keys of ``table``: DDIM's ``eta`` (sd, sdxl) or a flow sampler's
+    ``noise_level`` and ``step_rule`` (sd3, flux); a missing key takes ``defaults``' value
+    (or is left out). A flow noise level is checked against its rule (``cps``: at most 1),
+    the missing one ``inherited`` (an expert's from ``[sd]``)."""
+    from ..flows import FLOW_RULES, FlowStepSpec
+    from ..sd.families import FLOW_FAMILIES
+
+    flow = family in FLOW_FAMILIES
+    keys, other = (_FLOW_NOISE, _DDIM_NOISE) if flow else (_DDIM_NOISE, _FLOW_NOISE)
+    for key in other:
+        if key in table:
+            raise ValueError(
+                f"{where}.{key} does not apply to a {family} model: its sampler's noise is "
+                f"set by {' and '.join(keys)}"
+            )
+    out = {k: table.get(k, defaults.get(k)) for k in keys if k in table or k in defaults}
+    if "eta" in out:
+        out["eta"] = check_number(out["eta"], f"{where}.eta", low=0.0)
+    if "step_rule" in out:
+        out["step_rule"] = _str(out["step_rule"], f"{where}.step_rule", FLOW_RULES)
+    if "noise_level" in out:
+        out["noise_level"] = check_number(out["noise_level"], f"{where}.noise_level", low=0.0)
+    if flow and out:
+        step = {**(inherited or {}), **out}
+        try:
+            FlowStepSpec(step["step_rule"], step["noise_level"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    return out
 
 
 def _decode(table: Any) -> dict:
@@ -284,7 +360,7 @@ def _reward_tables(data: dict, name: str, files: _Files) -> dict[str, dict]:
     return out
 
 
-def _experts(data: dict, files: _Files, rewards: dict) -> list[dict]:
+def _experts(data: dict, files: _Files, rewards: dict, sd: Mapping) -> list[dict]:
     from ..sd.loading import resolve_expert_source
     from ..sd.registry import REFERENCE
 
@@ -313,8 +389,7 @@ def _experts(data: dict, files: _Files, rewards: dict) -> list[dict]:
             entry["kl_coef"] = check_number(
                 table["kl_coef"], f"{where}.kl_coef", low=0.0, low_inclusive=False
             )
-        if "eta" in table:
-            entry["eta"] = check_number(table["eta"], f"{where}.eta", low=0.0)
+        entry.update(_noise(table, where, sd["family"], {}, sd))
         if "guidance" in table:
             entry["guidance"] = check_number(table["guidance"], f"{where}.guidance", low=0.0)
         out.append(entry)
@@ -345,7 +420,7 @@ def _sd(data: dict, files: _Files) -> dict:
     both = sorted(set(rewards) & set(judges))
     if both:
         raise ValueError(f"[judges]: {both} are also [rewards]: a column has one name")
-    experts = _experts(data, files, rewards)
+    experts = _experts(data, files, rewards, out)
     used = [e["reward"] for e in experts]
     twice = sorted({r for r in used if used.count(r) > 1})
     if twice:
@@ -357,6 +432,20 @@ def _sd(data: dict, files: _Files) -> dict:
         )
     oracles = _oracles(data, files, len(experts))
     return {**out, "experts": experts, "rewards": rewards, "judges": judges, "oracles": oracles}
+
+
+def _check_fusable(options: Mapping[str, Any]) -> None:
+    """msdda fuses step variances: no expert may sample deterministically (eta or a flow
+    noise level of 0, the expert's own or the one of ``[sd]`` it inherits)."""
+    key = "noise_level" if "noise_level" in options else "eta"
+    zero = [f"[experts.{e['name']}].{key}" for e in options["experts"] if e.get(key) == 0]
+    if options[key] == 0 and any(key not in e for e in options["experts"]):
+        zero.insert(0, f"[sd].{key}")
+    if zero:
+        raise ValueError(
+            f"{', '.join(zero)} = 0 is a deterministic step (variance 0), which method msdda "
+            f"cannot fuse; use {key} > 0 or leave msdda out of methods"
+        )
 
 
 _DOMAIN_OPTIONS: dict[str, Callable[[Any, _Files], dict]] = {"digits": _digits, "toy": _toy}
@@ -407,10 +496,13 @@ def config_from_dict(
             raise ValueError(f"weights[{i}] has {len(w)} entries for {k} experts")
     seeds = _list(data.get("seeds", [0, 1]), "seeds")
     images = data.get("images_per_prompt", 1 if domain == "sd" else 64)
+    methods = _strs(data.get("methods", list(METHODS)), "methods")
+    if domain == "sd" and "msdda" in methods:
+        _check_fusable(options)
     return SweepConfig(
         domain=domain,
         domain_options=tuple(options.items()),
-        methods=_strs(data.get("methods", list(METHODS)), "methods"),
+        methods=methods,
         weights=weights,
         oracle_weights=_bool(data.get("oracle_weights", True), "oracle_weights"),
         prompts=_prompts(data, domain, base_dir),

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..experts import Denoiser, Expert, Member, expert_policy
+from ..flows import FLOW_RULES, FlowStepSpec
 from ..gaussians import Schedule
 from ..lora import LoRAFactors, lora_delta_weight
 from ..methods import (
@@ -53,6 +54,7 @@ __all__ = [
     "lora_soup_state",
     "SDProblem",
     "sd_method_context",
+    "with_step_rules",
     "run_sd_method",
 ]
 
@@ -366,6 +368,8 @@ def sd_method_context(
     expert_guidance_scales: Mapping[str, float] | None = None,
     guidance_rescale: float = 0.0,
     decode: DecodeOptions | None = None,
+    step_rule: str | None = None,
+    expert_step_rules: Mapping[str, str] | None = None,
 ) -> SDProblem:
     """``pipe``'s experts as one problem for every method (see :class:`SDProblem`).
 
@@ -381,6 +385,10 @@ def sd_method_context(
         expert_guidance_scales, guidance_rescale: as in the pipelines' ``__call__``.
         height, width: image size (default the pipeline's).
         decode: how the rewards' images are decoded (:class:`msdda.sd.vae.DecodeOptions`).
+        step_rule, expert_step_rules: flow pipelines (SD3, FLUX) only: the stochastic
+            sampler of every model (``"sde"``, the default, ``"cps"`` or ``"dance"``) and
+            per expert (``{name or "base": rule}``); ``eta`` and ``expert_etas`` are then
+            the noise levels.
     """
     oracles = {} if oracles is None else oracles
     if not isinstance(oracles, Mapping):
@@ -391,14 +399,15 @@ def sd_method_context(
         guidance_scale=guidance_scale, eta=eta, kl_coefs=kl_coefs, kl_coef=kl_coef,
         reference=REFERENCE, expert_etas=expert_etas,
         expert_guidance_scales=expert_guidance_scales, guidance_rescale=guidance_rescale,
+        step_rule=_flow_rule(pipe, step_rule, expert_step_rules),
     )  # fmt: skip
     preds = [pipe.msdda_experts.get(n).prediction_type for n in names]
     plan = plan_context(request, names, preds, pipe.scheduler)
+    plan = with_step_rules(plan, names, expert_step_rules)
     rewards = check_rewards(rewards, len(names)) if rewards else ()
     height = check_int(height or pipe._default_size(), "height", low=8)
     width = check_int(width or pipe._default_size(), "width", low=8)
-    f = pipe.vae_scale_factor
-    shape = (pipe.msdda_backbone.config.in_channels, height // f, width // f)
+    shape = _latent_shape(pipe, height, width)
     schedule = pipe._schedule(plan, torch.zeros((1, *shape)))
     ctx = method_context(
         pipe, plan, schedule, shape, names=names, rewards=rewards, oracles=oracles, decode=decode
@@ -419,6 +428,53 @@ def sd_method_context(
         ),
         ctx.decode if decode is None or decode.scale == 1.0 else _full_size(pipe, decode),
     )
+
+
+def _flow_rule(pipe, rule: str | None, expert_rules: Mapping | None) -> str | None:
+    """The flow step rule every model takes (``"sde"`` by default on a flow pipeline); a
+    rule given for a DDPM/DDIM pipeline is refused."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        return FLOW_RULES[0] if rule is None else rule
+    if rule is not None or expert_rules:
+        raise ValueError(
+            "step_rule and expert_step_rules apply to flow models (SD3, FLUX) only; "
+            f"this pipeline samples with {type(pipe.scheduler).__name__} (use eta)"
+        )
+    return None
+
+
+def with_step_rules(
+    plan: SamplingPlan, names: Sequence[str], rules: Mapping[str, str] | None
+) -> SamplingPlan:
+    """``plan`` with some models' own flow step rule (``{expert name or "base": rule}``),
+    each at its own noise level: experts trained with other samplers have other variances."""
+    if not rules:
+        return plan
+    if not isinstance(rules, Mapping):
+        raise TypeError(f"expert_step_rules must be a mapping {{name: rule}}, got {rules!r}")
+    specs = dict(plan.specs)
+    for name, rule in rules.items():
+        if name != REFERENCE and name not in names:
+            raise ValueError(
+                f"expert_step_rules names unknown expert {name!r}; the experts are {list(names)}"
+            )
+        m = None if name == REFERENCE else list(names).index(name)
+        try:
+            specs[m] = FlowStepSpec(rule, specs[m].noise_level)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"expert_step_rules[{name!r}]: {err}") from None
+    return replace(plan, specs=specs)
+
+
+def _latent_shape(pipe, height: int, width: int) -> tuple[int, ...]:
+    """The (C, h, w) of the chain's latents: a flow pipeline's own (FLUX's are unpacked)."""
+    shape_of = getattr(pipe, "_latent_shape", None)
+    if shape_of is not None:
+        return tuple(shape_of(height, width))
+    f = pipe.vae_scale_factor
+    return pipe.msdda_backbone.config.in_channels, height // f, width // f
 
 
 def _full_size(pipe, decode: DecodeOptions) -> Callable[[Tensor], Tensor]:

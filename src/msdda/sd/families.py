@@ -7,15 +7,16 @@ refuses a base of another family before loading any weights.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from ..errors import reading
+from ..errors import InputFileError
 
 __all__ = [
     "FAMILIES",
     "FLOW_FAMILIES",
+    "FLOW_DEFAULTS",
+    "SWEEP_DEFAULTS",
     "FAMILY_PIPELINES",
     "family_of_class",
     "pipeline_folder",
@@ -33,6 +34,17 @@ FAMILY_PIPELINES: dict[str, tuple[str, ...]] = {
 FAMILIES = tuple(FAMILY_PIPELINES)
 #: The flow-matching families (velocity models on FlowMatchEulerDiscreteScheduler sigmas).
 FLOW_FAMILIES = ("sd3", "flux")
+#: Flow-GRPO's sampler for SD3.5-Medium (its ``config/grpo.py``): the SDE at noise level 0.7.
+FLOW_DEFAULTS = {"step_rule": "sde", "noise_level": 0.7}
+#: What a sweep samples with when its config does not say: steps and guidance of each
+#: family (SD3: Flow-GRPO's 40 steps, CFG 4.5; FLUX-dev: 28 steps, distilled guidance
+#: 3.5, diffusers' defaults), DDIM's eta 1 for SD/SDXL, the flow sampler for SD3/FLUX.
+SWEEP_DEFAULTS: dict[str, dict[str, float | int | str]] = {
+    "sd": {"steps": 50, "guidance": 7.5, "eta": 1.0},
+    "sdxl": {"steps": 50, "guidance": 7.5, "eta": 1.0},
+    "sd3": {"steps": 40, "guidance": 4.5, **FLOW_DEFAULTS},
+    "flux": {"steps": 28, "guidance": 3.5, **FLOW_DEFAULTS},
+}
 
 
 def family_of_class(class_name: str) -> str | None:
@@ -57,7 +69,9 @@ def detect_family(base: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
     """The family (one of :data:`FAMILIES`) of pipeline folder or cached hub id ``base``.
 
     Raises:
-        ValueError: ``base`` has no model_index.json, or holds a pipeline of no known family.
+        ValueError: ``base`` has no model_index.json, or holds a pipeline of no known family
+            (:class:`~msdda.errors.InputFileError`, a ValueError, naming the file when its
+            model_index.json is not a JSON object).
     """
     folder = pipeline_folder(base, cache_dir=cache_dir)
     index = folder / "model_index.json"
@@ -65,8 +79,11 @@ def detect_family(base: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
         raise ValueError(
             f"base {os.fspath(base)!r}: {folder} has no model_index.json (not a diffusers pipeline)"
         )
-    with reading(index, "the pipeline's model_index.json"):
-        name = json.loads(index.read_text()).get("_class_name", "")
+    from .loading import read_json
+
+    name = read_json(index, "pipeline index (model_index.json)").get("_class_name", "")
+    if not isinstance(name, str):
+        raise InputFileError(index, f"_class_name must be a string, got {name!r}")
     family = family_of_class(name)
     if family is None:
         known = ", ".join(n for names in FAMILY_PIPELINES.values() for n in names)

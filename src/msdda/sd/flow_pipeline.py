@@ -44,17 +44,13 @@ from torch import Tensor
 
 from ..gaussians import Schedule
 from .denoisers import SDConditioning
-from .families import detect_family, pipeline_folder
+from .families import FLOW_DEFAULTS, detect_family, pipeline_folder
 from .flow_denoisers import TransformerConditioning, with_member_guidance
 from .pipeline import OutputRequest, PromptRequest, _MSDDAMixin
 from .plan import SamplingPlan, SamplingRequest
 from .registry import REFERENCE
 
 __all__ = ["MSDDAStableDiffusion3Pipeline", "MSDDAFluxPipeline", "FLOW_DEFAULTS"]
-
-#: Flow-GRPO's sampling settings for SD3.5-Medium (its ``config/grpo.py``): the SDE of
-#: noise level 0.7, CFG 4.5, 40 steps at evaluation.
-FLOW_DEFAULTS = {"step_rule": "sde", "noise_level": 0.7}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +152,30 @@ class _FlowMixin(_MSDDAMixin):
 
     def _latents_dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The (C, h, w) of the chain's latents for ``height`` x ``width`` images."""
+        f = self.vae_scale_factor
+        return self.transformer.config.in_channels, int(height) // f, int(width) // f
+
+    def encode_conditioning(
+        self,
+        prompts: Sequence[str],
+        *,
+        plan: SamplingPlan,
+        names: Sequence[str],
+        height: int,
+        width: int,
+        schedule: Schedule | None = None,
+    ) -> SDConditioning:
+        """As the SD pipelines'; the transformer reads the schedule's timesteps, so without
+        ``schedule`` the call's own for this image size is used."""
+        if schedule is None:
+            shape = self._latent_shape(height, width)
+            schedule = self._schedule(plan, torch.zeros((1, *shape)))
+        return super().encode_conditioning(
+            prompts, plan=plan, names=names, height=height, width=width, schedule=schedule
+        )
 
     def _conditioning(
         self,
@@ -265,6 +285,16 @@ class MSDDAStableDiffusion3Pipeline(_FlowMixin, StableDiffusion3Pipeline):
         return self._flow_call(SD3PromptRequest, locals())
 
     # ---------------------------------------------------------------- hooks
+    def _prompt_request(self, prompts: list[str]) -> SD3PromptRequest:
+        """Per-sample prompts, one image each, as a call's prompt arguments."""
+        return SD3PromptRequest(
+            prompt=prompts, negative_prompt=None, prompt_embeds=None,
+            negative_prompt_embeds=None, num_images_per_prompt=1, clip_skip=None,
+            prompt_2=None, prompt_3=None, negative_prompt_2=None, negative_prompt_3=None,
+            pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+            max_sequence_length=256,
+        )  # fmt: skip
+
     def _default_size(self) -> int:
         return self.default_sample_size * self.vae_scale_factor
 
@@ -377,6 +407,14 @@ class MSDDAFluxPipeline(_FlowMixin, FluxPipeline):
         return self._flow_call(FluxPromptRequest, {**locals(), **no_negative})
 
     # ---------------------------------------------------------------- hooks
+    def _prompt_request(self, prompts: list[str]) -> FluxPromptRequest:
+        """Per-sample prompts, one image each, as a call's prompt arguments."""
+        return FluxPromptRequest(
+            prompt=prompts, negative_prompt=None, prompt_embeds=None,
+            negative_prompt_embeds=None, num_images_per_prompt=1, clip_skip=None,
+            prompt_2=None, pooled_prompt_embeds=None, max_sequence_length=512,
+        )  # fmt: skip
+
     def _default_size(self) -> int:
         return self.default_sample_size * self.vae_scale_factor
 
@@ -389,6 +427,10 @@ class MSDDAFluxPipeline(_FlowMixin, FluxPipeline):
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
         s = self.vae_scale_factor * 2
         return 2 * (int(height) // s), 2 * (int(width) // s)
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """The unpacked (C, h, w) the chain runs on (the transformer reads 4C packed)."""
+        return self.transformer.config.in_channels // 4, *self._latent_size(height, width)
 
     def _initial_latents(self, prompt: PromptRequest, height: int, width: int, device, out):
         """x_T drawn as ``FluxPipeline`` draws it, unpacked to (B, C, h, w)."""

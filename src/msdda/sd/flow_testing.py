@@ -145,9 +145,34 @@ def tiny_sd3_components(
     return comps
 
 
-def tiny_flux_components(*, seed: int = 0, guidance_embeds: bool = True) -> dict:
-    """Components of a tiny ``FluxPipeline`` (FLUX's dynamic shift; no text encoders)."""
+def _tiny_flux_text_encoders(seed: int) -> dict:
+    """A tiny CLIP (pooled, width 8) and a tiny T5 encoder (width 16), both reading the tiny
+    character-level CLIP tokenizer (no sentencepiece model needed)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from .testing import _tiny_text_encoder, tiny_clip_tokenizer
+
+    tok, tok_2 = tiny_clip_tokenizer(), tiny_clip_tokenizer(model_max_length=512)
+    pad = tok_2.convert_tokens_to_ids("<|endoftext|>")
+    t5 = T5Config(vocab_size=len(tok_2), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                  num_heads=2, relative_attention_num_buckets=8, pad_token_id=pad,
+                  eos_token_id=pad, decoder_start_token_id=pad)  # fmt: skip
+    torch.manual_seed(seed + 1)
     return dict(
+        tokenizer=tok,
+        text_encoder=_tiny_text_encoder(tok, 8, seed),
+        tokenizer_2=tok_2,
+        text_encoder_2=T5EncoderModel(t5).eval(),
+    )
+
+
+def tiny_flux_components(
+    *, seed: int = 0, guidance_embeds: bool = True, text_encoders: bool = False
+) -> dict:
+    """Components of a tiny ``FluxPipeline`` (FLUX's dynamic shift). Without
+    ``text_encoders`` there are none (pass prompt embeddings); with them, a tiny CLIP and
+    a tiny T5 encoder read text prompts."""
+    comps = dict(
         transformer=tiny_flux_transformer(seed=seed, guidance_embeds=guidance_embeds),
         vae=_tiny_vae(seed + 1, shift_factor=0.1159, scaling_factor=0.3611),
         scheduler=_flow_scheduler(
@@ -163,6 +188,9 @@ def tiny_flux_components(*, seed: int = 0, guidance_embeds: bool = True) -> dict
         text_encoder_2=None,
         tokenizer_2=None,
     )
+    if text_encoders:
+        comps.update(_tiny_flux_text_encoders(seed + 2))
+    return comps
 
 
 def tiny_sd3_prompt(
@@ -216,7 +244,7 @@ def save_tiny_flow_pipeline(
         cls = StableDiffusion3Pipeline
         comps = tiny_sd3_components(seed=seed, text_encoders=text_encoders)
     elif family == "flux":
-        cls, comps = FluxPipeline, tiny_flux_components(seed=seed)
+        cls, comps = FluxPipeline, tiny_flux_components(seed=seed, text_encoders=text_encoders)
     else:
         raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
     if transformer_seed is not None:

@@ -18,7 +18,6 @@ w / sum(w) with the target beta / sum(w), which is what the plan hands it. All w
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -27,7 +26,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from ..experts import Member
 from ..flows import FlowStepSpec
-from ..fusion import fusion_coefficients
+from ..fusion import fusion_coefficients, simplex_form
 from ..gaussians import StepSpec
 from ..methods import METHODS, MethodSettings, check_method
 from ..validation import check_int, check_number
@@ -163,16 +162,6 @@ def _member_values(
             raise ValueError(f"{what} names unknown expert {k!r}; the experts are {list(names)}")
         out[None if k == REFERENCE else names.index(k)] = check_number(v, f"{what}[{k!r}]", low=low)
     return out
-
-
-def simplex_form(weights: Sequence[float], kl_coef: float) -> tuple[tuple[float, ...], float]:
-    """(w / sum(w), beta / sum(w)): weights on the simplex and the target beta that give the
-    exponents lambda_i = w_i beta_i / beta of ``weights`` (checked, not all 0) and target
-    ``kl_coef``; ``weights`` unchanged when already on the simplex."""
-    total = math.fsum(weights)
-    if abs(total - 1.0) <= 1e-6:
-        return tuple(float(w) for w in weights), kl_coef
-    return tuple(float(w) / total for w in weights), kl_coef / total
 
 
 def _step_spec(

@@ -49,6 +49,8 @@ __all__ = [
     "to_picture",
     "read_picture",
     "oracle_name",
+    "sweep_family",
+    "pipeline_class",
     "sd_sweep",
 ]
 
@@ -189,16 +191,41 @@ class SDSweep(NamedTuple):
     pipe: Any  # the loaded pipeline
 
 
-def _load_pipeline(options: Mapping[str, Any], device: torch.device, dtype: torch.dtype):
-    from .cli import is_sdxl
-    from .loading import diffusers_dtype
+def sweep_family(options: Mapping[str, Any]) -> str:
+    """The model family of the options' base (read from its model_index.json); a
+    ``family`` the options give must agree."""
+    from .families import detect_family
+
+    found = detect_family(options["base"], cache_dir=options.get("cache_dir"))
+    given = options.get("family")
+    if given is not None and given != found:
+        raise ValueError(f"family is {given!r}, but the base is a {found} pipeline")
+    return found
+
+
+def pipeline_class(family: str) -> type:
+    """The MSDDA pipeline class that runs ``family`` (one of msdda.sd.families.FAMILIES)."""
+    from .flow_pipeline import MSDDAFluxPipeline, MSDDAStableDiffusion3Pipeline
     from .pipeline import MSDDAStableDiffusionPipeline, MSDDAStableDiffusionXLPipeline
+
+    classes = {
+        "sd": MSDDAStableDiffusionPipeline,
+        "sdxl": MSDDAStableDiffusionXLPipeline,
+        "sd3": MSDDAStableDiffusion3Pipeline,
+        "flux": MSDDAFluxPipeline,
+    }
+    if family not in classes:
+        raise ValueError(f"family must be one of {', '.join(classes)}, got {family!r}")
+    return classes[family]
+
+
+def _load_pipeline(options: Mapping[str, Any], device: torch.device, dtype: torch.dtype):
+    from .loading import diffusers_dtype
 
     base, cache_dir = options["base"], options.get("cache_dir")
     experts = {e["name"]: e["path"] for e in options["experts"]}
     experts.update({oracle_name(i): o["path"] for i, o in enumerate(options.get("oracles", ()))})
-    xl = is_sdxl(base, cache_dir=cache_dir)
-    cls = MSDDAStableDiffusionXLPipeline if xl else MSDDAStableDiffusionPipeline
+    cls = pipeline_class(sweep_family(options))
     pipe = cls.from_pretrained(
         base,
         experts=experts,
@@ -220,7 +247,7 @@ def _load_rewards(tables: Mapping[str, Mapping], device, cache_dir) -> dict[str,
     }
 
 
-def _per_expert(options: Mapping[str, Any], key: str) -> dict[str, float] | None:
+def _per_expert(options: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     values = {e["name"]: e[key] for e in options["experts"] if e.get(key) is not None}
     return values or None
 
@@ -241,13 +268,19 @@ def _digest(prompts: Sequence[str]) -> str:
 
 def sd_sweep(**options: Any) -> SDSweep:
     """Load the Stable Diffusion sweep domain described by ``options`` (see the module
-    docstring and ``examples/sd15-paper.toml``: ``base``, ``experts`` (a list of
-    ``{"name", "path", "reward"}`` tables, optional ``kl_coef``, ``eta``, ``guidance``),
-    ``rewards`` and ``judges`` (``{name: {"model", "path"}}``), ``oracles`` (a list of
-    ``{"weights", "path"}``), ``steps``, ``guidance``, ``eta``, ``height``, ``width``,
-    ``dtype``, ``device``, ``lora_mode``, ``kl_coef``, ``guidance_rescale``, ``decode``,
-    ``cache_dir``)."""
+    docstring and ``examples/sd15-paper.toml``: ``base``, ``family``, ``experts`` (a list of
+    ``{"name", "path", "reward"}`` tables, optional ``kl_coef``, ``eta``, ``guidance``;
+    flow models: ``noise_level``, ``step_rule``), ``rewards`` and ``judges``
+    (``{name: {"model", "path"}}``), ``oracles`` (a list of ``{"weights", "path"}``),
+    ``steps``, ``guidance``, ``eta`` (flow models: ``noise_level``, ``step_rule``),
+    ``height``, ``width``, ``dtype``, ``device``, ``lora_mode``, ``kl_coef``,
+    ``guidance_rescale``, ``decode``, ``cache_dir``).
+
+    SD3 and FLUX bases (see ``examples/tiny-flow.toml``) run on their flow pipelines
+    (:mod:`msdda.sd.flow_pipeline`): every model's step is its stochastic flow sampler's,
+    ``noise_level`` playing DDIM's ``eta``."""
     from .domain import prompt_reward, sd_method_context
+    from .families import FLOW_FAMILIES, SWEEP_DEFAULTS
 
     for key in ("base", "experts", "rewards"):
         if not options.get(key):
@@ -255,6 +288,9 @@ def sd_sweep(**options: Any) -> SDSweep:
     device = resolve_device(options.get("device", "auto"))
     dtype = resolve_dtype(options.get("dtype", "auto"), device)
     pipe = _load_pipeline(options, device, dtype)
+    flow = pipe._family in FLOW_FAMILIES
+    noise = "noise_level" if flow else "eta"
+    defaults = SWEEP_DEFAULTS[pipe._family]
     rewards = _load_rewards(options["rewards"], device, options.get("cache_dir"))
     judges = _load_rewards(options.get("judges") or {}, device, options.get("cache_dir"))
     objectives = tuple(e["reward"] for e in options["experts"])
@@ -267,17 +303,19 @@ def sd_sweep(**options: Any) -> SDSweep:
         rewards=tuple(rewards[n] for n in objectives),
         oracles=oracles,
         experts=[e["name"] for e in options["experts"]],
-        num_inference_steps=options.get("steps", 50),
-        guidance_scale=options.get("guidance", 7.5),
-        eta=options.get("eta", 1.0),
+        num_inference_steps=options.get("steps", defaults["steps"]),
+        guidance_scale=options.get("guidance", defaults["guidance"]),
+        eta=options.get(noise, defaults[noise]),
         height=options.get("height"),
         width=options.get("width"),
         kl_coefs=_per_expert(options, "kl_coef"),
         kl_coef=options.get("kl_coef"),
-        expert_etas=_per_expert(options, "eta"),
+        expert_etas=_per_expert(options, noise),
         expert_guidance_scales=_per_expert(options, "guidance"),
         guidance_rescale=options.get("guidance_rescale", 0.0),
         decode=_decode_options(options.get("decode") or {}),
+        step_rule=options.get("step_rule"),
+        expert_step_rules=_per_expert(options, "step_rule"),
     )
     scorers = {n: prompt_reward(rewards[n]) for n in objectives}
     scorers.update({n: prompt_reward(r) for n, r in judges.items()})

@@ -5,9 +5,10 @@ The methods that read rewards at sampling time score decoded images: ``code`` an
 the state, with the gradient of the weighted reward taken through the decoder back to the
 latents. :func:`vae_decoder` builds that decode once per problem:
 
-    images = (vae.decode(latents / scaling_factor) + 1) / 2, clamped to [0, 1]
+    images = (vae.decode(latents / scaling_factor + shift_factor) + 1) / 2, clamped to [0, 1]
 
-(with SDXL's ``latents_mean``/``latents_std`` where the VAE's config has them), as
+(shift_factor 0 where the VAE's config has none, as SD's; SD3's and FLUX's have one; with
+SDXL's ``latents_mean``/``latents_std`` where the VAE's config has them), as
 diffusers' pipelines decode, returned as float32 (B, 3, H, W). The clamp has zero gradient
 where a pixel is saturated, as in the pipelines' postprocessing.
 
@@ -79,7 +80,8 @@ def _decode_dtype(vae, options: DecodeOptions) -> torch.dtype:
 
 
 def _unscale(vae, z: Tensor) -> Tensor:
-    """Latents in the VAE's own scale: z / scaling_factor (SDXL: z std / sf + mean)."""
+    """Latents in the VAE's own scale: z / scaling_factor (+ shift_factor: SD3, FLUX;
+    SDXL: z std / sf + mean)."""
     cfg = vae.config
     mean = getattr(cfg, "latents_mean", None)
     std = getattr(cfg, "latents_std", None)
@@ -87,7 +89,7 @@ def _unscale(vae, z: Tensor) -> Tensor:
         mean = torch.tensor(mean).view(1, -1, 1, 1).to(z.device, z.dtype)
         std = torch.tensor(std).view(1, -1, 1, 1).to(z.device, z.dtype)
         return z * std / cfg.scaling_factor + mean
-    return z / cfg.scaling_factor
+    return z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)  # SD3, FLUX
 
 
 def vae_decoder(vae, options: DecodeOptions | None = None) -> Callable[[Tensor], Tensor]:
