@@ -16,17 +16,24 @@ experts and the oracle at the same beta, then samples on the same prompts and no
 Reported per method: the weighted standardised reward R_w, its gap to the target and to the
 oracle, the gain ratio (R - R_base) / (R_target - R_base), the path KL to the base (nats;
 an upper bound for ``target``), and the paired differences MSDDA - db and MSDDA - rs with
-standard errors (same noise, sample by sample; over seeds: mean, se combined).
+standard errors (same noise, sample by sample; over seeds: mean, se combined), for the
+reward and for the regularised objective R_w - beta KL.
 
 With distinct etas the experts' product tilts the geometric mean of the two DDIM bases;
 the target and the oracle use the base at the fused eta (1/eta^2 = sum_i w_i / eta_i^2),
 and db and rs sample at that eta too (they get the right variance; only the mean differs).
 
-Run (one setting, 2 seeds, 2000 samples: a few minutes on one shared core)::
+Measured costs on a 2-core machine shared by several jobs (load 5-13): one setting, one
+seed, 1000 samples, 8-10 minutes (71 s for 500 samples when nearly idle); the README's table
+(3 settings x 2 seeds) 21 minutes; ``--convergence --ms 32 256`` on 1000 samples 9 minutes::
 
-    nice -n 10 .venv/bin/python benchmarks/bench_exactness.py --settings beta0.25-full
+    nice -n 10 .venv/bin/python benchmarks/bench_exactness.py --settings beta0.25-lora \
+        steps10-learned-beta0.25 beta1-lora --samples 1000 --plot docs/figures/exactness.png
     .venv/bin/python benchmarks/bench_exactness.py --list
     .venv/bin/python benchmarks/bench_exactness.py --convergence --samples 1000
+    .venv/bin/python benchmarks/bench_exactness.py --gap "shipped" "steps x4" --seeds 0
+    .venv/bin/python benchmarks/bench_exactness.py --settings beta0.25-lora \
+        --save-preset src/msdda/digits/presets/beta0.25   # the demo preset's adapters
 """
 
 from __future__ import annotations
@@ -364,6 +371,7 @@ GAP_VARIANTS: dict[str, tuple[dict, dict]] = {
     "rank 32": ({"lora": LoraSettings(rank=32, alpha=32.0)}, {}),
     "lr x2.5": ({"lr": 5e-3}, {}),
     "full, lr 3e-4": ({"adapter": "full", "lr": 3e-4}, {}),
+    "rank 32, steps x4": ({"num_steps": 1200, "lora": LoraSettings(rank=32, alpha=32.0)}, {}),
     "all: pairs x4, steps x4, rank 32, skip 0": (
         {"num_steps": 1200, "lora": LoraSettings(rank=32, alpha=32.0)},
         {"pairs_per_state": 4, "skip_last": 0},

@@ -168,14 +168,15 @@ def main() -> None:
         tag = f"{'+'.join(loaded.objectives)}/{loaded.kind}/seed{loaded.seed}"
         print(f"\n## {tag} (distilled from the shipped experts: {loaded.current})")
         print(
-            "| w | base | msdda | student | oracle | gain ratio | path KL st-msdda "
+            "| w | base | msdda | student | oracle | student - msdda | gain ratio | path KL st-msdda "
             "| time st/base | time msdda/base | chain st/base | chain msdda/base |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for w in weight_grid(len(loaded.objectives)):
             start = time.perf_counter()
             rewards, seconds = evaluate_point(bundle, loaded, w, args.samples, args.chunk)
             stats = {m: _mean_se(r) for m, r in rewards.items()}
+            paired = _mean_se(rewards["student"] - rewards["msdda"])  # same seeds and digits
             gain_m = stats["msdda"][0] - stats["base"][0]
             gain_s = stats["student"][0] - stats["base"][0]
             ratio = gain_s / gain_m if abs(gain_m) > 1e-9 else float("nan")
@@ -184,7 +185,7 @@ def main() -> None:
             row = {
                 "student": tag, "weights": list(w),
                 **{m: {"mean": v[0], "se": v[1]} for m, v in stats.items()},
-                "gain_ratio": ratio, "path_kl_student_msdda": kl,
+                "gain_ratio": ratio, "student_minus_msdda": {"mean": paired[0], "se": paired[1]}, "path_kl_student_msdda": kl,
                 "time_student_vs_base": seconds["student"] / seconds["base"],
                 "time_msdda_vs_base": seconds["msdda"] / seconds["base"],
                 "chain_time_student_vs_base": chain["student"],
@@ -195,7 +196,8 @@ def main() -> None:
             fmt = {m: f"{v[0]:+.3f} ± {v[1]:.3f}" for m, v in stats.items()}
             print(
                 f"| {tuple(round(x, 3) for x in w)} | {fmt['base']} | {fmt['msdda']} | "
-                f"{fmt['student']} | {fmt.get('oracle', '-')} | {ratio:.3f} | {kl:.3f} | "
+                f"{fmt['student']} | {fmt.get('oracle', '-')} | {paired[0]:+.3f} ± {paired[1]:.3f} | "
+                f"{ratio:.3f} | {kl:.3f} | "
                 f"{row['time_student_vs_base']:.2f} | {row['time_msdda_vs_base']:.2f} | "
                 f"{chain['student']:.2f} | {chain['msdda']:.2f} |",
                 flush=True,

@@ -260,3 +260,23 @@ def test_a_ddim_sampler_gives_each_expert_its_own_eta(bundle):
         model_spec(half, "learned")
     with pytest.raises(ValueError, match="eta"):
         sampler_bundle(bundle, 4, eta=0.0)
+
+
+def test_a_full_fine_tune_is_stored_in_full_and_loads_back(tmp_path):
+    from msdda.digits import load_digits_bundle
+    from msdda.digits.catalog import add_expert
+    from msdda.digits.testing import make_tiny_weights
+
+    folder = make_tiny_weights(tmp_path / "w", experts=(), kinds=(), oracle_weights=())
+    tiny = load_digits_bundle(folder)
+    pairs = collect_digit_pairs(tiny, PairsConfig(num_chains=20, skip_last=2), seed=0)
+    config = replace(FAST, adapter="full", kl_coef=0.5, num_steps=5)
+    m = train_expert(tiny, "legibility", "learned", pairs=pairs, config=config)
+    add_expert(
+        folder, m.model, reward="legibility", kind="learned", kl_coef=m.kl_coef,
+        adapter=m.lora_adapter, metrics=m.metrics, training=m.training,
+    )  # fmt: skip
+    loaded = load_digits_bundle(folder).expert("legibility", "learned")
+    assert loaded.kl_coef == 0.5
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([900, 400, 0]), torch.arange(3)
+    torch.testing.assert_close(loaded.denoiser(x, t, c), m.model(x, t, c))

@@ -118,3 +118,54 @@ def test_the_target_converges_over_m_to_the_exact_optimum(curve):
 def test_few_candidates_fall_short_of_the_optimum(curve):
     _, exact, draws = curve
     assert _mean_error(draws[4], exact) > 10 / math.sqrt(SAMPLES)
+
+
+# ``msdda demo --preset``: the shipped beta = 0.25 experts, msdda against db, rs, oracle.
+
+
+def test_the_preset_replaces_the_experts_and_oracles_with_its_own():
+    from msdda.digits import load_digits_bundle
+    from msdda.digits.demo import load_preset
+
+    shipped = load_digits_bundle()
+    bundle = load_preset(shipped, "beta0.25")
+    assert bundle.expert("legibility").kl_coef == 0.25
+    assert bundle.expert("boldness").kl_coef == 0.25
+    assert bundle.oracle({"legibility": 0.5, "boldness": 0.5}).kl_coef == 0.25
+    assert shipped.expert("legibility").kl_coef == 1.0  # the shipped bundle is untouched
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_preset(shipped, "beta0.1")
+
+
+def test_demo_preset_compares_msdda_db_rs_and_the_oracle_on_reward_and_kl(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from msdda.cli import app
+
+    out = tmp_path / "demo"
+    args = ["demo", "--preset", "beta0.25", "--samples-per-prompt", "20", "--num-weights", "2"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["methods"]}
+    assert set(rows) == {"msdda", "db", "rs", "oracle"}
+    for name in ("db", "rs"):
+        r = rows[name]
+        assert r["kl"] > 0 and r["num_images"] == 200
+        # the objective is reward - beta KL, paired image by image against msdda
+        want = r["objective"] - rows["msdda"]["objective"]
+        assert r["objective_minus_msdda"] == pytest.approx(want, abs=1e-9)
+        assert r["objective"] == pytest.approx(r["weighted_reward"] - 0.25 * r["kl"], abs=1e-9)
+    assert rows["msdda"]["objective_minus_msdda"] == 0.0
+    assert "reward - beta KL" in result.output
+
+
+def test_demo_refuses_an_unknown_preset(tmp_path):
+    from typer.testing import CliRunner
+
+    from msdda.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--preset", "nope", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--preset" in result.output
+    assert not (tmp_path / "d").exists()

@@ -287,7 +287,13 @@ def sampler_bundle(
     else:
         from diffusers import DDIMScheduler
 
-        keys = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
+        keys = (
+            "num_train_timesteps",
+            "beta_schedule",
+            "prediction_type",
+            "clip_sample",
+            "clip_sample_range",
+        )
         ddim = DDIMScheduler(**{k: config[k] for k in keys if k in config})
         schedule = Schedule.from_scheduler(ddim, num_steps)
         spec = StepSpec("epsilon", "fixed_small", float(eta))
