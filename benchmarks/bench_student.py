@@ -183,7 +183,7 @@ def main() -> None:
             kl = path_kl(bundle, loaded, w, args.kl_chains)
             chain = timing(bundle, loaded, w, args.time_images, args.time_repeats)
             row = {
-                "student": tag, "weights": list(w),
+                "model": tag, "weights": list(w),
                 **{m: {"mean": v[0], "se": v[1]} for m, v in stats.items()},
                 "gain_ratio": ratio, "student_minus_msdda": {"mean": paired[0], "se": paired[1]}, "path_kl_student_msdda": kl,
                 "time_student_vs_base": seconds["student"] / seconds["base"],
