@@ -62,7 +62,9 @@ def main(
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         try:
             for n in (1, 2):
-                rows.append((f"ray, {n} worker(s)", *timed(cfg, folder, f"ray{n}", RayExecutor(workers=n))))
+                rows.append(
+                    (f"ray, {n} worker(s)", *timed(cfg, folder, f"ray{n}", RayExecutor(workers=n)))
+                )
         finally:
             ray.shutdown()
     table = Table(title=f"digits sweep, {os.cpu_count()} CPU cores, torch threads 1 per process")

@@ -136,6 +136,10 @@ def test_workers_take_one_gpu_each_where_the_cluster_has_gpus(cluster):
 
     assert RayExecutor(cpus_per_worker=3)._placement(CpuOnly) == (2, {"num_cpus": 3})
     assert RayExecutor(workers=5)._placement(CpuOnly) == (5, {"num_cpus": 1})
+    with pytest.raises(MsddaError, match="need 9 CPUs; the cluster has 8"):
+        RayExecutor(workers=3, cpus_per_worker=3)._placement(CpuOnly)
+    with pytest.raises(MsddaError, match="has 2 GPU"):  # never a hang waiting for a GPU
+        RayExecutor(workers=3)._placement(ray)
 
 
 def _listening_sockets(pids: set[int]) -> list[str]:

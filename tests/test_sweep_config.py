@@ -164,3 +164,14 @@ def test_the_cli_refuses_a_bad_config_and_options_beside_one(sd_files):
     result = runner.invoke(app, ["sweep", str(out), "--domain", "sd"])
     assert result.exit_code == 2 and "--config" in result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_the_executor_options_may_be_given_beside_a_config(tmp_path):
+    """--executor and --ray-* choose where units run, not what the sweep is: allowed with --config."""
+    out = tmp_path / "r.jsonl"
+    args = ["sweep", str(out), "--config", str(EXAMPLES / "digits.toml")]
+    result = CliRunner().invoke(app, [*args, "--executor", "dask"])
+    assert result.exit_code == 2 and "executor must be one of local, ray" in result.output
+    result = CliRunner().invoke(app, [*args, "--grid", "3"])
+    assert result.exit_code == 2 and "--grid cannot be combined with --config" in result.output
+    assert not out.exists()

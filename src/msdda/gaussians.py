@@ -227,16 +227,18 @@ class Schedule:
 def _read_flow_scheduler(scheduler, num_inference_steps, sigmas, mu) -> tuple[Tensor, Tensor]:
     """(sigmas (N+1,) float64, timesteps (N,) float32) of a FlowMatchEulerDiscreteScheduler."""
     config = scheduler.config
-    if config.invert_sigmas:
+    if config.get("invert_sigmas", False):
         raise ValueError("scheduler.config.invert_sigmas (Mochi's convention) is not supported")
     asks = sigmas is not None or num_inference_steps is not None
-    if config.use_dynamic_shifting and mu is None and asks:
+    if config.get("use_dynamic_shifting", False) and mu is None and asks:
         raise ValueError(
             "mu is required: the scheduler uses dynamic shifting (use_dynamic_shifting=True); "
             "pass the pipeline's mu (diffusers' calculate_shift of the image sequence length)"
         )
     if mu is not None:
         mu = check_number(mu, "mu")
+        if num_inference_steps is None and sigmas is None:
+            raise ValueError("mu needs num_inference_steps or sigmas: the schedule to shift")
     if num_inference_steps is not None:
         num_inference_steps = _check_num_inference_steps(num_inference_steps, None)
     if sigmas is not None or mu is not None or num_inference_steps is not None:

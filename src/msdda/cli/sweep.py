@@ -53,7 +53,7 @@ RAY_WORKERS_HELP = "ray: worker actors (default: one per GPU, else one per --ray
 THREADS_HELP = "torch threads (0: torch's default; 1 is robust on a busy shared CPU)."
 CONFIG_HELP = (
     "A TOML sweep config (examples/*.toml): domain, models, rewards, judges, prompts, "
-    "weights, seeds, methods, settings, tuning. Only --threads may be given beside it."
+    "weights, seeds, methods, settings, tuning. Only --threads and the --executor/--ray-* options may be given beside it."
 )
 
 
@@ -61,7 +61,7 @@ def _refuse_options_beside_config(ctx: typer.Context) -> None:
     """With --config, every sweep option but --threads and the executor's comes from the file."""
     given = [
         p for p in ctx.command.params
-        if p.param_type_name == "option" and p.name not in ("config_file", "threads")
+        if p.param_type_name == "option" and p.name not in ("config_file", "threads", *EXECUTOR_OPTIONS)
         and getattr(ctx.get_parameter_source(p.name), "name", None) == "COMMANDLINE"
     ]  # fmt: skip
     if given:

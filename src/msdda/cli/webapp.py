@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import describe
 from . import app
 from .common import (
     MAX_THREADS,
@@ -111,4 +112,7 @@ def app_command(
         show_warnings([warnings.WarningMessage(web.beyond_loopback(host), UserWarning, "", 0)])
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore", web.BeyondLoopbackWarning)
-        web.launch(page, host, port, block=True)
+        try:
+            web.launch(page, host, port, block=True)
+        except OSError as err:  # a busy port, an address this machine does not have
+            fail(f"cannot serve on {host}:{port}: {describe(err)}")

@@ -203,9 +203,18 @@ class RayExecutor:
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         if gpus:
-            return self.workers or gpus, {"num_gpus": 1, "num_cpus": 1}
+            count, each = self.workers or gpus, {"num_gpus": 1, "num_cpus": 1}
+            if count > gpus:  # the extra actors would wait for a GPU for ever
+                raise MsddaError(f"--ray-workers {count}: the cluster has {gpus} GPU(s), one each")
+            return count, each
         per = self.cpus_per_worker
-        return self.workers or max(1, cpus // per), {"num_cpus": per}
+        count = self.workers or max(1, cpus // per)
+        if count * per > cpus:
+            raise MsddaError(
+                f"{count} Ray worker(s) of {per} CPU(s) need {count * per} CPUs; the cluster "
+                f"has {cpus} (lower --ray-workers or --ray-cpus)"
+            )
+        return count, {"num_cpus": per}
 
     def run(
         self, work: UnitWork, units: Sequence[SweepUnit], domain: SweepDomain | None = None
@@ -270,6 +279,7 @@ class _Pool:
                     ) from None
                 restarts -= 1
                 queue.appendleft(unit)
+                self.ray.kill(actor)  # (an unavailable one may still hold its GPU)
                 self._add()
                 continue
             self.idle.append(actor)

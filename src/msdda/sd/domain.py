@@ -260,6 +260,19 @@ def _oracles(
     return out
 
 
+class _LazyDecoder:
+    """:func:`vae_decoder`, built at its first call: a call whose method reads no reward never
+    pays for it (with ``force_upcast`` it makes a float32 copy of a half-precision VAE)."""
+
+    def __init__(self, vae, options) -> None:
+        self.vae, self.options, self.decoder = vae, options, None
+
+    def __call__(self, latents: Tensor) -> Tensor:
+        if self.decoder is None:
+            self.decoder = vae_decoder(self.vae, self.options)
+        return self.decoder(latents)
+
+
 def method_context(
     pipe,
     plan: SamplingPlan,
@@ -293,7 +306,7 @@ def method_context(
         experts,
         sample_shape,
         rewards=tuple(prompt_reward(r) for r in rewards),
-        decode=vae_decoder(pipe.vae, decode),
+        decode=_LazyDecoder(pipe.vae, decode),
         oracles=_oracles(pipe, plan, oracles or {}, len(names)),
         kl_coef=plan.kl_coef,
         joint=joint,

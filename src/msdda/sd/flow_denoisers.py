@@ -77,7 +77,9 @@ class TransformerConditioning:
 
     def forward(self, model: nn.Module, x_in: Tensor, t_in: Tensor) -> Tensor:
         """The transformer's raw output for ``x_in`` (G, ...) at the loop's step keys ``t_in`` (G,)."""
-        timestep = self.model_timesteps(t_in).to(x_in.dtype) / self.timestep_divisor
+        timestep = self.model_timesteps(t_in) / self.timestep_divisor
+        if self.packed:  # FLUX's pipeline casts the timestep to the latents' dtype; SD3's does not
+            timestep = timestep.to(x_in.dtype)
         g, c, h, w = x_in.shape
         x = FluxPipeline._pack_latents(x_in, g, c, h, w) if self.packed else x_in
         out = model(

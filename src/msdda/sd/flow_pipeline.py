@@ -43,6 +43,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from torch import Tensor
 
 from ..gaussians import Schedule
+from ..methods import MethodSettings
 from .denoisers import SDConditioning
 from .families import FLOW_DEFAULTS, detect_family, pipeline_folder
 from .flow_denoisers import TransformerConditioning, with_member_guidance
@@ -262,13 +263,16 @@ class MSDDAStableDiffusion3Pipeline(_FlowMixin, StableDiffusion3Pipeline):
         max_sequence_length: int = 256,
         callback: Callable[[int, int, Tensor], None] | None = None,
         method: str = "msdda",
+        rewards: Sequence[Callable[[Tensor, Any], Tensor]] | None = None,
+        oracle: Any = None,
+        method_settings: MethodSettings | None = None,
     ):
         """Generate images from the experts' fused flow steps (or another method's).
 
         Args:
             prompt ... max_sequence_length: as in ``StableDiffusion3Pipeline``.
-            weights, kl_coefs, kl_coef, reference, method: as in
-                :meth:`msdda.sd.MSDDAStableDiffusionPipeline.__call__`.
+            weights, kl_coefs, kl_coef, reference, method, rewards, oracle, method_settings:
+                as in :meth:`msdda.sd.MSDDAStableDiffusionPipeline.__call__`.
             guidance_scale: classifier-free guidance of each expert's velocity (> 1 enables
                 it); ``expert_guidance_scales`` overrides per expert (``"base"``: the reference).
             noise_level: the stochastic sampler's noise level a (Flow-GRPO: 0.7; 0 is the
@@ -392,6 +396,9 @@ class MSDDAFluxPipeline(_FlowMixin, FluxPipeline):
         max_sequence_length: int = 512,
         callback: Callable[[int, int, Tensor], None] | None = None,
         method: str = "msdda",
+        rewards: Sequence[Callable[[Tensor, Any], Tensor]] | None = None,
+        oracle: Any = None,
+        method_settings: MethodSettings | None = None,
     ):
         """Generate images from the experts' fused flow steps (or another method's).
 
