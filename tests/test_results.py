@@ -104,3 +104,22 @@ def test_many_bad_lines_are_counted_in_one_warning(tmp_path):
         warnings.simplefilter("always")
         read_results(path, warn=False)
     assert caught == []
+
+
+def test_a_rewrite_refuses_a_file_that_grew_since_it_was_read(tmp_path):
+    """A rescore never overwrites rows a sweep appended while it was scoring."""
+    from msdda.evaluation.results import ResultsError, rewrite_results
+
+    header = {"kind": "header", "format": FORMAT, "config": {}}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(header) + "\n" + SWEEP_LINE + "\n")
+    size = path.stat().st_size
+    rows = read_results(path).rows
+    with open(path, "a") as f:  # a sweep appends a row meanwhile
+        f.write(SWEEP_LINE.replace('"seed": 1', '"seed": 2') + "\n")
+    before = path.read_bytes()
+    with pytest.raises(ResultsError, match="changed while it was being rescored"):
+        rewrite_results(path, header, rows, expected_size=size)
+    assert path.read_bytes() == before
+    rewrite_results(path, header, read_results(path).rows, expected_size=path.stat().st_size)
+    assert len(read_results(path).rows) == 2

@@ -122,6 +122,7 @@ def rescore(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with reads_from(results):
+                size = results.stat().st_size  # before reading: rows appended later are seen
                 data = read_results(results)
         show_warnings(caught)
         if not data.rows:
@@ -141,7 +142,7 @@ def rescore(
             given = str(Path(given).expanduser().resolve())
         header = _header(data.header, column, judge, given)
         with writes_to(results):
-            rewrite_results(results, header, rows)
+            rewrite_results(results, header, rows, expected_size=size)
     Console().print(
         f"{results}: column {column!r} ({judge}) added to {len(rows)} row(s)",
         highlight=False,

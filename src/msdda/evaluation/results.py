@@ -408,12 +408,20 @@ def with_reward(row: ResultRow, name: str, scores: Sequence[float]) -> ResultRow
     )
 
 
-def rewrite_results(path: str | os.PathLike, header: dict, rows: Sequence[ResultRow]) -> None:
+def rewrite_results(
+    path: str | os.PathLike,
+    header: dict,
+    rows: Sequence[ResultRow],
+    *,
+    expected_size: int | None = None,
+) -> None:
     """Replace the results file ``path`` by ``header`` and ``rows``, whole or not at all
     (:func:`msdda.io.atomic_write_text`), holding the lock a sweep writing it holds.
+    ``expected_size``: the file's size in bytes when ``rows`` were read (taken before
+    reading them); a file that has changed since is left as it is.
 
     Raises:
-        ResultsError: a sweep is appending to the file now.
+        ResultsError: a sweep is appending to the file now, or did since it was read.
     """
     path = Path(path)
     if header.get("kind") != "header" or header.get("format") != FORMAT:
@@ -426,4 +434,10 @@ def rewrite_results(path: str | os.PathLike, header: dict, rows: Sequence[Result
             raise ResultsError(
                 path, "is being written by a sweep now; try again after it"
             ) from None
+        if expected_size is not None and os.fstat(f.fileno()).st_size != expected_size:
+            raise ResultsError(
+                path,
+                "changed while it was being rescored (a sweep appended rows): nothing "
+                "rewritten; run it again once the sweep has finished",
+            )
         atomic_write_text(path, text)
