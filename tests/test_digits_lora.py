@@ -38,7 +38,7 @@ def _inputs():
 def test_the_merge_is_peft_merge_and_unload_exactly(base, kind) -> None:
     from peft import get_peft_model_state_dict
 
-    from msdda.digits.align import _lora_model
+    from msdda.digits.lora import peft_lora_model as _lora_model
 
     torch.manual_seed(1)
     peft_model = _lora_model(base, kind, TINY_LORA)

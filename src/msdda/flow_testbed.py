@@ -34,6 +34,7 @@ from .testbed import (
     max_relative_error,
     random_rewards,
     tilted_step,
+    weighted_optimum_step,
 )
 from .validation import (
     MAX_SEED,
@@ -121,9 +122,7 @@ def flow_weighted_optimum_step(
     kl_coef: float,
 ) -> Gaussian:
     """prod_i p_ref(a_i)^lambda_i (i = 0..K, the reference first) tilted by exp(sum w_i r_i / beta)."""
-    kl_coef = check_number(kl_coef, "kl_coef", low=0.0, low_inclusive=False)
-    mixed = product_of_steps(references, lambdas)
-    return tilted_step(mixed, rewards, [check_number(w, "weight") / kl_coef for w in weights])
+    return weighted_optimum_step(product_of_steps(references, lambdas), rewards, weights, kl_coef)
 
 
 @dataclass(frozen=True)

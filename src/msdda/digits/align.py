@@ -70,6 +70,8 @@ from .lora import (
     base_fingerprint,
     encode_adapter,
     merged_denoiser,
+    peft_adapter_state,
+    peft_lora_model,
     read_adapter_file,
 )
 from .models import DigitDenoiser, GuidedDenoiser
@@ -317,29 +319,6 @@ def _full_model(base: DigitDenoiser, kind: str) -> nn.Module:
     return start.train(False).requires_grad_(True)
 
 
-def _lora_model(base: DigitDenoiser, kind: str, lora: LoraSettings) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    start = base.with_variance_head() if kind == "learned" else copy.deepcopy(base)
-    config = LoraConfig(
-        r=lora.rank,
-        lora_alpha=lora.alpha,
-        lora_dropout=0.0,
-        target_modules=list(lora.target_modules),
-        modules_to_save=["var_out"] if kind == "learned" else None,
-    )
-    return get_peft_model(start, config)
-
-
-def _adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {
-        k: v.detach().cpu().clone().contiguous()
-        for k, v in get_peft_model_state_dict(peft_model).items()
-    }
-
-
 def apply_adapter(
     base: DigitDenoiser, adapter: Mapping[str, Tensor], lora: LoraSettings | Mapping, kind: str
 ) -> DigitDenoiser:
@@ -486,7 +465,7 @@ def _fit(
         if config.adapter == "full":
             peft_model = _full_model(bundle.base, kind)
         else:
-            peft_model = _lora_model(bundle.base, kind, config.lora)
+            peft_model = peft_lora_model(bundle.base, kind, config.lora)
     variance_params = [
         p for n, p in peft_model.named_parameters() if "var_out" in n and p.requires_grad
     ]
@@ -596,7 +575,7 @@ def train_aligned(
     if config.adapter == "full":
         adapter, model = {}, peft_model.eval().requires_grad_(False)
     else:
-        adapter = _adapter_state(peft_model)
+        adapter = peft_adapter_state(peft_model)
         model = peft_model.merge_and_unload().eval().requires_grad_(False)
     name, beta = f"{_weights_label(weights)}/{kind}", float(config.kl_coef)
     expert = Expert(_guided(model, bundle), model_spec(bundle, kind), beta, name)

@@ -21,6 +21,7 @@ model is (kind, preference weights, beta, training seed).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -66,6 +67,8 @@ __all__ = [
     "encode_adapter",
     "read_adapter_file",
     "adapter_shapes",
+    "peft_lora_model",
+    "peft_adapter_state",
 ]
 
 ADAPTER_FORMAT = "msdda-digits-adapter/1"
@@ -311,3 +314,29 @@ def read_adapter_file(
     tensors, _ = read_safetensors(path, sha256, what, expected=expected)
     check_finite(tensors, path, what)
     return tensors, decoded
+
+
+def peft_lora_model(base: DigitDenoiser, kind: str, lora: LoraSettings) -> nn.Module:
+    """A peft LoRA model of a copy of ``base`` to train (with a zero variance head, trained
+    whole, for ``"learned"``); the base itself is left as it is."""
+    from peft import LoraConfig, get_peft_model
+
+    start = base.with_variance_head() if kind == "learned" else copy.deepcopy(base)
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        target_modules=list(lora.target_modules),
+        modules_to_save=["var_out"] if kind == "learned" else None,
+    )
+    return get_peft_model(start, config)
+
+
+def peft_adapter_state(peft_model: nn.Module) -> dict[str, Tensor]:
+    """The adapter tensors of a peft model (peft keys), detached contiguous CPU copies."""
+    from peft import get_peft_model_state_dict
+
+    return {
+        k: v.detach().cpu().clone().contiguous()
+        for k, v in get_peft_model_state_dict(peft_model).items()
+    }

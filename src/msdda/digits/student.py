@@ -20,7 +20,6 @@ which were distilled from other experts than the shipped ones (``current``).
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,14 @@ from ..student import DistillationProblem, DistillConfig, DistillResult, WeightE
 from ..validation import check_int, check_seed, check_simplex_weights
 from .bundle import DigitsBundle, expert_spec
 from .data import IMAGE_SHAPE, NUM_CLASSES, decode
-from .lora import LoraSettings, adapter_keys, base_fingerprint, merged_denoiser
+from .lora import (
+    LoraSettings,
+    adapter_keys,
+    base_fingerprint,
+    merged_denoiser,
+    peft_adapter_state,
+    peft_lora_model,
+)
 from .models import DigitDenoiser
 from .rewards import REWARDS
 from .store import (
@@ -118,28 +124,16 @@ def new_student(
     base: DigitDenoiser, num_objectives: int, kind: str, settings: StudentSettings | None = None
 ) -> DigitStudent:
     """An untrained student of ``base`` (peft LoRA, zero embedding): the base bit for bit."""
-    from peft import LoraConfig, get_peft_model
-
     check_expert_kind(kind)
     settings = settings or StudentSettings()
-    start = base.with_variance_head() if kind == "learned" else copy.deepcopy(base)
-    config = LoraConfig(
-        r=settings.lora.rank,
-        lora_alpha=settings.lora.alpha,
-        lora_dropout=0.0,
-        target_modules=list(settings.lora.target_modules),
-        modules_to_save=["var_out"] if kind == "learned" else None,
-    )
-    model = get_peft_model(start.requires_grad_(False), config)
+    model = peft_lora_model(base, kind, settings.lora)
     embedding = WeightEmbedding(num_objectives, base.config.hidden, settings.embed_hidden)
     return DigitStudent(model, embedding, kind)
 
 
 def student_tensors(student: DigitStudent) -> dict[str, Tensor]:
     """The tensors a student file stores: peft adapter keys and ``weight_embedding.*``."""
-    from peft import get_peft_model_state_dict
-
-    out = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(student.model).items()}
+    out = peft_adapter_state(student.model)
     for k, v in student.weight_embedding.state_dict().items():
         out[EMBEDDING_PREFIX + k] = v.detach().cpu().clone()
     return out

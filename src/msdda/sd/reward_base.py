@@ -332,20 +332,12 @@ def resolve_model_dir(
         return p
     if _looks_local(text):
         raise InputFileError(p, f"no such {what} file or folder")
-    from huggingface_hub import snapshot_download
+    from .loading import resolve_hub_id
 
     try:
-        return Path(
-            snapshot_download(os.fspath(path_or_id), local_files_only=True, cache_dir=cache_dir)
-        )
-    except Exception as err:
-        raise InputFileError(
-            path_or_id,
-            f"{what} weights not found: not a local folder and not in the local Hugging Face "
-            f"cache{'' if cache_dir is None else f' at {cache_dir}'}. Download them with "
-            f"`hf download {os.fspath(path_or_id)}` (into ~/.cache/huggingface/hub, or set "
-            "HF_HOME), or pass a local folder",
-        ) from err
+        return resolve_hub_id(text, cache_dir=cache_dir)
+    except ValueError as err:
+        raise InputFileError(path_or_id, f"{what} weights not found: {err}") from None
 
 
 def cached_file(what: str, repo_id: str, filename: str, cache_dir) -> Path:
